@@ -1,0 +1,168 @@
+//! The control plane's public REST API (`/api/v1`, `Authorization: Bearer <API token>`).
+//!
+//! ```text
+//! GET    /api/v1/openapi.json
+//! GET    /api/v1/me                                UserView
+//! GET    /api/v1/playgrounds                       [PlaygroundView]
+//! POST   /api/v1/playgrounds        manifest JSON  201 PlaygroundView
+//! GET    /api/v1/playgrounds/{name}                PlaygroundView
+//! DELETE /api/v1/playgrounds/{name}                204
+//! GET    /api/v1/runs                              [RunView]
+//! POST   /api/v1/runs               StartRun       201 RunView (state pending)
+//! GET    /api/v1/runs/{id}                         RunView
+//! PATCH  /api/v1/runs/{id}          UpdateRun      RunView
+//! DELETE /api/v1/runs/{id}                         202 RunView (state destroying)
+//! POST   /api/v1/runs/{id}/connect  Connect        ConnectResponse (single-use token, 30 s)
+//! ```
+//! Errors: [`crate::ErrorBody`] with 400/401/403/404/409/5xx.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// The signed-in user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct UserView {
+    /// User id.
+    pub id: String,
+    /// Login name.
+    pub name: String,
+    /// `admin` or `user`.
+    pub role: String,
+}
+
+/// A playground in the catalog.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PlaygroundView {
+    /// Unique name.
+    pub name: String,
+    /// Title.
+    pub title: String,
+    /// Description.
+    pub description: String,
+    /// Machine names.
+    pub machines: Vec<String>,
+    /// Built into the platform.
+    pub stock: bool,
+    /// Owner user id (empty for stock playgrounds).
+    pub owner: String,
+    /// The playground this one was saved from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// When it was registered.
+    pub created_at: DateTime<Utc>,
+    /// The full manifest.
+    #[schema(value_type = Object)]
+    pub manifest: serde_json::Value,
+}
+
+/// Start a run of a playground.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StartRun {
+    /// Playground name.
+    pub playground: String,
+    /// Title of the run; default: the playground's title.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+}
+
+/// Change a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateRun {
+    /// New title.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+}
+
+/// Lifecycle state of a run, as the control plane records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// Recorded, not yet sent to a worker.
+    Pending,
+    /// A worker is starting it.
+    Starting,
+    /// Every machine is ready.
+    Running,
+    /// Being removed from its worker.
+    Destroying,
+    /// Gone; the record stays.
+    Destroyed,
+    /// Could not start or broke; see `reason`.
+    Failed,
+}
+
+impl RunState {
+    /// The name used in JSON and SQL.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Pending => "pending",
+            RunState::Starting => "starting",
+            RunState::Running => "running",
+            RunState::Destroying => "destroying",
+            RunState::Destroyed => "destroyed",
+            RunState::Failed => "failed",
+        }
+    }
+
+    /// Parses the SQL/JSON name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => RunState::Pending,
+            "starting" => RunState::Starting,
+            "running" => RunState::Running,
+            "destroying" => RunState::Destroying,
+            "destroyed" => RunState::Destroyed,
+            "failed" => RunState::Failed,
+            _ => return None,
+        })
+    }
+}
+
+/// A run (a started playground).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RunView {
+    /// Run id.
+    pub id: String,
+    /// Playground it runs.
+    pub playground: String,
+    /// Title.
+    pub title: String,
+    /// State.
+    pub state: RunState,
+    /// Why it failed, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Machine names.
+    pub machines: Vec<String>,
+    /// Owner user id.
+    pub owner: String,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// Last state change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Ask for a terminal connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Connect {
+    /// Machine; default: the first machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
+}
+
+/// A single-use connection to a machine's terminal relay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ConnectResponse {
+    /// WebSocket URL including the token; open it within `expires_at`.
+    pub url: String,
+    /// The token alone.
+    pub token: String,
+    /// Machine it opens.
+    pub machine: String,
+    /// Expiry (30 s after issue).
+    pub expires_at: DateTime<Utc>,
+}
