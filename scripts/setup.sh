@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Installs everything ironlab needs on a Debian 12 (bookworm) machine, as root. Idempotent:
+# run it as often as you like; it only changes what is missing, and says what it did.
+#
+#   sudo scripts/setup.sh
+#
+# It exports nothing. What it does:
+#   1. adds a bookworm-backports apt source (QEMU 10 for microVMs comes from there later);
+#   2. installs the Debian packages below (skipping `apt-get update` when all are present);
+#   3. adds the Rust musl target for the static in-machine agent (tolerates failure: the agent
+#      build falls back to a static glibc build);
+#   4. installs cargo-nextest when it is missing.
+set -euo pipefail
+
+say() { printf 'setup: %s\n' "$*"; }
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "setup: must run as root (try: sudo $0)" >&2
+    exit 1
+fi
+
+PACKAGES=(
+    crun runc docker-registry skopeo mmdebstrap xfsprogs e2fsprogs nftables iproute2
+    busybox-static dnsmasq-base file ca-certificates util-linux procps curl
+    build-essential pkg-config musl-tools
+)
+
+# --- 1. bookworm-backports source --------------------------------------------------------------
+codename=""
+if [[ -r /etc/os-release ]]; then
+    # shellcheck disable=SC1091
+    codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+fi
+backports_added=0
+if [[ $codename == bookworm ]]; then
+    if grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        say "bookworm-backports source already present"
+    else
+        cat >/etc/apt/sources.list.d/ironlab-backports.sources <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+        backports_added=1
+        say "added apt source /etc/apt/sources.list.d/ironlab-backports.sources"
+    fi
+else
+    say "not Debian bookworm (VERSION_CODENAME=${codename:-unknown}); skipping the backports source"
+fi
+
+# --- 2. Debian packages ------------------------------------------------------------------------
+missing=()
+for p in "${PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+        missing+=("$p")
+    fi
+done
+if ((${#missing[@]} == 0)); then
+    say "all ${#PACKAGES[@]} Debian packages already installed (skipped apt-get update)"
+    if ((backports_added)); then
+        say "note: run 'apt-get update' before installing from bookworm-backports"
+    fi
+else
+    say "installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    say "installed ${#missing[@]} package(s)"
+fi
+
+# --- 3. Rust toolchain: musl target for the static agent ---------------------------------------
+if ! command -v cargo >/dev/null 2>&1 && [[ -x ${HOME:-/root}/.cargo/bin/cargo ]]; then
+    export PATH="${HOME:-/root}/.cargo/bin:$PATH"
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "setup: cargo not found: install a Rust toolchain (rustup) first" >&2
+    exit 1
+fi
+if command -v rustup >/dev/null 2>&1; then
+    if rustup target list --installed 2>/dev/null | grep -qx 'x86_64-unknown-linux-musl'; then
+        say "rust target x86_64-unknown-linux-musl already installed"
+    elif rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1; then
+        say "added rust target x86_64-unknown-linux-musl"
+    else
+        say "could not add rust target x86_64-unknown-linux-musl; the agent build falls back to static glibc"
+    fi
+else
+    say "rustup not found; the agent build uses whatever targets the toolchain has"
+fi
+
+# --- 4. cargo-nextest --------------------------------------------------------------------------
+if cargo nextest --version >/dev/null 2>&1; then
+    say "cargo-nextest present ($(cargo nextest --version 2>/dev/null | head -n1))"
+elif cargo install --locked cargo-nextest >/dev/null 2>&1; then
+    say "installed cargo-nextest"
+else
+    say "could not install cargo-nextest; scripts/test.sh falls back to cargo test"
+fi
+
+say "done"

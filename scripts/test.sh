@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# README command 2, and exactly what CI (.ci/run) runs: install everything, build the agent and
+# the test images, then check formatting, lint, and run the whole test suite as root.
+#
+#   sudo scripts/test.sh [EXTRA ARGS FOR THE TEST RUNNER...]
+#
+# Environment:
+#   CARGO_TARGET_DIR     default /var/cache/ironlab-ci/target when writable, else target/
+#   IRONLAB_CLIPPY=0     skip `cargo clippy` (default: run it)
+#   IRONLAB_FMT=0        skip `cargo fmt --check` (default: run it)
+# The tests get: IRONLAB_AGENT, IRONLAB_STOCK_IMAGES, IRONLAB_TEST_IMAGE_LAYOUT and
+# IRONLAB_E2E_REQUIRED=1 (privileged tests fail instead of skipping when something is missing).
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$REPO_ROOT"
+
+start=$SECONDS
+step() { printf '\n=== test: %s (t=%ds)\n' "$*" "$((SECONDS - start))"; }
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "test: must run as root (the end-to-end tests create namespaces, mounts and containers); try: sudo $0" >&2
+    exit 1
+fi
+
+step "setup"
+scripts/setup.sh
+
+if [[ ${IRONLAB_FMT:-1} != 0 ]]; then
+    step "cargo fmt --check"
+    cargo fmt --all --check
+fi
+
+step "build the agent (debug: faster to compile; the tests do not measure speed)"
+scripts/build-agent.sh --debug
+IRONLAB_AGENT=$CARGO_TARGET_DIR/debug/ironlab-agent-static
+if [[ ! -x $IRONLAB_AGENT ]]; then
+    echo "test: the agent build did not produce $IRONLAB_AGENT" >&2
+    exit 1
+fi
+
+step "build the test image (busybox, 2 layers, whiteout)"
+images_dir=$(ironlab_cache_dir images)
+IRONLAB_TEST_IMAGE_LAYOUT=$images_dir/testimg
+images/testimg/build.sh "$IRONLAB_TEST_IMAGE_LAYOUT"
+
+step "build the stock debian image"
+IRONLAB_STOCK_IMAGES=$images_dir/stock-images
+export IRONLAB_IMAGE_CACHE=${IRONLAB_IMAGE_CACHE:-$(ironlab_cache_dir image-cache)}
+images/debian/build.sh "$IRONLAB_STOCK_IMAGES/debian"
+
+export IRONLAB_AGENT IRONLAB_STOCK_IMAGES IRONLAB_TEST_IMAGE_LAYOUT
+export IRONLAB_E2E_REQUIRED=1
+export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
+echo "test: IRONLAB_AGENT=$IRONLAB_AGENT"
+echo "test: IRONLAB_STOCK_IMAGES=$IRONLAB_STOCK_IMAGES"
+echo "test: IRONLAB_TEST_IMAGE_LAYOUT=$IRONLAB_TEST_IMAGE_LAYOUT"
+
+if [[ ${IRONLAB_CLIPPY:-1} != 0 ]]; then
+    step "cargo clippy --workspace --all-targets -- -D warnings"
+    cargo clippy --workspace --all-targets -- -D warnings
+fi
+
+step "tests"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --no-fail-fast "$@"
+else
+    cargo test --workspace --no-fail-fast "$@"
+fi
+step "all passed"

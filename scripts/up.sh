@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# README command 1: install everything, build, build the stock `debian` image, run `ironlab up`.
+#
+#   sudo scripts/up.sh [ARGS FOR `ironlab up`...]     e.g. --listen 127.0.0.1:8080 --data-dir DIR
+#
+# Environment: CARGO_TARGET_DIR (default /var/cache/ironlab-ci/target or target/),
+# IRONLAB_STOCK_IMAGES (default /var/lib/ironlab/stock-images), IRONLAB_IMAGE_CACHE (passed to
+# the image recipe).
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$REPO_ROOT"
+
+scripts/setup.sh
+scripts/build.sh
+
+stock=${IRONLAB_STOCK_IMAGES:-/var/lib/ironlab/stock-images}
+echo "up: building the stock debian image into $stock/debian"
+images/debian/build.sh "$stock/debian"
+export IRONLAB_STOCK_IMAGES=$stock
+
+exec "$CARGO_TARGET_DIR/release/ironlab" up "$@"
