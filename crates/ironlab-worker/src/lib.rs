@@ -1,1 +1,3 @@
 //! ironlab-worker
+pub mod images;
+pub mod pool;

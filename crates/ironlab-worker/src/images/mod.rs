@@ -1,0 +1,1 @@
+//! Images: OCI registry pulls and layout imports into ext4 drive files.
