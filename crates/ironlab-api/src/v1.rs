@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! GET    /api/v1/openapi.json
+//! GET    /api/v1/health                            {"status":"ok"} (no token needed)
 //! GET    /api/v1/me                                UserView
+//! POST   /api/v1/users              CreateUser     201 CreatedUser (admins only)
 //! GET    /api/v1/playgrounds                       [PlaygroundView]
 //! POST   /api/v1/playgrounds        manifest JSON  201 PlaygroundView
 //! GET    /api/v1/playgrounds/{name}                PlaygroundView
@@ -29,6 +31,30 @@ pub struct UserView {
     pub name: String,
     /// `admin` or `user`.
     pub role: String,
+}
+
+/// Create a user (admins only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUser {
+    /// Login name: 1–40 characters of `a-z`, `0-9`, `-`, `_`.
+    pub name: String,
+    /// `admin` or `user` (default).
+    #[serde(default = "default_role")]
+    pub role: String,
+}
+
+fn default_role() -> String {
+    "user".to_string()
+}
+
+/// A user just created, with their first API token (shown once).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CreatedUser {
+    /// The user.
+    pub user: UserView,
+    /// Their API token (`ilt_…`); only its hash is stored.
+    pub token: String,
 }
 
 /// A playground in the catalog.

@@ -1,1 +1,152 @@
-//! ironlab-control
+//! ironlab's control plane: the REST API under `/api/v1`, users and API tokens, the playground
+//! catalog, runs and their state machine, and the reconcile loop that drives the worker.
+//!
+//! Who talks to whom: clients (CLI, browser) → [`http`] handlers → services ([`auth`],
+//! [`playgrounds`], [`runs`]) → SQL ([`db`]). The services wake the [`reconcile`] loop, which
+//! is the only part that calls the worker's run endpoints ([`worker_client`]); `connect`
+//! registers terminal tokens with the worker directly.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use ironlab_control::{Control, ControlConfig};
+//! let control = Control::open(ControlConfig {
+//!     data_dir: "/var/lib/ironlab".into(),
+//!     worker_url: "http://127.0.0.1:8081".into(),
+//!     worker_token: "secret".into(),
+//! })
+//! .await?;
+//! println!("admin token: {}", control.admin_token());
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! control.serve(listener, async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod auth;
+pub mod db;
+pub mod error;
+pub mod http;
+pub mod playgrounds;
+pub mod reconcile;
+pub mod runs;
+pub mod worker_client;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+pub use error::{ApiError, ApiResult};
+use runs::Signals;
+use worker_client::WorkerClient;
+
+/// Shared state of the services and handlers (cheap to clone).
+#[derive(Clone)]
+pub struct Ctx {
+    /// The database.
+    pub db: db::Db,
+    /// The (single, local) worker.
+    pub worker: Arc<WorkerClient>,
+    /// State-change and reconciler wake-up notifications.
+    pub signals: Arc<Signals>,
+}
+
+/// How to run the control plane.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// Data directory; the database lives in `DATA_DIR/control/ironlab.db`, the admin token in
+    /// `DATA_DIR/admin-token`.
+    pub data_dir: PathBuf,
+    /// Base URL of the worker REST API, e.g. `http://127.0.0.1:8081`.
+    pub worker_url: String,
+    /// Bearer token of the worker API.
+    pub worker_token: String,
+}
+
+impl ControlConfig {
+    /// `DATA_DIR/control/ironlab.db`.
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("control").join("ironlab.db")
+    }
+
+    /// `DATA_DIR/admin-token`.
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.data_dir.join("admin-token")
+    }
+}
+
+/// An opened control plane: database migrated, admin user and stock playgrounds in place.
+pub struct Control {
+    ctx: Ctx,
+    admin_token: String,
+}
+
+impl Control {
+    /// Opens the database (creating and migrating it), ensures the admin user and its token
+    /// file, and registers the stock playgrounds.
+    pub async fn open(config: ControlConfig) -> anyhow::Result<Self> {
+        fs_err::create_dir_all(config.data_dir.join("control").join("objects"))?;
+        let db = db::open(&config.db_path()).await?;
+        let admin_token = auth::bootstrap_admin(&db, &config.admin_token_path())
+            .await
+            .context("failed to set up the admin user")?;
+        playgrounds::register_stock(&db).await?;
+        let worker = WorkerClient::new(&config.worker_url, &config.worker_token)?;
+        Ok(Control {
+            ctx: Ctx {
+                db,
+                worker: Arc::new(worker),
+                signals: Arc::new(Signals::default()),
+            },
+            admin_token,
+        })
+    }
+
+    /// The admin's API token (also in `DATA_DIR/admin-token`).
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
+    }
+
+    /// The shared state, for calling services directly.
+    pub fn ctx(&self) -> &Ctx {
+        &self.ctx
+    }
+
+    /// The HTTP router (for `oneshot` tests or embedding).
+    pub fn router(&self) -> axum::Router {
+        http::router(self.ctx.clone()).0
+    }
+
+    /// Starts the reconcile loop; it runs until the handle is aborted.
+    pub fn spawn_reconciler(&self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(reconcile::run(self.ctx.clone()))
+    }
+
+    /// Serves the API on `listener` with the reconcile loop running, until `shutdown`
+    /// completes; then stops accepting, finishes in-flight requests, and stops the loop.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let addr = listener.local_addr().context("listener has no address")?;
+        let reconciler = self.spawn_reconciler();
+        tracing::info!(%addr, "control plane listening");
+        let signals = self.ctx.signals.clone();
+        let shutdown = async move {
+            shutdown.await;
+            tracing::info!("control plane shutting down");
+            signals.close();
+        };
+        let result = axum::serve(listener, self.router())
+            .with_graceful_shutdown(shutdown)
+            .await
+            .with_context(|| format!("control plane server on {addr} failed"));
+        reconciler.abort();
+        let _ = reconciler.await;
+        self.ctx.db.close().await;
+        result
+    }
+}

@@ -1,0 +1,203 @@
+//! The playground catalog: stock playgrounds (registered at every start) and custom ones.
+//!
+//! Visibility: stock playgrounds are everyone's; a custom playground is seen (and started,
+//! removed) by its owner and by admins.
+
+use ironlab_api::v1::PlaygroundView;
+use ironlab_spec::Manifest;
+use serde_json::json;
+
+use crate::auth::User;
+use crate::db::{self, Db};
+use crate::error::{ApiError, ApiResult};
+
+/// The stock playgrounds' manifests.
+pub fn stock_manifests() -> Vec<serde_json::Value> {
+    vec![json!({
+        "kind": "playground",
+        "name": "debian",
+        "title": "Debian 12",
+        "description": "A Debian 12 (bookworm) machine with bash, coreutils, curl, git, vim and sudo.",
+        "playground": {
+            "machines": [{
+                "name": "debian",
+                "runtime": "auto",
+                "resources": {"cpu": 1, "memory": "512MiB"},
+                "drives": [{"source": "debian", "mount": "/", "size": "4GiB"}],
+                "users": [{"name": "laborant", "default": true}]
+            }],
+            "tabs": [{"kind": "terminal", "machine": "debian"}]
+        }
+    })]
+}
+
+/// Registers (or refreshes) every stock playground; idempotent.
+pub async fn register_stock(db: &Db) -> anyhow::Result<()> {
+    for value in stock_manifests() {
+        let manifest = ironlab_spec::from_value(value)
+            .map_err(|e| anyhow::anyhow!("a stock playground manifest is invalid: {e}"))?;
+        let text = serde_json::to_string(&manifest)?;
+        sqlx::query(
+            "INSERT INTO playgrounds (name, owner, title, description, manifest, stock, parent, created_at) \
+             VALUES ($1, '', $2, $3, $4, TRUE, NULL, $5) \
+             ON CONFLICT (name) DO UPDATE SET owner = '', title = excluded.title, \
+             description = excluded.description, manifest = excluded.manifest, stock = TRUE",
+        )
+        .bind(&manifest.name)
+        .bind(&manifest.title)
+        .bind(&manifest.description)
+        .bind(&text)
+        .bind(db::now_ms())
+        .execute(db)
+        .await
+        .map_err(|e| {
+            anyhow::Error::new(e).context(format!(
+                "failed to register the stock playground {}",
+                manifest.name
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+/// A stored playground.
+#[derive(Debug, Clone)]
+pub struct Playground {
+    /// Wire view (includes the manifest JSON).
+    pub view: PlaygroundView,
+    /// The parsed manifest.
+    pub manifest: Manifest,
+}
+
+type Row = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    bool,
+    Option<String>,
+    i64,
+);
+
+const COLUMNS: &str = "name, owner, title, description, manifest, stock, parent, created_at";
+
+fn from_row(row: Row) -> ApiResult<Playground> {
+    let (name, owner, title, description, text, stock, parent, created_at) = row;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("stored manifest of playground {name} is not JSON: {e}"))?;
+    let manifest = ironlab_spec::from_value(value.clone())
+        .map_err(|e| anyhow::anyhow!("stored manifest of playground {name} is invalid: {e}"))?;
+    let machines = manifest
+        .playground
+        .machines
+        .iter()
+        .map(|m| m.name.clone())
+        .collect();
+    Ok(Playground {
+        view: PlaygroundView {
+            name,
+            title,
+            description,
+            machines,
+            stock,
+            owner,
+            parent,
+            created_at: db::from_ms(created_at),
+            manifest: value,
+        },
+        manifest,
+    })
+}
+
+fn visible(p: &PlaygroundView, user: &User) -> bool {
+    p.stock || p.owner == user.id || user.is_admin()
+}
+
+/// Every playground the user may see, stock first, then by name.
+pub async fn list(db: &Db, user: &User) -> ApiResult<Vec<PlaygroundView>> {
+    let rows: Vec<Row> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM playgrounds ORDER BY stock DESC, name"
+    ))
+    .fetch_all(db)
+    .await?;
+    let mut out = Vec::new();
+    for row in rows {
+        let p = from_row(row)?;
+        if visible(&p.view, user) {
+            out.push(p.view);
+        }
+    }
+    Ok(out)
+}
+
+/// One playground the user may see, or 404.
+pub async fn get(db: &Db, user: &User, name: &str) -> ApiResult<Playground> {
+    let row: Option<Row> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM playgrounds WHERE name = $1"
+    ))
+    .bind(name)
+    .fetch_optional(db)
+    .await?;
+    let not_found = || {
+        ApiError::NotFound(format!(
+            "playground {name} not found; `ironlab playground catalog` lists them"
+        ))
+    };
+    let p = from_row(row.ok_or_else(not_found)?)?;
+    if visible(&p.view, user) {
+        Ok(p)
+    } else {
+        Err(not_found())
+    }
+}
+
+/// Parses, validates and registers a custom playground owned by `user`.
+pub async fn create(db: &Db, user: &User, value: serde_json::Value) -> ApiResult<PlaygroundView> {
+    let manifest = ironlab_spec::from_value(value).map_err(|e| {
+        let lines: Vec<String> = e.errors.iter().map(ToString::to_string).collect();
+        ApiError::BadRequest(lines.join("\n"))
+    })?;
+    let text = serde_json::to_string(&manifest)
+        .map_err(|e| anyhow::anyhow!("failed to serialize manifest {}: {e}", manifest.name))?;
+    let result = sqlx::query(
+        "INSERT INTO playgrounds (name, owner, title, description, manifest, stock, parent, created_at) \
+         VALUES ($1, $2, $3, $4, $5, FALSE, $6, $7) ON CONFLICT (name) DO NOTHING",
+    )
+    .bind(&manifest.name)
+    .bind(&user.id)
+    .bind(&manifest.title)
+    .bind(&manifest.description)
+    .bind(&text)
+    .bind(&manifest.parent)
+    .bind(db::now_ms())
+    .execute(db)
+    .await?;
+    if result.rows_affected() == 0 {
+        return Err(ApiError::Conflict(format!(
+            "a playground named {} already exists; choose another name",
+            manifest.name
+        )));
+    }
+    Ok(get(db, user, &manifest.name).await?.view)
+}
+
+/// Removes a custom playground (owner or admin only; stock ones cannot be removed).
+pub async fn remove(db: &Db, user: &User, name: &str) -> ApiResult<()> {
+    let p = get(db, user, name).await?;
+    if p.view.stock {
+        return Err(ApiError::Forbidden(format!(
+            "playground {name} is a stock playground and cannot be removed"
+        )));
+    }
+    if p.view.owner != user.id && !user.is_admin() {
+        return Err(ApiError::Forbidden(format!(
+            "only the owner of playground {name} or an admin may remove it"
+        )));
+    }
+    sqlx::query("DELETE FROM playgrounds WHERE name = $1")
+        .bind(name)
+        .execute(db)
+        .await?;
+    Ok(())
+}

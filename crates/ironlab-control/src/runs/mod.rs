@@ -1,0 +1,490 @@
+//! Runs: records in SQL, the state machine ([`state`]), plan resolution ([`plan`]), and the
+//! operations the REST handlers call. State only changes through [`apply`], which writes the
+//! new state and a `run_events` row in one transaction and wakes every waiter.
+
+pub mod plan;
+pub mod state;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use chrono::Utc;
+use ironlab_api::v1::{ConnectResponse, RunState, RunView, StartRun};
+use ironlab_api::worker::{RunPlan, TokenGrant};
+use tokio::sync::{Notify, watch};
+
+use crate::Ctx;
+use crate::auth::User;
+use crate::db::{self, Db};
+use crate::error::{ApiError, ApiResult};
+use crate::playgrounds;
+use crate::worker_client::WorkerError;
+pub use state::{InvalidTransition, RunEvent, transition};
+
+/// Most runs a user may have pending, starting or running at once.
+pub const MAX_ACTIVE_RUNS_PER_USER: i64 = 5;
+
+/// Longest `?wait=` accepted, in seconds.
+pub const MAX_WAIT_SECS: u64 = 30;
+
+/// How long a terminal connection token stays valid.
+pub const CONNECT_TOKEN_TTL: Duration = Duration::from_secs(30);
+
+/// Change notifications: state changes (for long-polls) and reconciler wake-ups.
+#[derive(Debug)]
+pub struct Signals {
+    changed: watch::Sender<u64>,
+    closing: AtomicBool,
+    /// Wakes the reconcile loop.
+    pub wake: Notify,
+}
+
+impl Default for Signals {
+    fn default() -> Self {
+        Signals {
+            changed: watch::channel(0).0,
+            closing: AtomicBool::new(false),
+            wake: Notify::new(),
+        }
+    }
+}
+
+impl Signals {
+    /// The server is shutting down: long-polls answer at once.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        self.notify_changed();
+    }
+
+    fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+
+    /// Announces that some run changed state.
+    pub fn notify_changed(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that sees the next change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
+/// A run record.
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// 12 characters `[a-z0-9]`.
+    pub id: String,
+    /// Owner user id.
+    pub owner: String,
+    /// Playground name.
+    pub playground: String,
+    /// Title.
+    pub title: String,
+    /// Current state.
+    pub state: RunState,
+    /// Failure reason.
+    pub reason: Option<String>,
+    /// The resolved plan sent to the worker.
+    pub plan: RunPlan,
+    /// How many times the plan was sent to a worker.
+    pub worker_attempts: i64,
+    /// Created, ms since the epoch.
+    pub created_at: i64,
+    /// Last change, ms since the epoch.
+    pub updated_at: i64,
+}
+
+impl Run {
+    /// The wire view.
+    pub fn view(&self) -> RunView {
+        RunView {
+            id: self.id.clone(),
+            playground: self.playground.clone(),
+            title: self.title.clone(),
+            state: self.state,
+            reason: self.reason.clone(),
+            machines: self.plan.machines.iter().map(|m| m.name.clone()).collect(),
+            owner: self.owner.clone(),
+            created_at: db::from_ms(self.created_at),
+            updated_at: db::from_ms(self.updated_at),
+        }
+    }
+}
+
+type Row = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    String,
+    i64,
+    i64,
+    i64,
+);
+
+const COLUMNS: &str =
+    "id, owner, playground, title, state, reason, plan, worker_attempts, created_at, updated_at";
+
+fn from_row(row: Row) -> ApiResult<Run> {
+    let (
+        id,
+        owner,
+        playground,
+        title,
+        state,
+        reason,
+        plan,
+        worker_attempts,
+        created_at,
+        updated_at,
+    ) = row;
+    let state = RunState::parse(&state)
+        .ok_or_else(|| anyhow::anyhow!("run {id} has an unknown state {state:?}"))?;
+    let plan: RunPlan = serde_json::from_str(&plan)
+        .map_err(|e| anyhow::anyhow!("stored plan of run {id} is unreadable: {e}"))?;
+    Ok(Run {
+        id,
+        owner,
+        playground,
+        title,
+        state,
+        reason,
+        plan,
+        worker_attempts,
+        created_at,
+        updated_at,
+    })
+}
+
+/// Loads a run by id, whoever owns it.
+pub async fn load(db: &Db, id: &str) -> ApiResult<Option<Run>> {
+    let row: Option<Row> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM runs WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(db)
+        .await?;
+    row.map(from_row).transpose()
+}
+
+/// Runs in the given states (for the reconcile loop), oldest first.
+pub async fn load_in_states(db: &Db, states: &[RunState]) -> ApiResult<Vec<Run>> {
+    let list: Vec<String> = states.iter().map(|s| format!("'{}'", s.as_str())).collect();
+    let rows: Vec<Row> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM runs WHERE state IN ({}) ORDER BY created_at",
+        list.join(", ")
+    ))
+    .fetch_all(db)
+    .await?;
+    rows.into_iter().map(from_row).collect()
+}
+
+/// A run the user may see (own, or any for admins), or 404.
+pub async fn get_for(db: &Db, user: &User, id: &str) -> ApiResult<Run> {
+    match load(db, id).await? {
+        Some(r) if r.owner == user.id || user.is_admin() => Ok(r),
+        _ => Err(ApiError::NotFound(format!(
+            "run {id} not found; `ironlab playground list` shows your runs"
+        ))),
+    }
+}
+
+/// The user's runs, newest first; `all` (admins only) lists everyone's.
+pub async fn list(db: &Db, user: &User, all: bool) -> ApiResult<Vec<RunView>> {
+    if all && !user.is_admin() {
+        return Err(ApiError::Forbidden("only admins may list all runs".into()));
+    }
+    let rows: Vec<Row> = if all {
+        sqlx::query_as(&format!(
+            "SELECT {COLUMNS} FROM runs ORDER BY created_at DESC"
+        ))
+        .fetch_all(db)
+        .await?
+    } else {
+        sqlx::query_as(&format!(
+            "SELECT {COLUMNS} FROM runs WHERE owner = $1 ORDER BY created_at DESC"
+        ))
+        .bind(&user.id)
+        .fetch_all(db)
+        .await?
+    };
+    rows.into_iter()
+        .map(|r| from_row(r).map(|r| r.view()))
+        .collect()
+}
+
+/// Applies `event` to run `id`: computes the next state with [`transition`], then writes it
+/// and a `run_events` row in one transaction (compare-and-swap on the old state, retried if a
+/// concurrent change won). `Ok(Err(_))` when the event does not apply to the current state.
+pub async fn apply(
+    db: &Db,
+    signals: &Signals,
+    id: &str,
+    event: RunEvent,
+    reason: Option<&str>,
+) -> ApiResult<Result<RunState, InvalidTransition>> {
+    loop {
+        let current: Option<String> = sqlx::query_scalar("SELECT state FROM runs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(db)
+            .await?;
+        let current = current.ok_or_else(|| ApiError::NotFound(format!("run {id} not found")))?;
+        let from = RunState::parse(&current)
+            .ok_or_else(|| anyhow::anyhow!("run {id} has an unknown state {current:?}"))?;
+        let to = match transition(from, event) {
+            Ok(to) => to,
+            Err(e) => return Ok(Err(e)),
+        };
+        let now = db::now_ms();
+        let mut tx = db.begin().await?;
+        let changed = sqlx::query(
+            "UPDATE runs SET state = $1, reason = $2, updated_at = $3 WHERE id = $4 AND state = $5",
+        )
+        .bind(to.as_str())
+        .bind(reason)
+        .bind(now)
+        .bind(id)
+        .bind(from.as_str())
+        .execute(&mut *tx)
+        .await?;
+        if changed.rows_affected() == 0 {
+            tx.rollback().await?;
+            continue;
+        }
+        sqlx::query("INSERT INTO run_events (run_id, state, reason, at) VALUES ($1, $2, $3, $4)")
+            .bind(id)
+            .bind(to.as_str())
+            .bind(reason)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        tracing::info!(
+            run = id,
+            from = from.as_str(),
+            to = to.as_str(),
+            reason,
+            "run state changed"
+        );
+        signals.notify_changed();
+        signals.wake.notify_one();
+        return Ok(Ok(to));
+    }
+}
+
+/// The state history of a run: `(state, reason, at ms)`, oldest first.
+pub async fn events(db: &Db, id: &str) -> ApiResult<Vec<(RunState, Option<String>, i64)>> {
+    let rows: Vec<(String, Option<String>, i64)> =
+        sqlx::query_as("SELECT state, reason, at FROM run_events WHERE run_id = $1 ORDER BY at")
+            .bind(id)
+            .fetch_all(db)
+            .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(s, r, at)| RunState::parse(&s).map(|s| (s, r, at)))
+        .collect())
+}
+
+/// Records one more attempt to hand the run to a worker; returns the new count.
+pub async fn count_attempt(db: &Db, id: &str) -> ApiResult<i64> {
+    let n: i64 = sqlx::query_scalar(
+        "UPDATE runs SET worker_attempts = worker_attempts + 1 WHERE id = $1 RETURNING worker_attempts",
+    )
+    .bind(id)
+    .fetch_one(db)
+    .await?;
+    Ok(n)
+}
+
+/// Starts a run of a playground: resolves the plan, records it as `pending`, wakes the
+/// reconciler.
+pub async fn create(ctx: &Ctx, user: &User, req: StartRun) -> ApiResult<RunView> {
+    let pg = playgrounds::get(&ctx.db, user, &req.playground).await?;
+    let title = match req.title {
+        Some(t) => check_title(&t)?,
+        None => pg.view.title.clone(),
+    };
+    let active: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM runs WHERE owner = $1 AND state IN ('pending', 'starting', 'running')",
+    )
+    .bind(&user.id)
+    .fetch_one(&ctx.db)
+    .await?;
+    if active >= MAX_ACTIVE_RUNS_PER_USER {
+        return Err(ApiError::Conflict(format!(
+            "you already have {active} active runs (the limit is {MAX_ACTIVE_RUNS_PER_USER}); \
+             destroy one with `ironlab playground destroy RUN`"
+        )));
+    }
+    let runtimes = match ctx.worker.cached_status().await {
+        Ok(s) => s.runtimes,
+        Err(e) => {
+            tracing::warn!(error = %e, "worker status unavailable; assuming the container runtime only");
+            vec!["container".to_string()]
+        }
+    };
+    let id = db::random_id(12);
+    let plan = plan::resolve(&id, &pg.manifest, &runtimes)?;
+    let plan_text = serde_json::to_string(&plan)
+        .map_err(|e| anyhow::anyhow!("failed to serialize the plan of run {id}: {e}"))?;
+    let now = db::now_ms();
+    let mut tx = ctx.db.begin().await?;
+    sqlx::query(
+        "INSERT INTO runs (id, owner, playground, title, state, reason, plan, worker_attempts, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, 'pending', NULL, $5, 0, $6, $6)",
+    )
+    .bind(&id)
+    .bind(&user.id)
+    .bind(&pg.view.name)
+    .bind(&title)
+    .bind(&plan_text)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO run_events (run_id, state, reason, at) VALUES ($1, 'pending', NULL, $2)",
+    )
+    .bind(&id)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    tracing::info!(run = %id, playground = %pg.view.name, user = %user.name, "run created");
+    ctx.signals.notify_changed();
+    ctx.signals.wake.notify_one();
+    Ok(get_for(&ctx.db, user, &id).await?.view())
+}
+
+fn check_title(t: &str) -> ApiResult<String> {
+    let t = t.trim();
+    if t.is_empty() || t.chars().count() > 200 {
+        return Err(ApiError::BadRequest(
+            "title: must be 1–200 characters".to_string(),
+        ));
+    }
+    Ok(t.to_string())
+}
+
+/// Changes a run's title.
+pub async fn set_title(
+    db: &Db,
+    user: &User,
+    id: &str,
+    title: Option<String>,
+) -> ApiResult<RunView> {
+    let run = get_for(db, user, id).await?;
+    if let Some(t) = title {
+        let t = check_title(&t)?;
+        sqlx::query("UPDATE runs SET title = $1 WHERE id = $2")
+            .bind(&t)
+            .bind(&run.id)
+            .execute(db)
+            .await?;
+    }
+    Ok(get_for(db, user, id).await?.view())
+}
+
+/// Asks for a run to be destroyed: `destroying` (the reconciler removes it from the worker),
+/// or `destroyed` at once when it never reached one. Destroying a destroyed or destroying run
+/// is a no-op.
+pub async fn destroy(ctx: &Ctx, user: &User, id: &str) -> ApiResult<RunView> {
+    let run = get_for(&ctx.db, user, id).await?;
+    match run.state {
+        RunState::Destroying | RunState::Destroyed => {}
+        _ => {
+            // A refusal here means a concurrent change; the view below shows the outcome.
+            let _ = apply(&ctx.db, &ctx.signals, &run.id, RunEvent::Destroy, None).await?;
+        }
+    }
+    Ok(get_for(&ctx.db, user, id).await?.view())
+}
+
+/// Returns the run once it is not pending/starting/destroying, or after `wait_secs` (max 30).
+pub async fn wait(ctx: &Ctx, user: &User, id: &str, wait_secs: u64) -> ApiResult<RunView> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_secs.min(MAX_WAIT_SECS));
+    let mut rx = ctx.signals.subscribe();
+    loop {
+        rx.borrow_and_update();
+        let run = get_for(&ctx.db, user, id).await?;
+        if !state::is_transient(run.state) || ctx.signals.is_closing() {
+            return Ok(run.view());
+        }
+        match tokio::time::timeout_at(deadline, rx.changed()).await {
+            Ok(Ok(())) => continue,
+            Ok(Err(_)) | Err(_) => return Ok(get_for(&ctx.db, user, id).await?.view()),
+        }
+    }
+}
+
+/// Issues a single-use terminal token for a machine of a running run and registers it with
+/// the worker.
+pub async fn connect(
+    ctx: &Ctx,
+    user: &User,
+    id: &str,
+    machine: Option<String>,
+) -> ApiResult<ConnectResponse> {
+    let run = get_for(&ctx.db, user, id).await?;
+    if run.state != RunState::Running {
+        return Err(ApiError::Conflict(format!(
+            "run {id} is {}, not running",
+            run.state.as_str()
+        )));
+    }
+    let machine = match machine {
+        Some(m) => {
+            if !run.plan.machines.iter().any(|p| p.name == m) {
+                let names: Vec<&str> = run.plan.machines.iter().map(|p| p.name.as_str()).collect();
+                return Err(ApiError::NotFound(format!(
+                    "run {id} has no machine {m} (machines: {})",
+                    names.join(", ")
+                )));
+            }
+            m
+        }
+        None => run
+            .plan
+            .machines
+            .first()
+            .map(|m| m.name.clone())
+            .ok_or_else(|| anyhow::anyhow!("run {id} has no machines"))?,
+    };
+    let status = ctx
+        .worker
+        .cached_status()
+        .await
+        .map_err(worker_unavailable)?;
+    let token = db::random_secret(32);
+    let expires_at = Utc::now()
+        + chrono::Duration::from_std(CONNECT_TOKEN_TTL).unwrap_or(chrono::Duration::seconds(30));
+    ctx.worker
+        .grant_token(&TokenGrant {
+            token: token.clone(),
+            user: user.id.clone(),
+            run: run.id.clone(),
+            machine: machine.clone(),
+            expires_at,
+        })
+        .await
+        .map_err(worker_unavailable)?;
+    let url = format!(
+        "{}/v1/runs/{}/machines/{}/terminal?token={}",
+        status.public_url.trim_end_matches('/'),
+        run.id,
+        machine,
+        token
+    );
+    Ok(ConnectResponse {
+        url,
+        token,
+        machine,
+        expires_at,
+    })
+}
+
+fn worker_unavailable(e: WorkerError) -> ApiError {
+    tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "worker call failed");
+    ApiError::Unavailable(format!("{e}; try again in a moment"))
+}

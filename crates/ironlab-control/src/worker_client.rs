@@ -1,0 +1,190 @@
+//! HTTP client of the worker REST API (`ironlab_api::worker`), used by the reconcile loop and
+//! the connect handler. One `reqwest::Client` (connection pool) for the process.
+
+use std::time::{Duration, Instant};
+
+use ironlab_api::ErrorBody;
+use ironlab_api::worker::{RunPlan, RunStatus, TokenGrant, WorkerStatus};
+use reqwest::StatusCode;
+use tokio::sync::Mutex;
+
+/// How long a fetched `/v1/status` is re-used.
+const STATUS_TTL: Duration = Duration::from_secs(10);
+
+/// A failed worker call.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// No answer (connection refused, timeout, broken body).
+    #[error("worker at {url} is unreachable")]
+    Unreachable {
+        /// Worker base URL.
+        url: String,
+        /// Transport error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The worker answered with an error status.
+    #[error("worker answered {status}: {detail}")]
+    Status {
+        /// HTTP status.
+        status: StatusCode,
+        /// The worker's error detail.
+        detail: String,
+    },
+}
+
+impl WorkerError {
+    /// Whether the worker rejected the request itself (4xx): retrying the same call won't help.
+    pub fn is_client_error(&self) -> bool {
+        matches!(self, WorkerError::Status { status, .. } if status.is_client_error())
+    }
+}
+
+/// Client of one worker.
+#[derive(Debug)]
+pub struct WorkerClient {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+    status_cache: Mutex<Option<(Instant, WorkerStatus)>>,
+}
+
+impl WorkerClient {
+    /// A client for the worker at `base_url` (`http://127.0.0.1:8081`) using `token`.
+    pub fn new(base_url: &str, token: &str) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(60))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| anyhow::anyhow!("failed to build the worker HTTP client: {e}"))?;
+        Ok(WorkerClient {
+            http,
+            base: base_url.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            status_cache: Mutex::new(None),
+        })
+    }
+
+    /// The worker's base URL.
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    fn unreachable(&self, source: reqwest::Error) -> WorkerError {
+        WorkerError::Unreachable {
+            url: self.base.clone(),
+            source,
+        }
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, WorkerError> {
+        req.bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))
+    }
+
+    async fn error_of(&self, resp: reqwest::Response) -> WorkerError {
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        let detail = serde_json::from_str::<ErrorBody>(&text)
+            .map(|b| b.detail)
+            .unwrap_or(text);
+        WorkerError::Status { status, detail }
+    }
+
+    async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        resp: reqwest::Response,
+    ) -> Result<T, WorkerError> {
+        if !resp.status().is_success() {
+            return Err(self.error_of(resp).await);
+        }
+        resp.json().await.map_err(|e| self.unreachable(e))
+    }
+
+    /// `GET /v1/status`, fresh.
+    pub async fn status(&self) -> Result<WorkerStatus, WorkerError> {
+        let resp = self
+            .send(self.http.get(format!("{}/v1/status", self.base)))
+            .await?;
+        let status: WorkerStatus = self.json(resp).await?;
+        *self.status_cache.lock().await = Some((Instant::now(), status.clone()));
+        Ok(status)
+    }
+
+    /// `GET /v1/status`, re-using an answer younger than 10 s.
+    pub async fn cached_status(&self) -> Result<WorkerStatus, WorkerError> {
+        if let Some((at, s)) = self.status_cache.lock().await.as_ref() {
+            if at.elapsed() < STATUS_TTL {
+                return Ok(s.clone());
+            }
+        }
+        self.status().await
+    }
+
+    /// `PUT /v1/runs/{run}`: create and start (idempotent by run id).
+    pub async fn put_run(&self, plan: &RunPlan) -> Result<RunStatus, WorkerError> {
+        let resp = self
+            .send(
+                self.http
+                    .put(format!("{}/v1/runs/{}", self.base, plan.run_id))
+                    .json(plan),
+            )
+            .await?;
+        self.json(resp).await
+    }
+
+    /// `GET /v1/runs/{run}[?wait=SECS]`; `None` when the worker does not know the run.
+    pub async fn get_run(
+        &self,
+        run: &str,
+        wait: Option<u64>,
+    ) -> Result<Option<RunStatus>, WorkerError> {
+        let mut req = self.http.get(format!("{}/v1/runs/{run}", self.base));
+        if let Some(w) = wait {
+            req = req
+                .query(&[("wait", w)])
+                .timeout(Duration::from_secs(w + 10));
+        }
+        let resp = self.send(req).await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        self.json(resp).await.map(Some)
+    }
+
+    /// `DELETE /v1/runs/{run}`; success when the worker removed it or never had it.
+    pub async fn delete_run(&self, run: &str) -> Result<(), WorkerError> {
+        let resp = self
+            .send(
+                self.http
+                    .delete(format!("{}/v1/runs/{run}", self.base))
+                    .timeout(Duration::from_secs(120)),
+            )
+            .await?;
+        if resp.status().is_success() || resp.status() == StatusCode::NOT_FOUND {
+            Ok(())
+        } else {
+            Err(self.error_of(resp).await)
+        }
+    }
+
+    /// `POST /v1/tokens`: registers a single-use terminal token.
+    pub async fn grant_token(&self, grant: &TokenGrant) -> Result<(), WorkerError> {
+        let resp = self
+            .send(
+                self.http
+                    .post(format!("{}/v1/tokens", self.base))
+                    .json(grant)
+                    .timeout(Duration::from_secs(10)),
+            )
+            .await?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(self.error_of(resp).await)
+        }
+    }
+}
