@@ -1,3 +1,130 @@
-//! ironlab-worker
+//! ironlab-worker: the worker daemon. It pulls images into ext4 drives ([`images`]) kept in a
+//! reflink pool ([`pool`]), runs machines as OCI containers ([`runtime`]), one network namespace
+//! per run, manages runs ([`runs`]), serves the worker REST API ([`api`]) and relays terminals
+//! ([`relay`]) to the in-machine agent.
+//!
+//! Entry points: [`serve`] (what `ironlab worker` calls) and [`start`] (binds, returns the
+//! address and a handle; for tests and embedding).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+pub mod agent_client;
+pub mod api;
+pub mod cmd;
+pub mod drives;
+pub mod host;
 pub mod images;
 pub mod pool;
+pub mod relay;
+pub mod runs;
+pub mod runtime;
+
+use crate::drives::DriveProvider;
+use crate::runs::RunManager;
+use crate::runtime::container::ContainerRuntime;
+
+/// Size hint for a loop-backed XFS pool (sparse; costs nothing until used).
+const POOL_SIZE_HINT: u64 = 64 << 30;
+
+/// Worker configuration (parsed by `ironlab worker`).
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Address to listen on (`127.0.0.1:7070`; port 0 = any).
+    pub listen: SocketAddr,
+    /// The worker directory (`DATA_DIR/worker`): `pool/` lives here.
+    pub data_dir: PathBuf,
+    /// The bearer token the control plane presents.
+    pub token: String,
+    /// Base URL clients use for terminal WebSockets; default `ws://<bound address>`.
+    pub public_url: Option<String>,
+    /// The static agent binary injected into every machine.
+    pub agent_bin: PathBuf,
+    /// Directory of stock images (`<name>/` OCI layouts).
+    pub stock_dir: PathBuf,
+    /// Registries reached over plain HTTP (`HOST:PORT`).
+    pub insecure_registries: Vec<String>,
+}
+
+/// A worker serving in the background.
+pub struct RunningWorker {
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// The run manager (tests call it directly).
+    pub runs: Arc<RunManager>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningWorker {
+    /// Waits until the server stopped (after the shutdown future resolved).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("worker server task panicked")?
+    }
+}
+
+/// Sets up the host and the pool, rediscovers runs, binds and serves until `shutdown` resolves.
+/// Machines keep running after shutdown; the next start rediscovers them.
+pub async fn serve(
+    config: WorkerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    start(config, shutdown).await?.wait().await
+}
+
+/// Like [`serve`], but returns once listening, with the bound address.
+pub async fn start(
+    config: WorkerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<RunningWorker> {
+    let pool = pool::Pool::open(&config.data_dir, POOL_SIZE_HINT).with_context(|| {
+        format!(
+            "cannot open the storage pool in {}",
+            config.data_dir.display()
+        )
+    })?;
+    let runs_dir = pool.runs_dir();
+    let drives = drives::PoolDrives::new(pool, &config)?;
+    start_with(config, runs_dir, Arc::new(drives), shutdown).await
+}
+
+/// Like [`start`] with a given drive provider and runs directory (tests, benchmarks).
+pub async fn start_with(
+    config: WorkerConfig,
+    runs_dir: PathBuf,
+    drives: Arc<dyn DriveProvider>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<RunningWorker> {
+    let info = host::setup().await?;
+    if !config.agent_bin.is_file() {
+        tracing::warn!(
+            agent = %config.agent_bin.display(),
+            "agent binary not found; machines will fail to start until it exists"
+        );
+    }
+    let runtime = Arc::new(ContainerRuntime::new(info.oci, config.agent_bin.clone()));
+    let runs = RunManager::new(runs_dir, runtime, drives);
+    runs.recover().await.context("cannot recover runs")?;
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let public_url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("ws://{addr}"));
+    let state = api::ApiState::new(runs.clone(), config.token.clone(), public_url);
+    let app = api::router(state);
+    tracing::info!(%addr, "worker listening");
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("worker server failed")
+    });
+    Ok(RunningWorker { addr, runs, task })
+}

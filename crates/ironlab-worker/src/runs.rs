@@ -1,0 +1,863 @@
+//! The run manager: the worker's core, without HTTP.
+//!
+//! Who talks to whom: API handlers call [`RunManager`]; it owns one record per run (plan, a
+//! `watch` channel of the observed [`RunStatus`], a cancellation token, the start task) and drives
+//! the [`DriveProvider`] (images → per-machine root drives), the host (one network namespace per
+//! run) and a [`MachineRuntime`]; it talks to each machine's agent over gRPC (health, users,
+//! startup files) and hands agent clients to the terminal relay.
+//!
+//! On disk, per run: `pool/runs/<run>/plan.json`, a `ready` marker once every agent answered, and
+//! one directory per machine. At worker start [`RunManager::recover`] keeps ready runs whose
+//! machines still run and answer, and tears down everything else.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use ironlab_api::agent::{EnsureUsersRequest, PutFileRequest};
+use ironlab_api::worker::{MachinePlan, MachineStatus, ObservedState, RunPlan, RunStatus};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent_client::{self, Agent};
+use crate::drives::{DriveProvider, Progress};
+use crate::host;
+use crate::runtime::{MachineHandle, MachineRuntime, MachineSpec, MachineState, tail};
+
+/// How long a machine's agent has to answer after the machine started.
+pub const AGENT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Run manager errors (mapped to HTTP status codes in `api.rs`).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The request is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// No such run (or machine).
+    #[error("{0}")]
+    NotFound(String),
+    /// The request conflicts with the run's state.
+    #[error("{0}")]
+    Conflict(String),
+    /// Something failed on the worker.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+struct Run {
+    plan: RunPlan,
+    status: watch::Sender<RunStatus>,
+    cancel: CancellationToken,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Set once a destroy began; a second destroy waits on `destroy_lock` and returns.
+    destroying: std::sync::atomic::AtomicBool,
+    destroy_lock: tokio::sync::Mutex<bool>,
+    agents: Mutex<HashMap<String, Agent>>,
+}
+
+impl Run {
+    fn new(plan: RunPlan, state: ObservedState, runtime: &str) -> Arc<Self> {
+        let status = RunStatus {
+            run_id: plan.run_id.clone(),
+            state,
+            machines: plan
+                .machines
+                .iter()
+                .map(|m| MachineStatus {
+                    name: m.name.clone(),
+                    state,
+                    runtime: runtime.to_string(),
+                    error: None,
+                })
+                .collect(),
+            error: None,
+        };
+        Arc::new(Self {
+            plan,
+            status: watch::Sender::new(status),
+            cancel: CancellationToken::new(),
+            task: Mutex::new(None),
+            destroying: std::sync::atomic::AtomicBool::new(false),
+            destroy_lock: tokio::sync::Mutex::new(false),
+            agents: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn is_destroying(&self) -> bool {
+        self.destroying.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn set_machine(&self, name: &str, state: ObservedState, error: Option<String>) {
+        self.status.send_modify(|s| {
+            if let Some(m) = s.machines.iter_mut().find(|m| m.name == name) {
+                m.state = state;
+                m.error = error;
+            }
+        });
+    }
+
+    fn machine(&self, name: &str) -> Option<&MachinePlan> {
+        self.plan.machines.iter().find(|m| m.name == name)
+    }
+}
+
+/// A connection to a machine's agent, for the terminal relay.
+pub struct MachineAgent {
+    /// gRPC client.
+    pub client: Agent,
+    /// The user terminals open as.
+    pub default_user: String,
+}
+
+/// The run manager.
+pub struct RunManager {
+    runs_dir: PathBuf,
+    runtime: Arc<dyn MachineRuntime>,
+    drives: Arc<dyn DriveProvider>,
+    runs: Mutex<HashMap<String, Arc<Run>>>,
+}
+
+/// Checks a run id: 1–12 characters `[a-z0-9]` (the netns `il-<run>` must fit 15 characters).
+pub fn valid_run_id(id: &str) -> bool {
+    (1..=12).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+fn valid_machine_name(n: &str) -> bool {
+    (1..=40).contains(&n.len())
+        && n.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !n.starts_with('-')
+        && !n.ends_with('-')
+}
+
+/// Validates a plan against the path's run id.
+pub fn validate_plan(run_id: &str, plan: &RunPlan) -> Result<(), RunError> {
+    if !valid_run_id(run_id) {
+        return Err(RunError::BadRequest(format!(
+            "run id {run_id:?} is invalid: 1-12 characters [a-z0-9]"
+        )));
+    }
+    if plan.run_id != run_id {
+        return Err(RunError::BadRequest(format!(
+            "plan.run_id {:?} does not match the URL's run id {run_id:?}",
+            plan.run_id
+        )));
+    }
+    if plan.machines.is_empty() || plan.machines.len() > 5 {
+        return Err(RunError::BadRequest(format!(
+            "a run has 1-5 machines, this plan has {}",
+            plan.machines.len()
+        )));
+    }
+    for (i, m) in plan.machines.iter().enumerate() {
+        if !valid_machine_name(&m.name) {
+            return Err(RunError::BadRequest(format!(
+                "machines[{i}].name {:?} is invalid: 1-40 characters [a-z0-9-]",
+                m.name
+            )));
+        }
+        if plan.machines[..i].iter().any(|o| o.name == m.name) {
+            return Err(RunError::BadRequest(format!(
+                "machines[{i}].name {:?} is used twice",
+                m.name
+            )));
+        }
+        if m.runtime != "container" && m.runtime != "auto" {
+            return Err(RunError::BadRequest(format!(
+                "machines[{i}].runtime {:?} is not available on this worker (it runs: container)",
+                m.runtime
+            )));
+        }
+        if m.root_size_bytes > 0 && m.root_size_bytes < (16 << 20) {
+            return Err(RunError::BadRequest(format!(
+                "machines[{i}].root_size_bytes {} is below 16 MiB",
+                m.root_size_bytes
+            )));
+        }
+        if m.memory_bytes > 0 && m.memory_bytes < (16 << 20) {
+            return Err(RunError::BadRequest(format!(
+                "machines[{i}].memory_bytes {} is below 16 MiB",
+                m.memory_bytes
+            )));
+        }
+        for (j, f) in m.files.iter().enumerate() {
+            if !f.path.starts_with('/') {
+                return Err(RunError::BadRequest(format!(
+                    "machines[{i}].files[{j}].path {:?} is not absolute",
+                    f.path
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The run's network namespace name.
+pub fn netns_name(run_id: &str) -> String {
+    format!("il-{run_id}")
+}
+
+/// Resolves `fut` unless `cancel` fires first.
+async fn cancellable<T>(
+    cancel: &CancellationToken,
+    fut: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::select! {
+        r = fut => r,
+        () = cancel.cancelled() => Err(anyhow::anyhow!("cancelled")),
+    }
+}
+
+fn check_cancel(cancel: &CancellationToken) -> anyhow::Result<()> {
+    if cancel.is_cancelled() {
+        anyhow::bail!("cancelled");
+    }
+    Ok(())
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs_err::write(&tmp, data)?;
+    fs_err::rename(&tmp, path)?;
+    Ok(())
+}
+
+impl RunManager {
+    /// A manager for runs under `runs_dir` (`pool/runs`).
+    pub fn new(
+        runs_dir: PathBuf,
+        runtime: Arc<dyn MachineRuntime>,
+        drives: Arc<dyn DriveProvider>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            runs_dir,
+            runtime,
+            drives,
+            runs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The directory holding the runs.
+    pub fn runs_dir(&self) -> &Path {
+        &self.runs_dir
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Run>>> {
+        // A poisoned map is still consistent: every critical section is a single insert/remove.
+        self.runs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get_run(&self, run_id: &str) -> Option<Arc<Run>> {
+        self.lock().get(run_id).cloned()
+    }
+
+    /// Number of runs held.
+    pub fn count(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Creates and starts a run (idempotent: the same plan again returns the same run).
+    pub fn create(self: &Arc<Self>, plan: RunPlan) -> Result<RunStatus, RunError> {
+        validate_plan(&plan.run_id.clone(), &plan)?;
+        let run = {
+            let mut runs = self.lock();
+            if let Some(existing) = runs.get(&plan.run_id) {
+                if existing.is_destroying() {
+                    return Err(RunError::Conflict(format!(
+                        "run {} is being destroyed; retry when the DELETE returned",
+                        plan.run_id
+                    )));
+                }
+                if existing.plan != plan {
+                    return Err(RunError::Conflict(format!(
+                        "run {} already exists with a different plan",
+                        plan.run_id
+                    )));
+                }
+                return Ok(existing.status.borrow().clone());
+            }
+            let run = Run::new(plan, ObservedState::Starting, self.runtime.name());
+            runs.insert(run.plan.run_id.clone(), run.clone());
+            run
+        };
+        let status = run.status.borrow().clone();
+        let this = self.clone();
+        let r = run.clone();
+        let task = tokio::spawn(async move { this.start_run(r).await });
+        *run.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        tracing::info!(run = %run.plan.run_id, machines = run.plan.machines.len(), "run created");
+        Ok(status)
+    }
+
+    async fn start_run(self: Arc<Self>, run: Arc<Run>) {
+        let run_id = run.plan.run_id.clone();
+        let t0 = std::time::Instant::now();
+        match self.start_all(&run).await {
+            Ok(()) => {
+                run.status.send_modify(|s| {
+                    s.state = ObservedState::Running;
+                    s.error = None;
+                });
+                tracing::info!(run = %run_id, elapsed_ms = t0.elapsed().as_millis() as u64, "run ready");
+            }
+            Err(_) if run.cancel.is_cancelled() => {
+                tracing::info!(run = %run_id, "start cancelled");
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                tracing::warn!(run = %run_id, "start failed: {msg}");
+                if let Err(te) = self.teardown(&run_id, Some(&run.plan)).await {
+                    tracing::warn!(run = %run_id, "teardown after failure: {te:#}");
+                }
+                run.status.send_modify(|s| {
+                    s.state = ObservedState::Failed;
+                    s.error = Some(msg);
+                    for m in &mut s.machines {
+                        if m.state == ObservedState::Starting {
+                            m.state = ObservedState::Failed;
+                        }
+                    }
+                });
+            }
+        }
+    }
+
+    async fn start_all(self: &Arc<Self>, run: &Arc<Run>) -> anyhow::Result<()> {
+        let run_id = &run.plan.run_id;
+        let run_dir = self.runs_dir.join(run_id);
+        fs_err::create_dir_all(&run_dir)?;
+        write_atomic(
+            &run_dir.join("plan.json"),
+            &serde_json::to_vec_pretty(&run.plan)?,
+        )?;
+        let netns = host::ensure_netns(&netns_name(run_id)).await?;
+        check_cancel(&run.cancel)?;
+
+        // Machines start in parallel; the first failure cancels the others at their next
+        // cancellation point (never in the middle of a runtime command).
+        let failed = run.cancel.child_token();
+        let results = futures::future::join_all(run.plan.machines.iter().map(|m| {
+            let netns = netns.clone();
+            let failed = failed.clone();
+            async move {
+                let r = self.start_machine(run, m, netns, &failed).await;
+                match &r {
+                    Ok(()) => run.set_machine(&m.name, ObservedState::Running, None),
+                    Err(e) => {
+                        failed.cancel();
+                        if !run.cancel.is_cancelled() {
+                            run.set_machine(&m.name, ObservedState::Failed, Some(format!("{e:#}")));
+                        }
+                    }
+                }
+                r.map_err(|e| (m.name.clone(), e))
+            }
+        }))
+        .await;
+        // Report the first real error (not a "cancelled" caused by a sibling's failure).
+        let mut first: Option<anyhow::Error> = None;
+        for r in results {
+            if let Err((name, e)) = r {
+                let cancelled = format!("{e}") == "cancelled";
+                let e = e.context(format!("machine {name}"));
+                if first.is_none()
+                    || (!cancelled
+                        && first
+                            .as_ref()
+                            .is_some_and(|f| format!("{f:#}").ends_with("cancelled")))
+                {
+                    first = Some(e);
+                }
+            }
+        }
+        if let Some(e) = first {
+            return Err(e);
+        }
+        check_cancel(&run.cancel)?;
+        write_atomic(&run_dir.join("ready"), b"")?;
+        Ok(())
+    }
+
+    async fn start_machine(
+        &self,
+        run: &Arc<Run>,
+        m: &MachinePlan,
+        netns: PathBuf,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let run_id = run.plan.run_id.clone();
+        let name = m.name.clone();
+        let progress: Progress = {
+            let (run_id, name) = (run_id.clone(), name.clone());
+            Arc::new(move |line: String| tracing::info!(run = %run_id, machine = %name, "{line}"))
+        };
+        let image = cancellable(cancel, self.drives.image(&m.image, progress)).await?;
+        check_cancel(cancel)?;
+        let handle = MachineHandle::new(&self.runs_dir, &run_id, &m.name);
+        fs_err::create_dir_all(&handle.dir)?;
+        let root = handle.dir.join("root.ext4");
+        let size = m.root_size_bytes.max(image.size);
+        self.drives
+            .clone_root(&image, &root, size)
+            .await
+            .with_context(|| {
+                format!("cannot prepare the root drive from image {}", image.digest)
+            })?;
+        check_cancel(cancel)?;
+        let spec = MachineSpec {
+            run_id: run_id.clone(),
+            plan: m.clone(),
+            dir: handle.dir.clone(),
+            root_drive: root,
+            netns,
+            image_env: image.env.clone(),
+        };
+        let handle = self.runtime.start(&spec).await?;
+        let client = cancellable(cancel, self.wait_agent(&handle)).await?;
+        let mut client = client;
+        if !m.users.is_empty() {
+            client
+                .ensure_users(EnsureUsersRequest {
+                    names: m.users.clone(),
+                    sudo: true,
+                })
+                .await
+                .with_context(|| format!("cannot create users {:?}", m.users))?;
+        }
+        for f in &m.files {
+            client
+                .put_file(PutFileRequest {
+                    path: f.path.clone(),
+                    content: f.content.clone().into_bytes(),
+                    mode: f.mode,
+                    owner: f.owner.clone(),
+                    append: f.append,
+                })
+                .await
+                .with_context(|| format!("cannot write startup file {}", f.path))?;
+        }
+        run.agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(m.name.clone(), client);
+        Ok(())
+    }
+
+    /// Waits until the machine's agent answers `Health`, failing early if the machine stops.
+    async fn wait_agent(&self, m: &MachineHandle) -> anyhow::Result<Agent> {
+        let socket = self.runtime.agent(m).socket;
+        let deadline = tokio::time::Instant::now() + AGENT_TIMEOUT;
+        let mut last_observe = tokio::time::Instant::now();
+        let mut last_err = String::from("socket did not appear");
+        loop {
+            if socket.exists() {
+                match agent_client::health(&socket, Duration::from_secs(2)).await {
+                    Ok((client, h)) => {
+                        tracing::debug!(machine = %m.machine, version = %h.version, "agent answered");
+                        return Ok(client);
+                    }
+                    Err(e) => last_err = format!("{e:#}"),
+                }
+            }
+            if last_observe.elapsed() > Duration::from_millis(250) {
+                last_observe = tokio::time::Instant::now();
+                if self.runtime.observe(m).await? != MachineState::Running {
+                    anyhow::bail!(
+                        "the machine stopped before its agent answered (console.log: {})",
+                        tail(&m.console_log(), 10)
+                    );
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!(
+                    "agent did not answer within {} s ({last_err}; see console.log: {})",
+                    AGENT_TIMEOUT.as_secs(),
+                    tail(&m.console_log(), 10)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Removes everything of a run on the host: machines, namespace, cgroup, files.
+    async fn teardown(&self, run_id: &str, plan: Option<&RunPlan>) -> anyhow::Result<()> {
+        let run_dir = self.runs_dir.join(run_id);
+        let mut names: Vec<String> = plan
+            .map(|p| p.machines.iter().map(|m| m.name.clone()).collect())
+            .unwrap_or_default();
+        if let Ok(rd) = std::fs::read_dir(&run_dir) {
+            for e in rd.flatten() {
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    if !names.contains(&n) {
+                        names.push(n);
+                    }
+                }
+            }
+        }
+        let mut errors = Vec::new();
+        let results = futures::future::join_all(names.iter().map(|n| {
+            let h = MachineHandle::new(&self.runs_dir, run_id, n);
+            async move { self.runtime.destroy(&h).await }
+        }))
+        .await;
+        for r in results {
+            if let Err(e) = r {
+                errors.push(format!("{:#}", anyhow::Error::from(e)));
+            }
+        }
+        if let Err(e) = host::delete_netns(&netns_name(run_id)).await {
+            errors.push(format!("{e:#}"));
+        }
+        let _ = host::remove_cgroup_if_empty(&format!("ironlab/{run_id}"));
+        if errors.is_empty() {
+            match host::mounts_under(&run_dir) {
+                Ok(m) if m.is_empty() => match std::fs::remove_dir_all(&run_dir) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => errors.push(format!("cannot remove {}: {e}", run_dir.display())),
+                },
+                Ok(m) => errors.push(format!("{} still has mounts: {m:?}", run_dir.display())),
+                Err(e) => errors.push(format!("{e:#}")),
+            }
+        }
+        if errors.is_empty() {
+            tracing::info!(run = %run_id, "torn down");
+            Ok(())
+        } else {
+            anyhow::bail!("cannot fully remove run {run_id}: {}", errors.join("; "))
+        }
+    }
+
+    /// Destroys a run and everything it holds (idempotent). A destroy during start cancels the
+    /// start first.
+    pub async fn destroy(&self, run_id: &str) -> Result<(), RunError> {
+        if !valid_run_id(run_id) {
+            return Err(RunError::BadRequest(format!(
+                "run id {run_id:?} is invalid: 1-12 characters [a-z0-9]"
+            )));
+        }
+        let Some(run) = self.get_run(run_id) else {
+            // Not held, but files may remain (e.g. a failed recovery): clean them.
+            if self.runs_dir.join(run_id).exists() {
+                self.teardown(run_id, None).await?;
+            }
+            return Ok(());
+        };
+        run.destroying
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut done = run.destroy_lock.lock().await;
+        if *done {
+            return Ok(());
+        }
+        run.cancel.cancel();
+        let task = run.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = task
+            && let Err(e) = task.await
+        {
+            tracing::warn!(run = %run_id, "start task ended abnormally: {e}");
+        }
+        run.agents.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.teardown(run_id, Some(&run.plan)).await?;
+        *done = true;
+        self.lock().remove(run_id);
+        tracing::info!(run = %run_id, "destroyed");
+        Ok(())
+    }
+
+    /// The observed status of a run (checks that running machines still run).
+    pub async fn status(&self, run_id: &str) -> Result<RunStatus, RunError> {
+        let run = self
+            .get_run(run_id)
+            .ok_or_else(|| RunError::NotFound(format!("run {run_id} is not on this worker")))?;
+        if run.status.borrow().state == ObservedState::Running && !run.is_destroying() {
+            for m in &run.plan.machines {
+                let h = MachineHandle::new(&self.runs_dir, run_id, &m.name);
+                let st = self
+                    .runtime
+                    .observe(&h)
+                    .await
+                    .map_err(anyhow::Error::from)?;
+                if st != MachineState::Running {
+                    let msg = format!(
+                        "machine {} is no longer running (console.log: {})",
+                        m.name,
+                        tail(&h.console_log(), 5)
+                    );
+                    run.set_machine(&m.name, ObservedState::Failed, Some(msg.clone()));
+                    run.status.send_modify(|s| {
+                        s.state = ObservedState::Failed;
+                        s.error = Some(msg);
+                    });
+                }
+            }
+        }
+        let status = run.status.borrow().clone();
+        Ok(status)
+    }
+
+    /// Like [`Self::status`], but first waits up to `wait` while the run is `starting`.
+    pub async fn wait_status(&self, run_id: &str, wait: Duration) -> Result<RunStatus, RunError> {
+        let run = self
+            .get_run(run_id)
+            .ok_or_else(|| RunError::NotFound(format!("run {run_id} is not on this worker")))?;
+        let mut rx = run.status.subscribe();
+        let _ =
+            tokio::time::timeout(wait, rx.wait_for(|s| s.state != ObservedState::Starting)).await;
+        drop(rx);
+        self.status(run_id).await
+    }
+
+    /// An agent client for `machine` of a running run, and the user terminals open as.
+    pub async fn machine_agent(
+        &self,
+        run_id: &str,
+        machine: &str,
+    ) -> Result<MachineAgent, RunError> {
+        let run = self
+            .get_run(run_id)
+            .ok_or_else(|| RunError::NotFound(format!("run {run_id} is not on this worker")))?;
+        let Some(plan) = run.machine(machine) else {
+            return Err(RunError::NotFound(format!(
+                "run {run_id} has no machine {machine:?}"
+            )));
+        };
+        let state = run.status.borrow().state;
+        if state != ObservedState::Running || run.is_destroying() {
+            return Err(RunError::Conflict(format!(
+                "run {run_id} is {}, not running",
+                if run.is_destroying() {
+                    "being destroyed".to_string()
+                } else {
+                    format!("{state:?}").to_lowercase()
+                }
+            )));
+        }
+        let default_user = plan.default_user.clone();
+        let cached = run
+            .agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(machine)
+            .cloned();
+        let client = match cached {
+            Some(c) => c,
+            None => {
+                let h = MachineHandle::new(&self.runs_dir, run_id, machine);
+                let c = agent_client::connect(&self.runtime.agent(&h).socket)
+                    .await
+                    .with_context(|| format!("cannot reach the agent of machine {machine}"))?;
+                run.agents
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(machine.to_string(), c.clone());
+                c
+            }
+        };
+        Ok(MachineAgent {
+            client,
+            default_user,
+        })
+    }
+
+    /// Whether `machine` is part of run `run_id` (for 404s before token checks).
+    pub fn has_machine(&self, run_id: &str, machine: &str) -> Result<(), RunError> {
+        let run = self
+            .get_run(run_id)
+            .ok_or_else(|| RunError::NotFound(format!("run {run_id} is not on this worker")))?;
+        if run.machine(machine).is_none() {
+            return Err(RunError::NotFound(format!(
+                "run {run_id} has no machine {machine:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Rediscovers runs at worker start: keeps ready runs whose machines run and whose agents
+    /// answer; tears down everything else; then removes host objects of no run.
+    pub async fn recover(self: &Arc<Self>) -> anyhow::Result<()> {
+        fs_err::create_dir_all(&self.runs_dir)?;
+        let mut keep = Vec::new();
+        for e in fs_err::read_dir(&self.runs_dir)?.flatten() {
+            let run_id = e.file_name().to_string_lossy().into_owned();
+            if !e.file_type().map(|t| t.is_dir()).unwrap_or(false) || !valid_run_id(&run_id) {
+                tracing::warn!(path = %e.path().display(), "ignoring unexpected entry in the runs directory");
+                continue;
+            }
+            match self.probe(&run_id).await {
+                Ok(plan) => {
+                    tracing::info!(run = %run_id, "rediscovered running run");
+                    let run = Run::new(plan, ObservedState::Running, self.runtime.name());
+                    self.lock().insert(run_id.clone(), run);
+                    keep.push(run_id);
+                }
+                Err(reason) => {
+                    tracing::info!(run = %run_id, "tearing down: {reason:#}");
+                    let plan = read_plan(&self.runs_dir.join(&run_id)).ok();
+                    if let Err(e) = self.teardown(&run_id, plan.as_ref()).await {
+                        tracing::warn!(run = %run_id, "{e:#}");
+                    }
+                }
+            }
+        }
+        self.clean_leftovers(&keep).await
+    }
+
+    async fn probe(&self, run_id: &str) -> anyhow::Result<RunPlan> {
+        let dir = self.runs_dir.join(run_id);
+        let plan = read_plan(&dir)?;
+        if plan.run_id != run_id {
+            anyhow::bail!("plan.json names run {}", plan.run_id);
+        }
+        if !dir.join("ready").exists() {
+            anyhow::bail!("it never became ready");
+        }
+        for m in &plan.machines {
+            let h = MachineHandle::new(&self.runs_dir, run_id, &m.name);
+            let st = self.runtime.observe(&h).await?;
+            if st != MachineState::Running {
+                anyhow::bail!("machine {} is {st:?}", m.name);
+            }
+            agent_client::health(&self.runtime.agent(&h).socket, Duration::from_secs(3))
+                .await
+                .with_context(|| format!("machine {}", m.name))?;
+        }
+        Ok(plan)
+    }
+
+    async fn clean_leftovers(&self, keep: &[String]) -> anyhow::Result<()> {
+        if let Err(e) = self.runtime.clean_leftovers(&self.runs_dir, keep).await {
+            tracing::warn!("cleaning runtime leftovers: {e:#}");
+        }
+        // Namespaces and cgroups carry no owner; only remove those of no run here that are old
+        // enough not to belong to a run another worker on this host is starting right now.
+        let old = |p: &Path| {
+            std::fs::symlink_metadata(p)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| SystemTime::now().duration_since(t).ok())
+                .is_some_and(|age| age > Duration::from_secs(60))
+        };
+        for ns in host::list_netns() {
+            let Some(run_id) = ns.strip_prefix("il-") else {
+                continue;
+            };
+            if keep.iter().any(|k| k == run_id) || self.runs_dir.join(run_id).exists() {
+                continue;
+            }
+            if old(&host::netns_path(&ns)) && !self.runtime_has_run(run_id).await {
+                tracing::info!(netns = %ns, "removing leftover network namespace");
+                if let Err(e) = host::delete_netns(&ns).await {
+                    tracing::warn!("{e:#}");
+                }
+            }
+        }
+        for run_id in host::cgroup_children("ironlab") {
+            if keep.contains(&run_id) || self.runs_dir.join(&run_id).exists() {
+                continue;
+            }
+            let dir = host::cgroup_dir("memory", &format!("ironlab/{run_id}"));
+            if (old(&dir) || !dir.exists()) && !self.runtime_has_run(&run_id).await {
+                tracing::info!(run = %run_id, "removing leftover cgroups");
+                if let Err(e) = host::remove_cgroup(&format!("ironlab/{run_id}")) {
+                    tracing::warn!("{e:#}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether any machine of `run_id` (of any worker on this host) is known to the runtime
+    /// (when unsure: yes, so nothing is removed).
+    async fn runtime_has_run(&self, run_id: &str) -> bool {
+        self.runtime.knows_run(run_id).await.unwrap_or(true)
+    }
+
+    /// Destroys every run (used by tests and shutdown-with-cleanup callers).
+    pub async fn destroy_all(&self) -> Result<(), RunError> {
+        let ids: Vec<String> = self.lock().keys().cloned().collect();
+        for id in ids {
+            self.destroy(&id).await?;
+        }
+        Ok(())
+    }
+}
+
+fn read_plan(dir: &Path) -> anyhow::Result<RunPlan> {
+    let p = dir.join("plan.json");
+    let text = fs_err::read(&p)?;
+    serde_json::from_slice(&text).with_context(|| format!("cannot parse {}", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use ironlab_api::worker::ImageRef;
+
+    use super::*;
+
+    fn plan(id: &str) -> RunPlan {
+        RunPlan {
+            run_id: id.into(),
+            machines: vec![MachinePlan {
+                name: "m1".into(),
+                runtime: "container".into(),
+                image: ImageRef::Stock {
+                    name: "debian".into(),
+                },
+                root_size_bytes: 1 << 30,
+                cpus: 1,
+                memory_bytes: 256 << 20,
+                pids_limit: 100,
+                users: vec![],
+                default_user: "root".into(),
+                files: vec![],
+            }],
+        }
+    }
+
+    #[test]
+    fn run_ids() {
+        assert!(valid_run_id("abc123def456"));
+        assert!(!valid_run_id("abc123def4567"));
+        assert!(!valid_run_id(""));
+        assert!(!valid_run_id("ABC"));
+        assert!(!valid_run_id("../x"));
+    }
+
+    #[test]
+    fn plan_validation_names_the_field() {
+        assert!(validate_plan("abc", &plan("abc")).is_ok());
+        let e = validate_plan("abd", &plan("abc")).expect_err("mismatch");
+        assert!(e.to_string().contains("does not match"));
+        let mut p = plan("abc");
+        p.machines[0].runtime = "microvm".into();
+        let e = validate_plan("abc", &p).expect_err("runtime");
+        assert!(e.to_string().contains("machines[0].runtime"));
+        let mut p = plan("abc");
+        p.machines.push(p.machines[0].clone());
+        let e = validate_plan("abc", &p).expect_err("dup");
+        assert!(e.to_string().contains("used twice"));
+        let mut p = plan("abc");
+        p.machines[0].name = "Bad_Name".into();
+        assert!(validate_plan("abc", &p).is_err());
+        let mut p = plan("abc");
+        p.machines[0].files.push(ironlab_api::worker::FilePlan {
+            path: "etc/motd".into(),
+            content: String::new(),
+            mode: 0o644,
+            owner: String::new(),
+            append: false,
+        });
+        assert!(
+            validate_plan("abc", &p)
+                .expect_err("relative")
+                .to_string()
+                .contains("files[0].path")
+        );
+    }
+}
