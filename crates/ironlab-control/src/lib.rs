@@ -150,3 +150,6 @@ impl Control {
         result
     }
 }
+
+#[cfg(test)]
+mod tests;
