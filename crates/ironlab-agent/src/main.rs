@@ -1,0 +1,128 @@
+//! The `ironlab-agent` binary: `init`, `serve`, `version` (arguments parsed by hand to keep the
+//! static binary small).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use ironlab_agent::{DEFAULT_SOCKET, VERSION, init, server};
+
+const USAGE: &str = "\
+usage: ironlab-agent init  [--socket PATH]               PID 1: reap zombies, supervise `serve`
+       ironlab-agent serve [--socket PATH] [--root DIR]  serve the agent gRPC API
+       ironlab-agent version
+
+--socket defaults to /run/ironlab/agent.sock; --root (default /) is where /etc/passwd etc. are read.";
+
+/// How long `serve` waits for open calls (sessions) after SIGTERM before it exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+struct Opts {
+    socket: PathBuf,
+    root: PathBuf,
+}
+
+fn parse(args: &[String], allow_root: bool) -> anyhow::Result<Opts> {
+    let mut opts = Opts {
+        socket: PathBuf::from(DEFAULT_SOCKET),
+        root: PathBuf::from("/"),
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string())),
+            _ => (arg.as_str(), None),
+        };
+        let mut value = || -> anyhow::Result<String> {
+            match inline.clone() {
+                Some(v) => Ok(v),
+                None => it
+                    .next()
+                    .cloned()
+                    .with_context(|| format!("{name} needs a value")),
+            }
+        };
+        match name {
+            "--socket" => opts.socket = PathBuf::from(value()?),
+            "--root" if allow_root => opts.root = PathBuf::from(value()?),
+            other => bail!("unknown option {other:?}\n\n{USAGE}"),
+        }
+    }
+    Ok(opts)
+}
+
+fn serve(opts: Opts) -> anyhow::Result<i32> {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    runtime.block_on(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        // Handled (so it does not kill us) and ignored; children get the default disposition.
+        let _hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+
+        let listener = server::bind(&opts.socket)?;
+        eprintln!(
+            "ironlab-agent {VERSION}: serving on {} (pid {})",
+            opts.socket.display(),
+            std::process::id()
+        );
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let service = server::AgentService::new(&opts.root);
+        let server = server::serve(listener, service, async {
+            let _ = stop_rx.await;
+        });
+        tokio::pin!(server);
+        tokio::select! {
+            result = &mut server => result?,
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        let _ = stop_tx.send(());
+        // Open sessions (an interactive shell) may never end by themselves.
+        if let Ok(result) = tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+            result?;
+        }
+        let _ = std::fs::remove_file(&opts.socket);
+        eprintln!("ironlab-agent: stopped");
+        Ok(0)
+    })
+}
+
+fn run(args: &[String]) -> anyhow::Result<i32> {
+    let Some((command, rest)) = args.split_first() else {
+        bail!("{USAGE}");
+    };
+    match command.as_str() {
+        "init" => {
+            let opts = parse(rest, false)?;
+            init::run(&opts.socket)
+        }
+        "serve" => serve(parse(rest, true)?),
+        "version" | "--version" | "-V" => {
+            println!("ironlab-agent {VERSION}");
+            Ok(0)
+        }
+        "help" | "--help" | "-h" => {
+            println!("{USAGE}");
+            Ok(0)
+        }
+        other => bail!("unknown command {other:?}\n\n{USAGE}"),
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let code = match run(&args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ironlab-agent: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
