@@ -1,0 +1,214 @@
+//! Command-line syntax (clap derive). Only structs; the work is in `cmd/`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// ironlab: learn Linux by doing, in real playgrounds.
+#[derive(Debug, Parser)]
+#[command(name = "ironlab", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Control plane URL (overrides the stored login).
+    #[arg(long, global = true, env = "IRONLAB_SERVER", value_name = "URL")]
+    pub server: Option<String>,
+    /// API token (overrides the stored login).
+    #[arg(
+        long,
+        global = true,
+        env = "IRONLAB_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the control plane and a local worker (one host, SQLite).
+    Up(UpArgs),
+    /// Run the control plane alone.
+    Control(ControlArgs),
+    /// Run a worker alone.
+    Worker(WorkerArgs),
+    /// Log in and out.
+    #[command(subcommand)]
+    Auth(AuthCommand),
+    /// Playgrounds and their runs.
+    #[command(subcommand, alias = "pg")]
+    Playground(PlaygroundCommand),
+    /// Open a shell, or run a command, in a machine of a run.
+    Ssh(SshArgs),
+    /// Manage users (admins only).
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+/// Options of the worker, shared by `up` (passed to its child) and `worker`.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerOptions {
+    /// The static in-machine agent binary [default: <dir of this exe>/ironlab-agent-static].
+    #[arg(long, env = "IRONLAB_AGENT", value_name = "PATH")]
+    pub agent: Option<PathBuf>,
+    /// Directory of stock images (`<name>/` OCI image layouts).
+    #[arg(
+        long,
+        env = "IRONLAB_STOCK_IMAGES",
+        value_name = "DIR",
+        default_value = "/var/lib/ironlab/stock-images"
+    )]
+    pub stock_images: PathBuf,
+    /// A registry reached over plain HTTP (HOST:PORT); repeat or comma-separate.
+    #[arg(
+        long = "insecure-registry",
+        env = "IRONLAB_INSECURE_REGISTRIES",
+        value_name = "HOST:PORT",
+        value_delimiter = ','
+    )]
+    pub insecure_registries: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Address of the control plane; the worker listens on the next port.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Data directory (database, tokens, worker pool).
+    #[arg(long, default_value = "/var/lib/ironlab")]
+    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub worker: WorkerOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct ControlArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Data directory (`control/ironlab.db`, `admin-token`).
+    #[arg(long, default_value = "/var/lib/ironlab")]
+    pub data_dir: PathBuf,
+    /// Base URL of the worker API.
+    #[arg(long, default_value = "http://127.0.0.1:7070")]
+    pub worker_url: String,
+    /// File holding the worker's bearer token.
+    #[arg(long, value_name = "FILE")]
+    pub worker_token_file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// Worker directory (storage pool, runs).
+    #[arg(long, default_value = "/var/lib/ironlab/worker")]
+    pub data_dir: PathBuf,
+    /// File holding the bearer token the control plane presents.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: PathBuf,
+    /// Base URL clients use for terminal WebSockets [default: ws://<listen address>].
+    #[arg(long, value_name = "URL")]
+    pub public_url: Option<String>,
+    #[command(flatten)]
+    pub options: WorkerOptions,
+    /// Exit when this process (the supervising `ironlab up`) exits.
+    #[arg(long, hide = true, value_name = "PID")]
+    pub parent_pid: Option<u32>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuthCommand {
+    /// Check `--server URL --token TOKEN` against the server and store both (mode 600).
+    Login,
+    /// Show who you are logged in as.
+    Whoami,
+    /// Forget the stored credentials.
+    Logout,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Human-readable.
+    Text,
+    /// JSON for scripts.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PlaygroundCommand {
+    /// List the playgrounds you can start.
+    Catalog {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Register a custom playground from a manifest file (YAML or JSON).
+    Create {
+        /// The manifest file.
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Remove a custom playground.
+    Remove {
+        /// Playground name.
+        name: String,
+    },
+    /// Start a run of a playground; prints the run id once it is ready.
+    Start {
+        /// Playground name.
+        name: String,
+        /// Title of the run.
+        #[arg(long)]
+        title: Option<String>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
+        /// Return as soon as the run is recorded.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List your runs.
+    List {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
+        /// Everyone's runs (admins).
+        #[arg(long)]
+        all: bool,
+    },
+    /// Destroy a run and everything it holds on its host.
+    Destroy {
+        /// Run id.
+        run: String,
+        /// Return as soon as destruction is requested.
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SshArgs {
+    /// Run id.
+    pub run: String,
+    /// Machine [default: the first machine of the run].
+    #[arg(long, short)]
+    pub machine: Option<String>,
+    /// Command to run instead of an interactive shell.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Create a user; prints their API token.
+    Create {
+        /// Login name.
+        name: String,
+        /// Make them an admin.
+        #[arg(long)]
+        admin: bool,
+    },
+}

@@ -1,0 +1,7 @@
+//! One module per command group.
+
+pub mod auth;
+pub mod playground;
+pub mod server;
+pub mod ssh;
+pub mod user;

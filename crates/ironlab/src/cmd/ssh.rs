@@ -1,0 +1,242 @@
+//! `ironlab ssh RUN [--machine M] [-- CMD...]`: the terminal path the browser uses too.
+//!
+//! CLI → control plane `POST /api/v1/runs/{id}/connect` (single-use token) → WebSocket to the
+//! worker relay → agent exec/PTY. Frames follow `ironlab_api::relay`. With a command: no PTY,
+//! stdout and stderr kept apart, our stdin forwarded when it is not a terminal, exit with the
+//! remote status. Without: a PTY, our terminal in raw mode (restored on every exit path,
+//! panics included), window size changes forwarded.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::sync::Mutex;
+
+use anyhow::Context;
+use futures::{SinkExt, StreamExt};
+use ironlab_api::relay::{self, ClientControl, ServerControl};
+use ironlab_api::v1::ConnectResponse;
+use reqwest::Method;
+use rustix::termios::{self, OptionalActions, Termios};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_tungstenite::tungstenite::{self, Message};
+
+use crate::cli::SshArgs;
+use crate::client::Api;
+
+/// The terminal settings to put back, for the panic hook.
+static SAVED_TERMIOS: Mutex<Option<Termios>> = Mutex::new(None);
+
+fn restore_terminal() {
+    if let Ok(mut saved) = SAVED_TERMIOS.lock() {
+        if let Some(t) = saved.take() {
+            let _ = termios::tcsetattr(std::io::stdin(), OptionalActions::Now, &t);
+        }
+    }
+}
+
+/// Puts stdin's terminal in raw mode until dropped.
+struct RawMode;
+
+impl RawMode {
+    fn enable() -> anyhow::Result<Self> {
+        let stdin = std::io::stdin();
+        let orig = termios::tcgetattr(&stdin).context("cannot read the terminal settings")?;
+        let mut raw = orig.clone();
+        raw.make_raw();
+        if let Ok(mut saved) = SAVED_TERMIOS.lock() {
+            *saved = Some(orig);
+        }
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            restore_terminal();
+            previous(info);
+        }));
+        termios::tcsetattr(&stdin, OptionalActions::Now, &raw)
+            .context("cannot put the terminal in raw mode")?;
+        Ok(RawMode)
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        restore_terminal();
+    }
+}
+
+fn window_size() -> (u16, u16) {
+    termios::tcgetwinsize(std::io::stdout())
+        .ok()
+        .filter(|w| w.ws_col > 0 && w.ws_row > 0)
+        .map(|w| (w.ws_col, w.ws_row))
+        .unwrap_or((80, 24))
+}
+
+fn control(msg: &ClientControl) -> anyhow::Result<Message> {
+    Ok(Message::Text(serde_json::to_string(msg)?.into()))
+}
+
+fn describe_ws_error(e: tungstenite::Error, url: &str) -> anyhow::Error {
+    let base = url.split('?').next().unwrap_or(url).to_string();
+    match e {
+        tungstenite::Error::Http(resp) => {
+            let status = resp.status();
+            let body = resp
+                .body()
+                .as_deref()
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default();
+            let detail = serde_json::from_str::<ironlab_api::ErrorBody>(&body)
+                .map(|b| b.detail)
+                .unwrap_or_else(|_| body.trim().to_string());
+            anyhow::anyhow!(
+                "the terminal relay at {base} refused the connection ({status}): {detail}"
+            )
+        }
+        other => anyhow::Error::new(other).context(format!("cannot open the terminal at {base}")),
+    }
+}
+
+/// Runs `ssh`; returns the remote exit status.
+pub async fn run(args: SshArgs, api: &Api) -> anyhow::Result<i32> {
+    let body = match &args.machine {
+        Some(m) => json!({ "machine": m }),
+        None => json!({}),
+    };
+    let conn: ConnectResponse = api
+        .call(
+            Method::POST,
+            &format!("/runs/{}/connect", args.run),
+            Some(&body),
+        )
+        .await?;
+    let (ws, _) = tokio_tungstenite::connect_async(conn.url.as_str())
+        .await
+        .map_err(|e| describe_ws_error(e, &conn.url))?;
+    let (mut sink, mut stream) = ws.split();
+
+    let tty = args.command.is_empty();
+    let stdin_is_tty = std::io::stdin().is_terminal();
+    let (cols, rows) = if tty { window_size() } else { (0, 0) };
+    sink.send(control(&ClientControl::Start {
+        command: args.command.clone(),
+        tty,
+        cols,
+        rows,
+        env: BTreeMap::new(),
+        term: tty.then(|| std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".into())),
+    })?)
+    .await
+    .context("cannot start the remote session")?;
+
+    // Raw mode only for an interactive session on a real terminal.
+    let _raw = if tty && stdin_is_tty {
+        Some(RawMode::enable()?)
+    } else {
+        None
+    };
+
+    // Forward stdin: always for a PTY session; for a command only when it is a pipe/file.
+    let forward_stdin = tty || !stdin_is_tty;
+    let (in_tx, mut in_rx) = tokio::sync::mpsc::channel::<Option<Vec<u8>>>(16);
+    if forward_stdin {
+        tokio::spawn(async move {
+            let mut stdin = tokio::io::stdin();
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match stdin.read(&mut buf).await {
+                    Ok(0) | Err(_) => {
+                        let _ = in_tx.send(None).await;
+                        break;
+                    }
+                    Ok(n) => {
+                        if in_tx.send(Some(buf[..n].to_vec())).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    } else {
+        drop(in_tx);
+        sink.send(control(&ClientControl::Eof)?).await?;
+    }
+    let mut stdin_open = forward_stdin;
+
+    let mut winch = signal(SignalKind::window_change()).context("cannot watch window size")?;
+    let mut interrupts = 0u32;
+    let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
+
+    loop {
+        tokio::select! {
+            msg = stream.next() => {
+                let msg = match msg {
+                    Some(Ok(m)) => m,
+                    Some(Err(e)) => return Err(anyhow::Error::new(e).context("the terminal connection broke")),
+                    None => anyhow::bail!("the terminal connection closed without an exit status"),
+                };
+                match msg {
+                    Message::Binary(data) => match relay::split_frame(&data) {
+                        Some((relay::STDOUT, d)) => {
+                            stdout.write_all(d).await.context("cannot write to stdout")?;
+                            stdout.flush().await.context("cannot write to stdout")?;
+                        }
+                        Some((relay::STDERR, d)) => {
+                            stderr.write_all(d).await.context("cannot write to stderr")?;
+                            stderr.flush().await.context("cannot write to stderr")?;
+                        }
+                        _ => {}
+                    },
+                    Message::Text(text) => match serde_json::from_str::<ServerControl>(&text) {
+                        Ok(ServerControl::Started) => {}
+                        Ok(ServerControl::Exit { code }) => {
+                            let _ = sink.send(Message::Close(None)).await;
+                            return Ok(code);
+                        }
+                        Ok(ServerControl::Error { message }) => {
+                            anyhow::bail!("the remote session failed: {message}");
+                        }
+                        Err(e) => tracing::debug!(error = %e, "ignoring an unknown control message"),
+                    },
+                    Message::Close(frame) => {
+                        let why = frame.map(|f| f.reason.to_string()).filter(|r| !r.is_empty());
+                        anyhow::bail!(
+                            "the terminal connection closed without an exit status{}",
+                            why.map(|r| format!(": {r}")).unwrap_or_default()
+                        );
+                    }
+                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                }
+            }
+            input = in_rx.recv(), if stdin_open => {
+                match input {
+                    Some(Some(data)) => {
+                        sink.send(Message::Binary(relay::frame(relay::STDIN, &data).into())).await
+                            .context("cannot send input")?;
+                    }
+                    Some(None) | None => {
+                        stdin_open = false;
+                        if !tty {
+                            sink.send(control(&ClientControl::Eof)?).await.context("cannot send end of input")?;
+                        }
+                    }
+                }
+            }
+            _ = winch.recv(), if tty => {
+                let (cols, rows) = window_size();
+                sink.send(control(&ClientControl::Resize { cols, rows })?).await
+                    .context("cannot send the window size")?;
+            }
+            _ = tokio::signal::ctrl_c(), if !tty || !stdin_is_tty => {
+                // Without raw mode, Ctrl-C reaches us as SIGINT: pass it on once, then give up.
+                interrupts += 1;
+                if interrupts > 1 {
+                    return Ok(130);
+                }
+                sink.send(control(&ClientControl::Signal { signal: 2 })?).await
+                    .context("cannot send the interrupt")?;
+            }
+        }
+    }
+}

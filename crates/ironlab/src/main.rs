@@ -1,0 +1,70 @@
+//! The `ironlab` binary: parses the command line and hands off to `cmd/`. Server commands
+//! (`up`, `control`, `worker`) call the control/worker libraries; client commands talk to the
+//! control plane's REST API.
+
+mod cli;
+mod client;
+mod cmd;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+use crate::client::Api;
+
+fn init_tracing(server: bool) {
+    let default = if server { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("IRONLAB_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let Cli {
+        server,
+        token,
+        command,
+    } = cli;
+    match command {
+        Command::Up(args) => cmd::server::up(args).await,
+        Command::Control(args) => cmd::server::control(args).await,
+        Command::Worker(args) => cmd::server::worker(args).await,
+        Command::Auth(c) => cmd::auth::run(c, server, token).await,
+        Command::Playground(c) => cmd::playground::run(c, &Api::from_flags(server, token)?).await,
+        Command::Ssh(args) => cmd::ssh::run(args, &Api::from_flags(server, token)?).await,
+        Command::User(c) => cmd::user::run(c, &Api::from_flags(server, token)?).await,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let server = matches!(
+        cli.command,
+        Command::Up(_) | Command::Control(_) | Command::Worker(_)
+    );
+    init_tracing(server);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    // Don't wait for blocked stdin readers or lingering tasks.
+    runtime.shutdown_background();
+    match result {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
