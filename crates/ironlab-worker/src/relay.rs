@@ -26,6 +26,8 @@ use crate::runs::MachineAgent;
 const INPUT_BUFFER: usize = 16;
 /// SIGHUP: sent to the remote process when the client goes away without an exit.
 const SIGHUP: i32 = 1;
+/// How long to wait for the client's close after the server closed.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A WebSocket message, independent of the WebSocket library.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,7 +77,7 @@ where
             }) => ExecStart {
                 argv: command,
                 user: agent.default_user.clone(),
-                env: env.into_iter().collect(),
+                env: agent.image_env.iter().cloned().chain(env).collect(),
                 cwd: String::new(),
                 tty,
                 cols: u32::from(cols),
@@ -230,24 +232,41 @@ pub async fn pump<Si, St, O>(
     St: Stream<Item = Frame> + Unpin,
     O: Stream<Item = Result<ExecOutput, tonic::Status>> + Unpin,
 {
-    let a2c = agent_to_client(&mut sink, &mut output);
-    tokio::pin!(a2c);
-    let c2a = client_to_agent(&mut stream, &tx);
-    tokio::pin!(c2a);
-    let mut input_done = false;
-    loop {
-        tokio::select! {
-            () = &mut a2c => return,
-            end = &mut c2a, if !input_done => {
-                input_done = true;
-                if end == ClientEnd::Gone {
-                    // Nobody will read the output: hang up the remote process and stop.
-                    let _ = tx.try_send(ExecInput { kind: Some(InKind::Signal(SIGHUP)) });
-                    return;
+    let client_gone = {
+        let a2c = agent_to_client(&mut sink, &mut output);
+        tokio::pin!(a2c);
+        let c2a = client_to_agent(&mut stream, &tx);
+        tokio::pin!(c2a);
+        let mut input_done = false;
+        loop {
+            tokio::select! {
+                () = &mut a2c => break false,
+                end = &mut c2a, if !input_done => {
+                    input_done = true;
+                    if end == ClientEnd::Gone {
+                        break true;
+                    }
                 }
             }
         }
+    };
+    if client_gone {
+        // Nobody will read the output: hang up the remote process and stop.
+        let _ = tx.try_send(ExecInput {
+            kind: Some(InKind::Signal(SIGHUP)),
+        });
+        return;
     }
+    // We sent exit + close: let the client's remaining frames and its close arrive before the
+    // connection drops, or unread data would make the kernel reset it under the exit frame.
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        while let Some(f) = stream.next().await {
+            if f == Frame::Close {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 #[cfg(test)]

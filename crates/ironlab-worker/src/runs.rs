@@ -109,6 +109,23 @@ pub struct MachineAgent {
     pub client: Agent,
     /// The user terminals open as.
     pub default_user: String,
+    /// Environment from the image (`KEY`, `VALUE`), applied under the client's own variables.
+    pub image_env: Vec<(String, String)>,
+}
+
+/// Variables of the image config that sessions do not inherit: the agent sets them per user.
+const SESSION_OWNED_ENV: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "HOSTNAME",
+];
+
+/// The image environment sessions get, from `KEY=VALUE` entries.
+pub fn session_env(image_env: &[String]) -> Vec<(String, String)> {
+    image_env
+        .iter()
+        .filter_map(|e| e.split_once('='))
+        .filter(|(k, _)| !k.is_empty() && !SESSION_OWNED_ENV.contains(k))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// The run manager.
@@ -417,6 +434,10 @@ impl RunManager {
             netns,
             image_env: image.env.clone(),
         };
+        write_atomic(
+            &handle.dir.join("image-env.json"),
+            &serde_json::to_vec(&image.env)?,
+        )?;
         let handle = self.runtime.start(&spec).await?;
         let client = cancellable(cancel, self.wait_agent(&handle)).await?;
         let mut client = client;
@@ -427,6 +448,7 @@ impl RunManager {
                     sudo: true,
                 })
                 .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))
                 .with_context(|| format!("cannot create users {:?}", m.users))?;
         }
         for f in &m.files {
@@ -439,6 +461,7 @@ impl RunManager {
                     append: f.append,
                 })
                 .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))
                 .with_context(|| format!("cannot write startup file {}", f.path))?;
         }
         run.agents
@@ -659,9 +682,17 @@ impl RunManager {
                 c
             }
         };
+        let env_file = MachineHandle::new(&self.runs_dir, run_id, machine)
+            .dir
+            .join("image-env.json");
+        let image_env: Vec<String> = match std::fs::read(&env_file) {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
         Ok(MachineAgent {
             client,
             default_user,
+            image_env: session_env(&image_env),
         })
     }
 

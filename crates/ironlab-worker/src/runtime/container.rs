@@ -385,6 +385,7 @@ pub fn bundle_config(
     }
     env.extend(spec.image_env.iter().cloned());
     let caps: Vec<&str> = CAPABILITIES.to_vec();
+    let nofile = nofile_limit();
     let cpus = u64::from(plan.cpus.max(1));
     let mut resources = json!({
         "devices": [
@@ -423,7 +424,7 @@ pub fn bundle_config(
                 "effective": caps,
                 "permitted": caps,
             },
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1_048_576u64, "soft": 1_048_576u64}],
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
             "noNewPrivileges": false,
         },
         "root": {"path": rootfs, "readonly": false},
@@ -459,6 +460,17 @@ pub fn bundle_config(
             ],
         },
     })
+}
+
+/// `RLIMIT_NOFILE` for machines: 1048576, capped at the worker's own hard limit (raising it
+/// needs `CAP_SYS_RESOURCE`, which some hosts, e.g. sandboxed VMs, do not grant).
+fn nofile_limit() -> u64 {
+    const WANTED: u64 = 1_048_576;
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    match limit.maximum {
+        Some(hard) if hard < WANTED => hard,
+        _ => WANTED,
+    }
 }
 
 /// Whether the memory cgroup accounts swap (`memory.memsw.*` on v1).
