@@ -1,7 +1,7 @@
 //! `ironlab-agent init`: a tiny PID 1.
 //!
 //! Who talks to whom: the OCI runtime (or the microVM's kernel) starts `init` as PID 1; `init`
-//! forks and execs `ironlab-agent serve` (the same binary, via `/proc/self/exe`) and then only
+//! forks and execs `ironlab-agent serve` (the same binary: its path, else `/proc/self/exe`), then only
 //! waits for signals: SIGCHLD → reap every zombie (`waitpid(-1)`, orphans included); SIGTERM,
 //! SIGINT, SIGQUIT → forward to `serve` and exit with its status once it ends; SIGHUP, SIGUSR1,
 //! SIGUSR2 → forward.
@@ -59,12 +59,16 @@ struct ServeCommand {
 
 impl ServeCommand {
     fn new(socket: &Path) -> anyhow::Result<Self> {
-        let exe = if Path::new("/proc/self/exe").exists() {
-            OsString::from("/proc/self/exe")
-        } else {
-            std::env::current_exe()
-                .context("cannot find the agent's own executable (is /proc mounted?)")?
-                .into_os_string()
+        // The real path keeps `ps` showing `ironlab-agent` (exec of /proc/self/exe shows `exe`);
+        // /proc/self/exe still works when the file was replaced or deleted.
+        let exe = match std::env::current_exe() {
+            Ok(path) if path.is_file() => path.into_os_string(),
+            _ if Path::new("/proc/self/exe").exists() => OsString::from("/proc/self/exe"),
+            Ok(path) => path.into_os_string(),
+            Err(e) => {
+                return Err(e)
+                    .context("cannot find the agent's own executable (is /proc mounted?)");
+            }
         };
         let mut env: Vec<CString> = Vec::new();
         let mut has_path = false;
