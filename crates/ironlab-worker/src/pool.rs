@@ -347,7 +347,9 @@ fn unescape_mountinfo(s: &str) -> String {
     while i < bytes.len() {
         if bytes[i] == b'\\'
             && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b))
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
         {
             let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
             out.push(v);
@@ -553,7 +555,9 @@ mod tests {
             fs::metadata(&xfs).expect("pool.xfs").len(),
             MIN_POOL_FILE_BYTES
         );
-        let m = mount_at(pool.0.root()).expect("mountinfo").expect("mounted");
+        let m = mount_at(pool.0.root())
+            .expect("mountinfo")
+            .expect("mounted");
         assert_eq!(m.fstype, "xfs");
         for d in ["images", "runs", "tmp"] {
             assert!(pool.0.root().join(d).is_dir(), "{d}/ exists");
@@ -631,7 +635,10 @@ mod tests {
             16384,
             "source untouched"
         );
-        let err = pool.0.clone_grow(&grown, &copy, 1 << 20).expect_err("shrink");
+        let err = pool
+            .0
+            .clone_grow(&grown, &copy, 1 << 20)
+            .expect_err("shrink");
         assert!(matches!(err, PoolError::Shrink { .. }), "{err}");
         assert!(!copy.exists(), "failed clone_grow leaves no file");
 
