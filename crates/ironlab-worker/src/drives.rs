@@ -93,19 +93,41 @@ impl DriveProvider for FileDrives {
 /// reflink pool (clone + grow).
 pub struct PoolDrives {
     pool: crate::pool::Pool,
+    store: crate::images::ImageStore,
 }
 
 impl PoolDrives {
-    /// Opens the image store on `pool`.
-    pub fn new(pool: crate::pool::Pool, _config: &crate::WorkerConfig) -> anyhow::Result<Self> {
-        Ok(Self { pool })
+    /// Opens the image store on `pool` and removes what an interrupted build left.
+    pub fn new(pool: crate::pool::Pool, config: &crate::WorkerConfig) -> anyhow::Result<Self> {
+        let store = crate::images::ImageStore::new(
+            &pool,
+            crate::images::ImageConfig {
+                stock_dir: config.stock_dir.clone(),
+                insecure_registries: config.insecure_registries.clone(),
+                agent: Some(config.agent_bin.clone()),
+            },
+        );
+        if let Err(e) = store.clean_stale_temp() {
+            tracing::warn!("cannot clean interrupted image builds: {e:#}");
+        }
+        Ok(Self { pool, store })
     }
 }
 
 #[async_trait]
 impl DriveProvider for PoolDrives {
-    async fn image(&self, image: &ImageRef, _progress: Progress) -> anyhow::Result<PreparedImage> {
-        anyhow::bail!("image store not wired yet: {image:?}")
+    async fn image(&self, image: &ImageRef, progress: Progress) -> anyhow::Result<PreparedImage> {
+        let drive = self.store.ensure_drive(image, &*progress).await?;
+        let config = self
+            .store
+            .image_config(&drive.digest)
+            .with_context(|| format!("cannot read the config of image {}", drive.digest))?;
+        Ok(PreparedImage {
+            digest: drive.digest,
+            path: drive.path,
+            size: drive.size,
+            env: config.env,
+        })
     }
 
     async fn clone_root(&self, image: &PreparedImage, dst: &Path, size: u64) -> anyhow::Result<()> {
