@@ -73,6 +73,9 @@ else
         "$suite" "$work/rootfs.tar.part" "$mirror" 2>"$work/mmdebstrap.log" ||
         { tail -n 30 "$work/mmdebstrap.log" >&2; die "mmdebstrap failed"; }
     mv "$work/rootfs.tar.part" "$tarball"
+    if [[ -n ${IRONLAB_IMAGE_CACHE:-} ]]; then # drop tarballs of older recipes
+        find "$IRONLAB_IMAGE_CACHE" -maxdepth 1 -name "debian-$suite-*.tar" ! -path "$tarball" -delete
+    fi
     say "mmdebstrap took $(($(date +%s) - start)) s; rootfs tarball $(du -h "$tarball" | cut -f1)"
 fi
 

@@ -194,6 +194,11 @@ impl Lines {
 
 /// What the test image must look like once unpacked and built.
 fn assert_test_image_drive(img: &Path) {
+    let root = debugfs(img, "stat /");
+    assert!(
+        root.contains("Mode:  0755") && root.contains("User:     0"),
+        "root dir: {root}"
+    );
     let etc = debugfs(img, "ls -l /etc");
     assert!(etc.contains("passwd"), "/etc: {etc}");
     assert!(etc.contains("layer2"), "layer 2 applied: {etc}");
