@@ -296,17 +296,17 @@ impl Drop for Fixture {
                 .output();
         }
         for line in sh("cat", &["/proc/self/mountinfo"]).lines() {
-            if let Some(mp) = line.split(' ').nth(4) {
-                if Path::new(mp).starts_with(&self.runs_dir) {
-                    let _ = Command::new("umount").args(["-l", mp]).status();
-                }
+            if let Some(mp) = line.split(' ').nth(4)
+                && Path::new(mp).starts_with(&self.runs_dir)
+            {
+                let _ = Command::new("umount").args(["-l", mp]).status();
             }
         }
         for line in sh("losetup", &["-l", "-n", "--raw", "-O", "NAME,BACK-FILE"]).lines() {
-            if let Some((dev, file)) = line.split_once(' ') {
-                if Path::new(file).starts_with(&self.runs_dir) {
-                    let _ = Command::new("losetup").args(["-d", dev]).status();
-                }
+            if let Some((dev, file)) = line.split_once(' ')
+                && Path::new(file).starts_with(&self.runs_dir)
+            {
+                let _ = Command::new("losetup").args(["-d", dev]).status();
             }
         }
         for run in &self.run_ids {
