@@ -26,11 +26,6 @@ fi
 step "setup"
 scripts/setup.sh
 
-if [[ ${IRONLAB_FMT:-1} != 0 ]]; then
-    step "cargo fmt --check"
-    cargo fmt --all --check
-fi
-
 step "build the agent (debug: faster to compile; the tests do not measure speed)"
 scripts/build-agent.sh --debug
 IRONLAB_AGENT=$CARGO_TARGET_DIR/debug/ironlab-agent-static
@@ -56,15 +51,29 @@ echo "test: IRONLAB_AGENT=$IRONLAB_AGENT"
 echo "test: IRONLAB_STOCK_IMAGES=$IRONLAB_STOCK_IMAGES"
 echo "test: IRONLAB_TEST_IMAGE_LAYOUT=$IRONLAB_TEST_IMAGE_LAYOUT"
 
-if [[ ${IRONLAB_CLIPPY:-1} != 0 ]]; then
-    step "cargo clippy --workspace --all-targets -- -D warnings"
-    cargo clippy --workspace --all-targets -- -D warnings
-fi
+# The checks below all run, so one CI run reports every problem; the exit status says whether
+# any failed.
+failed=()
 
 step "tests"
 if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --workspace --no-fail-fast "$@"
+    cargo nextest run --workspace --no-fail-fast "$@" || failed+=("tests")
 else
-    cargo test --workspace --no-fail-fast "$@"
+    cargo test --workspace --no-fail-fast "$@" || failed+=("tests")
+fi
+
+if [[ ${IRONLAB_FMT:-1} != 0 ]]; then
+    step "cargo fmt --all --check"
+    cargo fmt --all --check || failed+=("cargo fmt --check")
+fi
+
+if [[ ${IRONLAB_CLIPPY:-1} != 0 ]]; then
+    step "cargo clippy --workspace --all-targets -- -D warnings"
+    cargo clippy --workspace --all-targets -- -D warnings || failed+=("cargo clippy")
+fi
+
+if ((${#failed[@]})); then
+    step "FAILED: ${failed[*]}"
+    exit 1
 fi
 step "all passed"
