@@ -218,13 +218,12 @@ fn child_setup(tty: bool, creds: Option<&Creds>) -> io::Result<()> {
         if tty && libc::ioctl(0, libc::TIOCSCTTY, 0) == -1 {
             return Err(io::Error::last_os_error());
         }
-        if let Some(c) = creds {
-            if libc::setgroups(c.groups.len() as _, c.groups.as_ptr()) == -1
+        if let Some(c) = creds
+            && (libc::setgroups(c.groups.len() as _, c.groups.as_ptr()) == -1
                 || libc::setgid(c.gid) == -1
-                || libc::setuid(c.uid) == -1
-            {
-                return Err(io::Error::last_os_error());
-            }
+                || libc::setuid(c.uid) == -1)
+        {
+            return Err(io::Error::last_os_error());
         }
     }
     Ok(())
@@ -356,10 +355,10 @@ impl Control {
     async fn stdin(&mut self, data: Vec<u8>) {
         match self {
             Control::Pipes { stdin, .. } => {
-                if let Some(tx) = stdin {
-                    if tx.send(data).await.is_err() {
-                        *stdin = None;
-                    }
+                if let Some(tx) = stdin
+                    && tx.send(data).await.is_err()
+                {
+                    *stdin = None;
                 }
             }
             Control::Pty { pty, .. } => {

@@ -152,10 +152,10 @@ pub fn run(socket: &Path) -> anyhow::Result<i32> {
                     break;
                 }
                 Ok(status) => {
-                    if let Some((pid, code)) = status_code(status) {
-                        if pid == child {
-                            server_exit = Some(code);
-                        }
+                    if let Some((pid, code)) = status_code(status)
+                        && pid == child
+                    {
+                        server_exit = Some(code);
                     }
                 }
             }

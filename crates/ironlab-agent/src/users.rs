@@ -242,7 +242,7 @@ impl UserDb {
         };
         let mut groups = vec![entry.gid];
         for g in self.groups()? {
-            if g.members.iter().any(|m| *m == entry.name) && !groups.contains(&g.gid) {
+            if g.members.contains(&entry.name) && !groups.contains(&g.gid) {
                 groups.push(g.gid);
             }
         }

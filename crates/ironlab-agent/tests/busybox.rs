@@ -89,10 +89,10 @@ fn build_root(busybox: &Path, agent: &Path) -> tempfile::TempDir {
 async fn wait_for_agent(socket: &Path, m: &mut Machine) -> AgentClient<Channel> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        if let Ok(mut c) = ironlab_agent::connect(socket).await {
-            if c.health(HealthRequest {}).await.is_ok() {
-                return c;
-            }
+        if let Ok(mut c) = ironlab_agent::connect(socket).await
+            && c.health(HealthRequest {}).await.is_ok()
+        {
+            return c;
         }
         if let Ok(Some(status)) = m.unshare.try_wait() {
             panic!("the machine exited with {status} before its agent came up");

@@ -35,10 +35,10 @@ async fn wait_for_agent(
 ) -> ironlab_api::agent::agent_client::AgentClient<tonic::transport::Channel> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Ok(mut c) = ironlab_agent::connect(socket).await {
-            if c.health(HealthRequest {}).await.is_ok() {
-                return c;
-            }
+        if let Ok(mut c) = ironlab_agent::connect(socket).await
+            && c.health(HealthRequest {}).await.is_ok()
+        {
+            return c;
         }
         assert!(
             Instant::now() < deadline,
@@ -62,12 +62,11 @@ fn stat(pid: i32) -> Option<(i32, char)> {
 fn children_of(pid: i32) -> Vec<(i32, char)> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        if let Some(p) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) {
-            if let Some((ppid, state)) = stat(p) {
-                if ppid == pid {
-                    out.push((p, state));
-                }
-            }
+        if let Some(p) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok())
+            && let Some((ppid, state)) = stat(p)
+            && ppid == pid
+        {
+            out.push((p, state));
         }
     }
     out
