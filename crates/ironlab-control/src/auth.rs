@@ -204,12 +204,12 @@ pub async fn bootstrap_admin(db: &Db, token_file: &Path) -> anyhow::Result<Strin
             return Ok(token);
         }
     };
-    if let Some(existing) = read_secret_file(token_file)? {
-        if existing.starts_with(TOKEN_PREFIX) {
-            // Re-register in case the database was replaced; a no-op otherwise.
-            add_token(db, &admin, &existing, "admin-token file").await?;
-            return Ok(existing);
-        }
+    if let Some(existing) = read_secret_file(token_file)?
+        && existing.starts_with(TOKEN_PREFIX)
+    {
+        // Re-register in case the database was replaced; a no-op otherwise.
+        add_token(db, &admin, &existing, "admin-token file").await?;
+        return Ok(existing);
     }
     let token = new_api_token();
     add_token(db, &admin, &token, "admin-token file").await?;

@@ -199,10 +199,10 @@ async fn dispatch(ctx: &Ctx, run: &Run) -> Result<(), StepError> {
     {
         // The run changed while the plan was in flight (destroyed before it reached the
         // worker): take it back off the worker.
-        if let Some(now) = runs::load(&ctx.db, &run.id).await? {
-            if matches!(now.state, RunState::Destroyed | RunState::Failed) {
-                ctx.worker.delete_run(&run.id).await?;
-            }
+        if let Some(now) = runs::load(&ctx.db, &run.id).await?
+            && matches!(now.state, RunState::Destroyed | RunState::Failed)
+        {
+            ctx.worker.delete_run(&run.id).await?;
         }
     }
     Ok(())

@@ -116,10 +116,10 @@ impl WorkerClient {
 
     /// `GET /v1/status`, re-using an answer younger than 10 s.
     pub async fn cached_status(&self) -> Result<WorkerStatus, WorkerError> {
-        if let Some((at, s)) = self.status_cache.lock().await.as_ref() {
-            if at.elapsed() < STATUS_TTL {
-                return Ok(s.clone());
-            }
+        if let Some((at, s)) = self.status_cache.lock().await.as_ref()
+            && at.elapsed() < STATUS_TTL
+        {
+            return Ok(s.clone());
         }
         self.status().await
     }

@@ -253,10 +253,9 @@ async fn wait_worker_ready(url: &str, token: &str, within: Duration) -> bool {
             .bearer_auth(token)
             .send()
             .await
+            && r.status().is_success()
         {
-            if r.status().is_success() {
-                return true;
-            }
+            return true;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

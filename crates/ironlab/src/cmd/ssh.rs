@@ -28,10 +28,10 @@ use crate::client::Api;
 static SAVED_TERMIOS: Mutex<Option<Termios>> = Mutex::new(None);
 
 fn restore_terminal() {
-    if let Ok(mut saved) = SAVED_TERMIOS.lock() {
-        if let Some(t) = saved.take() {
-            let _ = termios::tcsetattr(std::io::stdin(), OptionalActions::Now, &t);
-        }
+    if let Ok(mut saved) = SAVED_TERMIOS.lock()
+        && let Some(t) = saved.take()
+    {
+        let _ = termios::tcsetattr(std::io::stdin(), OptionalActions::Now, &t);
     }
 }
 
