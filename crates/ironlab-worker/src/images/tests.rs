@@ -586,3 +586,125 @@ async fn stock_debian_image_builds_a_debian_12_drive() {
         Some("laborant")
     );
 }
+
+/// Writes `bytes` as a blob of `layout`; returns its descriptor JSON fields (digest, size).
+fn put_blob(layout: &Path, bytes: &[u8]) -> (String, usize) {
+    let digest = oci::sha256_digest(bytes);
+    std::fs::write(
+        layout
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:")),
+        bytes,
+    )
+    .expect("write blob");
+    (digest, bytes.len())
+}
+
+/// Turns the test layout into a multi-platform one: `index.json` → an image index listing an
+/// arm64 variant (same layers, arm64 config) and the real amd64 manifest.
+fn make_multi_platform(layout: &Path) -> (String, String) {
+    let (amd64_digest, manifest) = layout_manifest(layout);
+    let amd64_size = std::fs::metadata(
+        layout
+            .join("blobs/sha256")
+            .join(amd64_digest.trim_start_matches("sha256:")),
+    )
+    .expect("manifest")
+    .len();
+    let config_path = layout
+        .join("blobs/sha256")
+        .join(manifest.config.digest.trim_start_matches("sha256:"));
+    let config = std::fs::read_to_string(config_path).expect("config");
+    let arm_config = config.replace("\"architecture\":\"amd64\"", "\"architecture\":\"arm64\"");
+    assert_ne!(arm_config, config);
+    let (cfg_digest, cfg_size) = put_blob(layout, arm_config.as_bytes());
+    let layers = serde_json::to_string(&manifest.layers).expect("layers");
+    let arm_manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cfg_digest}","size":{cfg_size}}},"layers":{layers}}}"#,
+        oci::MT_OCI_MANIFEST
+    );
+    let (arm_digest, arm_size) = put_blob(layout, arm_manifest.as_bytes());
+    let index = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{mt_index}","manifests":[
+            {{"mediaType":"{mt}","digest":"{arm_digest}","size":{arm_size},"platform":{{"architecture":"arm64","os":"linux"}}}},
+            {{"mediaType":"{mt}","digest":"{amd64_digest}","size":{amd64_size},"platform":{{"architecture":"amd64","os":"linux"}}}}]}}"#,
+        mt_index = oci::MT_OCI_INDEX,
+        mt = oci::MT_OCI_MANIFEST
+    );
+    let (index_digest, index_size) = put_blob(layout, index.as_bytes());
+    std::fs::write(
+        layout.join("index.json"),
+        format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{}","digest":"{index_digest}","size":{index_size},"annotations":{{"{}":"latest"}}}}]}}"#,
+            oci::MT_OCI_INDEX,
+            oci::REF_NAME_ANNOTATION
+        ),
+    )
+    .expect("index.json");
+    (index_digest, amd64_digest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[serial_test::serial(loopdev)]
+async fn multi_platform_images_resolve_to_linux_amd64() {
+    skip_if_not_root!();
+    let fx = PoolFixture::new();
+    let stock = fx.dir.path().join("stock");
+    let layout = stock.join("multi");
+    build_test_layout(&layout);
+    let (index_digest, amd64_digest) = make_multi_platform(&layout);
+    let registry = Registry::start();
+    let out = Command::new("skopeo")
+        .args(["copy", "--quiet", "--all", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:latest", layout.display()))
+        .arg(format!("docker://{}", registry.reference("test/multi:1")))
+        .output()
+        .expect("skopeo");
+    assert!(
+        out.status.success(),
+        "skopeo copy --all: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let store = ImageStore::new(
+        &fx.pool,
+        ImageConfig {
+            stock_dir: stock,
+            ..Default::default()
+        },
+    );
+    let image = ImageRef::Oci {
+        reference: registry.reference("test/multi:1"),
+    };
+    let drive = store
+        .ensure_drive(&image, &|_| {})
+        .await
+        .expect("pull index");
+    assert_eq!(drive.digest, amd64_digest, "the linux/amd64 manifest");
+    assert_test_image_drive(&drive.path);
+    let alias = fx.pool.images_dir().join(format!(
+        "{}.index",
+        index_digest.trim_start_matches("sha256:")
+    ));
+    assert_eq!(std::fs::read_to_string(alias).expect("alias"), amd64_digest);
+    let lines = Lines::default();
+    assert_eq!(
+        store
+            .ensure_drive(&image, &lines.sink())
+            .await
+            .expect("cached"),
+        drive
+    );
+    assert!(lines.take().is_empty());
+
+    // The layout importer follows the nested index the same way.
+    let stock_drive = store
+        .ensure_drive(
+            &ImageRef::Stock {
+                name: "multi".into(),
+            },
+            &|_| {},
+        )
+        .await
+        .expect("stock multi");
+    assert_eq!(stock_drive, drive);
+}
