@@ -5,6 +5,7 @@
 #
 # The agent must run in any image (busybox, Debian), so it is linked statically: the musl target
 # first; if that build fails, the gnu target with `-C target-feature=+crt-static` (said on stderr).
+# IRONLAB_AGENT_FORCE_GNU=1 skips the musl attempt (to exercise the fallback).
 set -eu
 
 profile=release
@@ -27,7 +28,8 @@ cargo_profile=""
 
 musl=x86_64-unknown-linux-musl
 gnu=x86_64-unknown-linux-gnu
-if cargo build $cargo_profile --target "$musl" -p ironlab-agent --bin ironlab-agent >&2; then
+if [ "${IRONLAB_AGENT_FORCE_GNU:-}" != 1 ] &&
+    cargo build $cargo_profile --target "$musl" -p ironlab-agent --bin ironlab-agent >&2; then
     built="$target_dir/$musl/$profile/ironlab-agent"
     how="musl"
 else

@@ -2,7 +2,7 @@
 //! close to what the container runtime does, with nothing from the host's libc in reach.
 //!
 //! Needs root, `unshare`, a static busybox, and the static agent (`scripts/build-agent.sh`; found
-//! via `IRONLAB_AGENT_STATIC` or next to this test build). Skips, saying why, when one is missing.
+//! via `IRONLAB_AGENT_STATIC`, `IRONLAB_AGENT`, or next to this test build). Skips, saying why, when one is missing.
 
 use std::os::unix::fs::{MetadataExt, symlink};
 use std::path::{Path, PathBuf};
@@ -17,8 +17,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 fn static_agent() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("IRONLAB_AGENT_STATIC") {
-        return Some(PathBuf::from(p));
+    for var in ["IRONLAB_AGENT_STATIC", "IRONLAB_AGENT"] {
+        if let Some(p) = std::env::var_os(var) {
+            return Some(PathBuf::from(p));
+        }
     }
     // CARGO_BIN_EXE is TARGET/<profile>/ironlab-agent.
     let target = Path::new(env!("CARGO_BIN_EXE_ironlab-agent"))
