@@ -33,7 +33,11 @@ if [ "${IRONLAB_AGENT_FORCE_GNU:-}" != 1 ] &&
     built="$target_dir/$musl/$profile/ironlab-agent"
     how="musl"
 else
-    echo "build-agent: the $musl build failed; falling back to $gnu with +crt-static" >&2
+    if [ "${IRONLAB_AGENT_FORCE_GNU:-}" = 1 ]; then
+        echo "build-agent: IRONLAB_AGENT_FORCE_GNU=1: building for $gnu with +crt-static" >&2
+    else
+        echo "build-agent: the $musl build failed; falling back to $gnu with +crt-static" >&2
+    fi
     # A separate target dir keeps these RUSTFLAGS from invalidating everyone's gnu build cache.
     CARGO_TARGET_DIR="$target_dir/agent-crt-static" \
         RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
