@@ -103,9 +103,8 @@ struct ApiDoc;
 #[derive(Clone)]
 struct OpenApiJson(Arc<String>);
 
-/// Builds the router and the OpenAPI document it serves.
-pub fn router(ctx: Ctx) -> (Router, utoipa::openapi::OpenApi) {
-    let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+fn api_router() -> OpenApiRouter<Ctx> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(openapi_json))
         .routes(routes!(health))
         .routes(routes!(me))
@@ -115,8 +114,16 @@ pub fn router(ctx: Ctx) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(list_runs, start_run))
         .routes(routes!(get_run, update_run, destroy_run))
         .routes(routes!(connect))
-        .with_state(ctx)
-        .split_for_parts();
+}
+
+/// The OpenAPI document of the REST API (what `GET /api/v1/openapi.json` serves).
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    api_router().into_openapi()
+}
+
+/// Builds the router and the OpenAPI document it serves.
+pub fn router(ctx: Ctx) -> (Router, utoipa::openapi::OpenApi) {
+    let (router, doc) = api_router().with_state(ctx).split_for_parts();
     let json = doc.to_pretty_json().unwrap_or_else(|e| {
         tracing::error!(error = %e, "failed to serialize the OpenAPI document");
         "{}".to_string()

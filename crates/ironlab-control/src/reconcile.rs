@@ -167,15 +167,14 @@ async fn step(ctx: &Ctx, run: Run) -> Result<(), StepError> {
 }
 
 async fn fail(ctx: &Ctx, run: &Run, reason: &str) -> Result<(), StepError> {
-    if runs::apply(&ctx.db, &ctx.signals, &run.id, RunEvent::Fail, Some(reason))
-        .await?
-        .is_ok()
-    {
-        // Leave nothing behind on the worker; a later destroy repeats this idempotently.
-        if let Err(e) = ctx.worker.delete_run(&run.id).await {
-            tracing::warn!(run = %run.id, error = %e, "could not remove a failed run from the worker");
-        }
+    // Leave nothing behind on the worker before the run reads `failed`; a later destroy
+    // repeats this idempotently if the worker cannot be reached now.
+    if let Err(e) = ctx.worker.delete_run(&run.id).await {
+        tracing::warn!(run = %run.id, error = %e, "could not remove a failed run from the worker");
     }
+    runs::apply(&ctx.db, &ctx.signals, &run.id, RunEvent::Fail, Some(reason))
+        .await?
+        .ok();
     Ok(())
 }
 

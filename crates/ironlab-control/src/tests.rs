@@ -992,3 +992,24 @@ async fn openapi_documents_every_route() {
     }
     assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
 }
+
+/// The document checked into the repository (`crates/ironlab-control/openapi.json`) is the one
+/// the code serves. Regenerate with `IRONLAB_UPDATE_OPENAPI=1 cargo test -p ironlab-control openapi`.
+#[test]
+fn checked_in_openapi_is_current() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("openapi.json");
+    let current = crate::http::openapi_document()
+        .to_pretty_json()
+        .expect("serializes")
+        + "\n";
+    if std::env::var_os("IRONLAB_UPDATE_OPENAPI").is_some() {
+        fs_err::write(&path, &current).expect("write openapi.json");
+        return;
+    }
+    let stored = fs_err::read_to_string(&path).unwrap_or_default();
+    assert!(
+        stored == current,
+        "{} is out of date; run IRONLAB_UPDATE_OPENAPI=1 cargo test -p ironlab-control openapi",
+        path.display()
+    );
+}
