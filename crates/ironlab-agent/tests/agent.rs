@@ -586,3 +586,45 @@ async fn ensure_users_in_a_throwaway_root() {
         .expect_err("bad name");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 }
+
+#[tokio::test]
+async fn exec_round_trip_is_fast() {
+    // `ironlab ssh RUN -- true` has 100 ms end to end; the agent's part must be a small share and
+    // must never wait out the drain timeout for a process that simply exits.
+    let agent = TestAgent::start(Path::new("/")).await;
+    let mut client = agent.client().await;
+    let mut times = Vec::new();
+    for _ in 0..15 {
+        let started = Instant::now();
+        let c = run(&mut client, cmd(&["true"])).await;
+        times.push(started.elapsed());
+        assert_eq!(c.exit, Some(Exit { code: 0, signal: 0 }));
+    }
+    times.sort();
+    let median = times[times.len() / 2];
+    eprintln!(
+        "exec `true` round trip: median {median:?}, min {:?}",
+        times[0]
+    );
+    assert!(
+        median < ironlab_agent::exec::DRAIN_IDLE,
+        "median {median:?}: exits are waiting for the drain timeout"
+    );
+}
+
+#[tokio::test]
+async fn exit_does_not_wait_for_a_background_process_holding_the_pipe() {
+    let agent = TestAgent::start(Path::new("/")).await;
+    let mut client = agent.client().await;
+    let started = Instant::now();
+    let c = run(
+        &mut client,
+        cmd(&["sh", "-c", "sleep 30 & echo $!; exit 4"]),
+    )
+    .await;
+    let elapsed = started.elapsed();
+    let pid: i32 = c.out().trim().parse().expect("background pid");
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+    assert_eq!(c.exit, Some(Exit { code: 4, signal: 0 }));
+    assert!(elapsed < Duration::from_secs(2), "exit took {elapsed:?}");
+}
