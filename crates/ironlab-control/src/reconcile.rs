@@ -179,9 +179,10 @@ async fn fail(ctx: &Ctx, run: &Run, reason: &str) -> Result<(), StepError> {
 }
 
 async fn dispatch(ctx: &Ctx, run: &Run) -> Result<(), StepError> {
-    runs::count_attempt(&ctx.db, &run.id).await?;
     match ctx.worker.put_run(&run.plan).await {
-        Ok(_) => {}
+        Ok(_) => {
+            runs::count_attempt(&ctx.db, &run.id).await?;
+        }
         Err(e) if e.is_client_error() => {
             return fail(
                 ctx,
@@ -250,9 +251,10 @@ async fn watch_start(ctx: &Ctx, run: &Run) -> Result<(), StepError> {
                 return fail(ctx, run, "worker lost the run 3 times").await;
             }
             tracing::warn!(run = %run.id, attempt = run.worker_attempts + 1, "the worker does not know a starting run; sending the plan again");
-            runs::count_attempt(&ctx.db, &run.id).await?;
             match ctx.worker.put_run(&run.plan).await {
-                Ok(_) => {}
+                Ok(_) => {
+                    runs::count_attempt(&ctx.db, &run.id).await?;
+                }
                 Err(e) if e.is_client_error() => {
                     return fail(
                         ctx,

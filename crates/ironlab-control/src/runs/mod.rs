@@ -88,7 +88,7 @@ pub struct Run {
     pub reason: Option<String>,
     /// The resolved plan sent to the worker.
     pub plan: RunPlan,
-    /// How many times the plan was sent to a worker.
+    /// How many times a worker accepted the plan.
     pub worker_attempts: i64,
     /// Created, ms since the epoch.
     pub created_at: i64,
@@ -287,7 +287,7 @@ pub async fn events(db: &Db, id: &str) -> ApiResult<Vec<(RunState, Option<String
         .collect())
 }
 
-/// Records one more attempt to hand the run to a worker; returns the new count.
+/// Records that a worker accepted the run's plan once more; returns the new count.
 pub async fn count_attempt(db: &Db, id: &str) -> ApiResult<i64> {
     let n: i64 = sqlx::query_scalar(
         "UPDATE runs SET worker_attempts = worker_attempts + 1 WHERE id = $1 RETURNING worker_attempts",
