@@ -391,6 +391,13 @@ impl Control {
             Control::Pipes { pgid, .. } => *pgid,
             Control::Pty { pgid, pty } => pty.foreground_group().unwrap_or(*pgid),
         };
+        kill_group(group, signal);
+    }
+}
+
+/// Signals a process group; never group 0 or below (that would be the agent's own).
+fn kill_group(group: Pid, signal: Signal) {
+    if group.as_raw() > 0 {
         let _ = killpg(group, signal);
     }
 }
@@ -564,14 +571,14 @@ where
             input_task.abort();
             let groups = [Some(pgid), pty.as_ref().and_then(|p| p.foreground_group())];
             for g in groups.iter().flatten() {
-                let _ = killpg(*g, Signal::SIGHUP);
+                kill_group(*g, Signal::SIGHUP);
             }
             if tokio::time::timeout(KILL_GRACE, child.wait())
                 .await
                 .is_err()
             {
                 for g in groups.iter().flatten() {
-                    let _ = killpg(*g, Signal::SIGKILL);
+                    kill_group(*g, Signal::SIGKILL);
                 }
                 let _ = child.wait().await;
             }
