@@ -316,12 +316,227 @@ async fn terminal(
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path as FsPath;
+
+    use async_trait::async_trait;
+    use axum::body::Body;
+    use axum::http::Request as HttpRequest;
+    use ironlab_api::worker::ImageRef;
+    use tower::ServiceExt;
+
     use super::*;
+    use crate::drives::{DriveProvider, PreparedImage, Progress};
+    use crate::runtime::{
+        AgentEndpoint, MachineHandle, MachineRuntime, MachineSpec, MachineState, RuntimeError,
+    };
+
+    /// A runtime and drive provider that refuse everything (these tests never start machines).
+    struct Nothing;
+
+    #[async_trait]
+    impl MachineRuntime for Nothing {
+        fn name(&self) -> &'static str {
+            "container"
+        }
+        async fn start(&self, spec: &MachineSpec) -> Result<MachineHandle, RuntimeError> {
+            Err(RuntimeError::new(
+                "start",
+                spec.plan.name.clone(),
+                "no runtime in this test",
+            ))
+        }
+        async fn stop(&self, _: &MachineHandle, _: Duration) -> Result<(), RuntimeError> {
+            Ok(())
+        }
+        async fn destroy(&self, _: &MachineHandle) -> Result<(), RuntimeError> {
+            Ok(())
+        }
+        async fn observe(&self, _: &MachineHandle) -> Result<MachineState, RuntimeError> {
+            Ok(MachineState::Missing)
+        }
+        fn agent(&self, m: &MachineHandle) -> AgentEndpoint {
+            AgentEndpoint {
+                socket: m.agent_socket(),
+            }
+        }
+        async fn knows_run(&self, _: &str) -> anyhow::Result<bool> {
+            Ok(false)
+        }
+        async fn clean_leftovers(&self, _: &FsPath, _: &[String]) -> anyhow::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[async_trait]
+    impl DriveProvider for Nothing {
+        async fn image(&self, image: &ImageRef, _: Progress) -> anyhow::Result<PreparedImage> {
+            anyhow::bail!("image {image:?} not found in this test")
+        }
+        async fn clone_root(&self, _: &PreparedImage, _: &FsPath, _: u64) -> anyhow::Result<()> {
+            anyhow::bail!("no drives in this test")
+        }
+    }
+
+    fn app(dir: &FsPath) -> Router {
+        let runs = RunManager::new(dir.to_path_buf(), Arc::new(Nothing), Arc::new(Nothing));
+        router(ApiState::new(runs, "secret-token".into(), "ws://w".into()))
+    }
+
+    async fn call(
+        app: &Router,
+        method: &str,
+        uri: &str,
+        bearer: Option<&str>,
+        body: Option<&str>,
+    ) -> (StatusCode, serde_json::Value) {
+        let mut req = HttpRequest::builder().method(method).uri(uri);
+        if let Some(b) = bearer {
+            req = req.header("authorization", format!("Bearer {b}"));
+        }
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req
+            .body(Body::from(body.unwrap_or("").to_string()))
+            .expect("request");
+        let resp = app.clone().oneshot(req).await.expect("response");
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        let v = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        (status, v)
+    }
+
+    fn plan_json(run: &str, runtime: &str) -> String {
+        format!(
+            r#"{{"run_id":"{run}","machines":[{{"name":"m1","runtime":"{runtime}",
+            "image":{{"kind":"stock","name":"nope"}},"root_size_bytes":134217728,"cpus":1,
+            "memory_bytes":134217728,"pids_limit":100,"default_user":"root"}}]}}"#
+        )
+    }
 
     #[test]
     fn bearer_compare() {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+
+    #[tokio::test]
+    async fn bearer_is_required_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path());
+        let (s, v) = call(&app, "GET", "/v1/status", None, None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert_eq!(v["error"], "unauthorized");
+        let (s, _) = call(&app, "GET", "/v1/status", Some("wrong"), None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        let (s, v) = call(&app, "GET", "/v1/status", Some("secret-token"), None).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(v["runtimes"][0], "container");
+        assert_eq!(v["public_url"], "ws://w");
+    }
+
+    #[tokio::test]
+    async fn bad_requests_and_unknown_runs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path());
+        let t = Some("secret-token");
+        let (s, v) = call(&app, "GET", "/v1/runs/abc", t, None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        assert!(v["detail"].as_str().unwrap_or("").contains("abc"));
+        let (s, v) = call(&app, "PUT", "/v1/runs/abc", t, Some("{not json")).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert_eq!(v["error"], "bad_request");
+        let (s, v) = call(
+            &app,
+            "PUT",
+            "/v1/runs/abd",
+            t,
+            Some(&plan_json("abc", "container")),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert!(
+            v["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("does not match")
+        );
+        let (s, v) = call(
+            &app,
+            "PUT",
+            "/v1/runs/abc",
+            t,
+            Some(&plan_json("abc", "microvm")),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert!(v["detail"].as_str().unwrap_or("").contains("runtime"));
+        let (s, _) = call(
+            &app,
+            "PUT",
+            "/v1/runs/UPPER",
+            t,
+            Some(&plan_json("UPPER", "container")),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        let (s, _) = call(&app, "DELETE", "/v1/runs/abc", t, None).await;
+        assert_eq!(s, StatusCode::NO_CONTENT, "deleting an unknown run is fine");
+        let (s, _) = call(
+            &app,
+            "GET",
+            "/v1/runs/abc/machines/m1/terminal?token=x",
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        let (s, v) = call(&app, "GET", "/v1/nope", t, None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        assert_eq!(v["error"], "not_found");
+    }
+
+    #[tokio::test]
+    async fn failed_start_is_reported_with_the_reason() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path());
+        let t = Some("secret-token");
+        let (s, v) = call(
+            &app,
+            "PUT",
+            "/v1/runs/abc",
+            t,
+            Some(&plan_json("abc", "container")),
+        )
+        .await;
+        assert_eq!(s, StatusCode::ACCEPTED);
+        assert_eq!(v["state"], "starting");
+        let (s, v) = call(&app, "GET", "/v1/runs/abc?wait=10", t, None).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(v["state"], "failed");
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("not found in this test"),
+            "{v}"
+        );
+        // The terminal of a failed run: the token is checked first, then the state.
+        let grant = r#"{"token":"0123456789abcdef0123","user":"u","run":"abc","machine":"m1",
+            "expires_at":"2999-01-01T00:00:00Z"}"#;
+        let (s, _) = call(&app, "POST", "/v1/tokens", t, Some(grant)).await;
+        assert_eq!(s, StatusCode::NO_CONTENT);
+        let uri = "/v1/runs/abc/machines/m1/terminal?token=0123456789abcdef0123";
+        let (s, v) = call(&app, "GET", uri, None, None).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        let (s, v) = call(&app, "GET", uri, None, None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "a token is single-use: {v}");
+        let (s, _) = call(&app, "DELETE", "/v1/runs/abc", t, None).await;
+        assert_eq!(s, StatusCode::NO_CONTENT);
+        let (s, _) = call(&app, "GET", "/v1/runs/abc", t, None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
     }
 }

@@ -6,7 +6,7 @@
 //! Entry points: [`serve`] (what `ironlab worker` calls) and [`start`] (binds, returns the
 //! address and a handle; for tests and embedding).
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,6 +30,8 @@ use crate::runtime::container::ContainerRuntime;
 
 /// Size hint for a loop-backed XFS pool (sparse; costs nothing until used).
 const POOL_SIZE_HINT: u64 = 64 << 30;
+/// How long open connections may finish after the shutdown signal.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Worker configuration (parsed by `ironlab worker`).
 #[derive(Debug, Clone)]
@@ -121,10 +123,27 @@ pub async fn start_with(
     let app = api::router(state);
     tracing::info!(%addr, "worker listening");
     let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .context("worker server failed")
+        // Open terminal sessions would hold a graceful shutdown forever: give them a moment
+        // after the signal, then stop regardless (machines keep running either way).
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("worker shutting down");
+            let _ = stop_tx.send(true);
+        };
+        let server = axum::serve(listener, app)
+            .with_graceful_shutdown(signal)
+            .into_future();
+        tokio::select! {
+            r = server => r.context("worker server failed"),
+            () = async {
+                let _ = stop_rx.wait_for(|stop| *stop).await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => {
+                tracing::info!("closing the remaining terminal sessions");
+                Ok(())
+            }
+        }
     });
     Ok(RunningWorker { addr, runs, task })
 }

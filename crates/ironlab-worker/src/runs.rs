@@ -352,14 +352,15 @@ impl RunManager {
             &run_dir.join("plan.json"),
             &serde_json::to_vec_pretty(&run.plan)?,
         )?;
-        let netns = host::ensure_netns(&netns_name(run_id)).await?;
+        // Created by the first machine that needs it (after its image is ready).
+        let netns = tokio::sync::OnceCell::<PathBuf>::new();
+        let netns = &netns;
         check_cancel(&run.cancel)?;
 
         // Machines start in parallel; the first failure cancels the others at their next
         // cancellation point (never in the middle of a runtime command).
         let failed = run.cancel.child_token();
         let results = futures::future::join_all(run.plan.machines.iter().map(|m| {
-            let netns = netns.clone();
             let failed = failed.clone();
             async move {
                 let r = self.start_machine(run, m, netns, &failed).await;
@@ -404,7 +405,7 @@ impl RunManager {
         &self,
         run: &Arc<Run>,
         m: &MachinePlan,
-        netns: PathBuf,
+        netns: &tokio::sync::OnceCell<PathBuf>,
         cancel: &CancellationToken,
     ) -> anyhow::Result<()> {
         let run_id = run.plan.run_id.clone();
@@ -426,6 +427,13 @@ impl RunManager {
                 format!("cannot prepare the root drive from image {}", image.digest)
             })?;
         check_cancel(cancel)?;
+        let netns = netns
+            .get_or_try_init(|| {
+                let name = netns_name(&run_id);
+                async move { host::ensure_netns(&name).await }
+            })
+            .await?
+            .clone();
         let spec = MachineSpec {
             run_id: run_id.clone(),
             plan: m.clone(),
