@@ -68,10 +68,10 @@ async fn ensure_users_with_useradd_then_run_as_the_user() {
 
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut client = loop {
-        if let Ok(mut c) = ironlab_agent::connect(&socket).await {
-            if c.health(HealthRequest {}).await.is_ok() {
-                break c;
-            }
+        if let Ok(mut c) = ironlab_agent::connect(&socket).await
+            && c.health(HealthRequest {}).await.is_ok()
+        {
+            break c;
         }
         if let Ok(Some(st)) = serve.0.try_wait() {
             panic!("agent exited early: {st}");
