@@ -72,3 +72,71 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn documented_invocations_parse() {
+        for argv in [
+            &[
+                "ironlab",
+                "up",
+                "--listen",
+                "127.0.0.1:8080",
+                "--data-dir",
+                "/tmp/x",
+            ][..],
+            &[
+                "ironlab",
+                "auth",
+                "login",
+                "--server",
+                "http://h:1",
+                "--token",
+                "ilt_x",
+            ],
+            &["ironlab", "playground", "create", "-f", "m.yaml"],
+            &[
+                "ironlab",
+                "playground",
+                "start",
+                "debian",
+                "--title",
+                "T",
+                "-o",
+                "json",
+                "--no-wait",
+            ],
+            &["ironlab", "playground", "list", "-o", "json", "--all"],
+            &["ironlab", "playground", "destroy", "abc", "--no-wait"],
+            &["ironlab", "ssh", "abc", "--machine", "m", "--", "ls", "-la"],
+            &[
+                "ironlab",
+                "worker",
+                "--listen",
+                "127.0.0.1:7070",
+                "--token-file",
+                "f",
+                "--insecure-registry",
+                "a:1,b:2",
+            ],
+        ] {
+            Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        }
+        let cli = Cli::try_parse_from(["ironlab", "ssh", "r", "--", "sh", "-c", "exit 3"])
+            .expect("parses");
+        match cli.command {
+            Command::Ssh(a) => assert_eq!(a.command, ["sh", "-c", "exit 3"]),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+}
