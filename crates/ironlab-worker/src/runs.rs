@@ -28,6 +28,8 @@ use crate::runtime::{MachineHandle, MachineRuntime, MachineSpec, MachineState, t
 
 /// How long a machine's agent has to answer after the machine started.
 pub const AGENT_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long creating users and writing startup files may take.
+pub const PROVISION_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Run manager errors (mapped to HTTP status codes in `api.rs`).
 #[derive(Debug, thiserror::Error)]
@@ -414,8 +416,10 @@ impl RunManager {
             let (run_id, name) = (run_id.clone(), name.clone());
             Arc::new(move |line: String| tracing::info!(run = %run_id, machine = %name, "{line}"))
         };
+        let t0 = std::time::Instant::now();
         let image = cancellable(cancel, self.drives.image(&m.image, progress)).await?;
         check_cancel(cancel)?;
+        let t_image = t0.elapsed();
         let handle = MachineHandle::new(&self.runs_dir, &run_id, &m.name);
         fs_err::create_dir_all(&handle.dir)?;
         let root = handle.dir.join("root.ext4");
@@ -427,6 +431,7 @@ impl RunManager {
                 format!("cannot prepare the root drive from image {}", image.digest)
             })?;
         check_cancel(cancel)?;
+        let t_drive = t0.elapsed();
         let netns = netns
             .get_or_try_init(|| {
                 let name = netns_name(&run_id);
@@ -447,31 +452,57 @@ impl RunManager {
             &serde_json::to_vec(&image.env)?,
         )?;
         let handle = self.runtime.start(&spec).await?;
-        let client = cancellable(cancel, self.wait_agent(&handle)).await?;
-        let mut client = client;
-        if !m.users.is_empty() {
-            client
-                .ensure_users(EnsureUsersRequest {
-                    names: m.users.clone(),
-                    sudo: true,
-                })
+        let t_start = t0.elapsed();
+        let mut client = cancellable(cancel, self.wait_agent(&handle)).await?;
+        let t_agent = t0.elapsed();
+        let provision = async {
+            if !m.users.is_empty() {
+                client
+                    .ensure_users(EnsureUsersRequest {
+                        names: m.users.clone(),
+                        sudo: true,
+                    })
+                    .await
+                    .map_err(|s| anyhow::anyhow!("{}", s.message()))
+                    .with_context(|| format!("cannot create users {:?}", m.users))?;
+            }
+            for f in &m.files {
+                client
+                    .put_file(PutFileRequest {
+                        path: f.path.clone(),
+                        content: f.content.clone().into_bytes(),
+                        mode: f.mode,
+                        owner: f.owner.clone(),
+                        append: f.append,
+                    })
+                    .await
+                    .map_err(|s| anyhow::anyhow!("{}", s.message()))
+                    .with_context(|| format!("cannot write startup file {}", f.path))?;
+            }
+            anyhow::Ok(())
+        };
+        cancellable(cancel, async {
+            tokio::time::timeout(PROVISION_TIMEOUT, provision)
                 .await
-                .map_err(|s| anyhow::anyhow!("{}", s.message()))
-                .with_context(|| format!("cannot create users {:?}", m.users))?;
-        }
-        for f in &m.files {
-            client
-                .put_file(PutFileRequest {
-                    path: f.path.clone(),
-                    content: f.content.clone().into_bytes(),
-                    mode: f.mode,
-                    owner: f.owner.clone(),
-                    append: f.append,
-                })
-                .await
-                .map_err(|s| anyhow::anyhow!("{}", s.message()))
-                .with_context(|| format!("cannot write startup file {}", f.path))?;
-        }
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "the agent did not finish creating users and startup files within {} s",
+                        PROVISION_TIMEOUT.as_secs()
+                    )
+                })?
+        })
+        .await?;
+        let ms = |d: Duration| d.as_millis() as u64;
+        tracing::info!(
+            run = %run_id,
+            machine = %m.name,
+            image_ms = ms(t_image),
+            drive_ms = ms(t_drive - t_image),
+            start_ms = ms(t_start - t_drive),
+            agent_ms = ms(t_agent - t_start),
+            provision_ms = ms(t0.elapsed() - t_agent),
+            "machine ready"
+        );
         run.agents
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -203,7 +203,9 @@ impl ContainerRuntime {
             );
         }
 
+        let t0 = std::time::Instant::now();
         host::loop_mount(&spec.root_drive, &rootfs).await?;
+        let t_mount = t0.elapsed();
         prepare_rootfs(&rootfs, &spec.plan.name)
             .with_context(|| format!("cannot prepare rootfs {}", rootfs.display()))?;
 
@@ -213,7 +215,9 @@ impl ContainerRuntime {
         fs_err::write(&config_path, text)?;
 
         // A leftover container with the same id (crash between create and record) goes first.
-        if self.state(&id).await? != MachineState::Missing {
+        // (The state directory check saves a runtime call on the usual, clean path.)
+        let state_dir = Path::new("/run").join(&self.oci.name).join(&id);
+        if state_dir.exists() && self.state(&id).await? != MachineState::Missing {
             self.remove_container(&id).await?;
         }
 
@@ -250,7 +254,12 @@ impl ContainerRuntime {
                 super::tail(&console_path, 10)
             );
         }
-        tracing::info!(container = %id, "started");
+        tracing::info!(
+            container = %id,
+            mount_ms = t_mount.as_millis() as u64,
+            run_ms = (t0.elapsed() - t_mount).as_millis() as u64,
+            "started"
+        );
         Ok(m)
     }
 }
