@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use anyhow::Context;
 use futures::{SinkExt, StreamExt};
 use ironlab_api::relay::{self, ClientControl, ServerControl};
-use ironlab_api::v1::ConnectResponse;
+use ironlab_api::v1::{ConnectResponse, RunState, RunView};
 use reqwest::Method;
 use rustix::termios::{self, OptionalActions, Termios};
 use serde_json::json;
@@ -97,19 +97,39 @@ fn describe_ws_error(e: tungstenite::Error, url: &str) -> anyhow::Error {
     }
 }
 
+fn is_conflict(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<crate::client::ApiError>()
+        .is_some_and(|a| a.status == reqwest::StatusCode::CONFLICT)
+}
+
+/// A run that is still pending/starting is waited for (long-poll); true once it is running.
+async fn wait_until_running(api: &Api, run: &str) -> anyhow::Result<bool> {
+    loop {
+        let view: RunView = api
+            .call(Method::GET, &format!("/runs/{run}?wait=30"), None)
+            .await?;
+        match view.state {
+            RunState::Running => return Ok(true),
+            RunState::Pending | RunState::Starting => continue,
+            RunState::Destroying | RunState::Destroyed | RunState::Failed => return Ok(false),
+        }
+    }
+}
+
 /// Runs `ssh`; returns the remote exit status.
 pub async fn run(args: SshArgs, api: &Api) -> anyhow::Result<i32> {
     let body = match &args.machine {
         Some(m) => json!({ "machine": m }),
         None => json!({}),
     };
-    let conn: ConnectResponse = api
-        .call(
-            Method::POST,
-            &format!("/runs/{}/connect", args.run),
-            Some(&body),
-        )
-        .await?;
+    let connect_path = format!("/runs/{}/connect", args.run);
+    let conn: ConnectResponse = match api.call(Method::POST, &connect_path, Some(&body)).await {
+        Ok(c) => c,
+        Err(e) if is_conflict(&e) && wait_until_running(api, &args.run).await? => {
+            api.call(Method::POST, &connect_path, Some(&body)).await?
+        }
+        Err(e) => return Err(e),
+    };
     let (ws, _) = tokio_tungstenite::connect_async(conn.url.as_str())
         .await
         .map_err(|e| describe_ws_error(e, &conn.url))?;
