@@ -671,3 +671,79 @@ async fn a_failing_machine_fails_the_run_with_a_reason_and_cleans() {
     assert_eq!(f.delete(&run).await, 204);
     f.stop_worker().await;
 }
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[serial]
+async fn output_flood_is_bounded_and_leaving_kills_the_process() {
+    skip_if_not_root!();
+    let mut f = Fixture::new().await;
+    let run = f.new_run_id();
+    assert_eq!(f.put(&plan(&run, &["m1"])).await.status(), 202);
+    assert_eq!(f.wait_run(&run).await.state, ObservedState::Running);
+
+    let token = f.grant(&run, "m1").await;
+    let url = format!(
+        "ws://{}/v1/runs/{run}/machines/m1/terminal?token={token}",
+        f.addr()
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .expect("connect");
+    let start = ClientControl::Start {
+        command: vec!["yes".into(), "flood".into()],
+        tty: false,
+        cols: 0,
+        rows: 0,
+        env: BTreeMap::new(),
+        term: None,
+    };
+    ws.send(Message::Text(
+        serde_json::to_string(&start).expect("json").into(),
+    ))
+    .await
+    .expect("start");
+    // Read a little, then stop reading for a while: `yes` keeps writing, the worker must not
+    // buffer its output.
+    let mut got = 0usize;
+    while got < 64 * 1024 {
+        match ws.next().await {
+            Some(Ok(Message::Binary(b))) => got += b.len(),
+            Some(Ok(_)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let before = rss_kib();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let grown = rss_kib().saturating_sub(before);
+    assert!(
+        grown < 32 * 1024,
+        "worker memory grew by {grown} KiB while the client did not read"
+    );
+    drop(ws);
+
+    // Leaving hangs up the process: no `yes` remains in the machine.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (out, _, _) = f.exec(&run, "m1", &["ps", "-o", "comm"]).await;
+        if !out.lines().any(|l| l.trim() == "yes") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "yes still runs: {out}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(f.delete(&run).await, 204);
+    assert_clean(&f.runs_dir, &run);
+    f.stop_worker().await;
+}
