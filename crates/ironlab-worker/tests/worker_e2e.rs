@@ -519,6 +519,31 @@ async fn run_lifecycle_exec_limits_tokens_and_clean_destroy() {
     ))
     .expect("memory cgroup of the machine");
     assert_eq!(mem.trim(), (96u64 << 20).to_string());
+    if let Ok(memsw) = std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/memory/ironlab/{run}/web/memory.memsw.limit_in_bytes"
+    )) {
+        assert_eq!(
+            memsw.trim(),
+            (96u64 << 20).to_string(),
+            "no swap beyond the limit"
+        );
+    }
+    // The limit is enforced: allocating past it gets the process killed.
+    let (_, _, code) = f
+        .exec(
+            &run,
+            "web",
+            &[
+                "sh",
+                "-c",
+                "dd if=/dev/zero bs=1M count=200 | tr '\\0' x | sh -c 'v=$(cat); echo ${#v}'",
+            ],
+        )
+        .await;
+    assert_ne!(
+        code, 0,
+        "reading 200 MiB into memory under a 96 MiB limit must fail"
+    );
     let pids = std::fs::read_to_string(format!("/sys/fs/cgroup/pids/ironlab/{run}/web/pids.max"))
         .expect("pids cgroup");
     assert_eq!(pids.trim(), "256");
