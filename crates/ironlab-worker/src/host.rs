@@ -146,26 +146,11 @@ pub fn is_mount_point(path: &Path) -> bool {
 /// The crun fix from HOST-NOTES: when `/sys/fs/cgroup` is a v1 tmpfs layout without a `hugetlb`
 /// hierarchy and the kernel has the hugetlb controller, mount it as a v1 hierarchy.
 pub fn cgroup_hugetlb_fix() -> anyhow::Result<()> {
-    let all = mounts()?;
-    let root = Path::new(CGROUP_ROOT);
-    let root_is_tmpfs = all
-        .iter()
-        .any(|m| m.mount_point == root && m.fstype == "tmpfs");
-    if !root_is_tmpfs {
-        return Ok(()); // pure cgroup v2 (or unusual layout): nothing to fix
-    }
-    let hugetlb = root.join("hugetlb");
-    if all.iter().any(|m| m.mount_point == hugetlb) {
-        return Ok(());
-    }
     let cgroups = fs_err::read_to_string("/proc/cgroups")?;
-    let has_hugetlb = cgroups.lines().any(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        f.first() == Some(&"hugetlb") && f.get(3) == Some(&"1")
-    });
-    if !has_hugetlb {
+    if !needs_hugetlb_fix(&mounts()?, &cgroups) {
         return Ok(());
     }
+    let hugetlb = Path::new(CGROUP_ROOT).join("hugetlb");
     fs_err::create_dir_all(&hugetlb)?;
     nix::mount::mount(
         Some("cgroup"),
@@ -177,6 +162,22 @@ pub fn cgroup_hugetlb_fix() -> anyhow::Result<()> {
     .with_context(|| format!("mount -t cgroup -o hugetlb cgroup {}", hugetlb.display()))?;
     tracing::info!("mounted the v1 hugetlb cgroup hierarchy (crun hybrid-mode fix)");
     Ok(())
+}
+
+/// Whether the v1 `hugetlb` hierarchy must be mounted: `/sys/fs/cgroup` is a tmpfs (v1 or
+/// hybrid layout), nothing is mounted at `hugetlb`, and the kernel has the controller enabled.
+fn needs_hugetlb_fix(all: &[MountEntry], proc_cgroups: &str) -> bool {
+    let root = Path::new(CGROUP_ROOT);
+    let root_is_tmpfs = all
+        .iter()
+        .any(|m| m.mount_point == root && m.fstype == "tmpfs");
+    let hugetlb = root.join("hugetlb");
+    let mounted = all.iter().any(|m| m.mount_point == hugetlb);
+    let available = proc_cgroups.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.first() == Some(&"hugetlb") && f.get(3) == Some(&"1")
+    });
+    root_is_tmpfs && !mounted && available
 }
 
 /// Every cgroup hierarchy directory (`/sys/fs/cgroup/<ctrl>` on v1, `/sys/fs/cgroup` on v2).
@@ -438,6 +439,21 @@ mod tests {
         assert_eq!(m[0].fstype, "ext3");
         assert_eq!(m[0].source, "/dev/root");
         assert_eq!(m[1].fstype, "tmpfs");
+    }
+
+    #[test]
+    fn hugetlb_fix_only_for_v1_layouts_missing_it() {
+        let v1 = "30 1 0:26 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n\
+                  31 30 0:27 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
+        let with_hugetlb =
+            format!("{v1}32 30 0:28 / /sys/fs/cgroup/hugetlb rw - cgroup cgroup rw,hugetlb\n");
+        let v2 = "30 1 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
+        let cg = "#subsys_name\thierarchy\tnum_cgroups\tenabled\nhugetlb\t0\t1\t1\n";
+        let cg_off = "#subsys_name\thierarchy\tnum_cgroups\tenabled\nhugetlb\t0\t1\t0\n";
+        assert!(needs_hugetlb_fix(&parse_mountinfo(v1), cg));
+        assert!(!needs_hugetlb_fix(&parse_mountinfo(&with_hugetlb), cg));
+        assert!(!needs_hugetlb_fix(&parse_mountinfo(v2), cg));
+        assert!(!needs_hugetlb_fix(&parse_mountinfo(v1), cg_off));
     }
 
     #[test]
