@@ -513,6 +513,23 @@ async fn run_lifecycle_exec_limits_tokens_and_clean_destroy() {
     let (out, _, _) = f.exec(&run, "web", &["cat", "/proc/1/cmdline"]).await;
     assert!(out.starts_with("/.ironlab/agent"), "pid 1 is {out:?}");
 
+    // The machine runs in its own session, away from the worker's terminal and its Ctrl-C.
+    let state: serde_json::Value =
+        serde_json::from_str(&sh("crun", &["state", &format!("il-{run}-web")])).expect("state");
+    let pid = state["pid"].as_u64().expect("pid");
+    let session = |stat: &str| -> Option<String> {
+        // Fields after the `(comm)`: state ppid pgrp session …
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(3).map(str::to_string))
+    };
+    let machine_sid = session(&std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat"));
+    let own_sid = session(&std::fs::read_to_string("/proc/self/stat").expect("stat"));
+    assert!(machine_sid.is_some());
+    assert_ne!(
+        machine_sid, own_sid,
+        "the machine shares the worker's session"
+    );
+
     // cgroup limits.
     let mem = std::fs::read_to_string(format!(
         "/sys/fs/cgroup/memory/ironlab/{run}/web/memory.limit_in_bytes"

@@ -77,12 +77,21 @@ pub struct OciContainer {
 pub struct ContainerRuntime {
     oci: OciRuntime,
     agent_bin: PathBuf,
+    setsid: Option<PathBuf>,
 }
 
 impl ContainerRuntime {
     /// A runtime driving `oci`, injecting `agent_bin` (the static agent) into every machine.
     pub fn new(oci: OciRuntime, agent_bin: PathBuf) -> Self {
-        Self { oci, agent_bin }
+        let setsid = ["/usr/bin/setsid", "/bin/setsid"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file());
+        Self {
+            oci,
+            agent_bin,
+            setsid,
+        }
     }
 
     /// The OCI runtime in use.
@@ -231,13 +240,26 @@ impl ContainerRuntime {
             .try_clone()
             .with_context(|| format!("cannot duplicate {}", console_path.display()))?;
         let bundle_s = bundle.to_string_lossy().into_owned();
-        let mut child = tokio::process::Command::new(&self.oci.path)
+        // A new session (setsid(1) execs the runtime in place, we wait on it directly) and, in
+        // any case, a new process group: neither a Ctrl-C nor a hang-up of the worker's terminal
+        // reaches containers.
+        let mut cmd = match &self.setsid {
+            Some(setsid) => {
+                let mut c = tokio::process::Command::new(setsid);
+                c.arg("--wait").arg(&self.oci.path);
+                c
+            }
+            None => {
+                let mut c = tokio::process::Command::new(&self.oci.path);
+                c.process_group(0);
+                c
+            }
+        };
+        let mut child = cmd
             .args(["run", "--detach", "--bundle", &bundle_s, &id])
             .stdin(Stdio::null())
             .stdout(Stdio::from(console.into_parts().0))
             .stderr(Stdio::from(console_err))
-            // Own process group: a Ctrl-C to the worker's terminal never reaches containers.
-            .process_group(0)
             .spawn()
             .with_context(|| format!("cannot run {}", self.oci.path.display()))?;
         let status = match tokio::time::timeout(Duration::from_secs(30), child.wait()).await {
