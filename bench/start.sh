@@ -82,7 +82,7 @@ cleanup() {
 trap cleanup EXIT
 
 now_ns() { date +%s%N; }
-ms() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", (b - a) / 1e6 }'; }
+ms() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f\n", (b - a) / 1e6 }'; }
 
 # stats FILE → "median p90 min max" (ms)
 stats() {
@@ -97,7 +97,8 @@ free_port() {
     local p
     for _ in $(seq 1 50); do
         p=$((20000 + RANDOM % 20000))
-        if ! ss -Htln "sport = :$p" | grep -q .; then
+        # `ironlab up` puts its worker on the next port: both must be free.
+        if ! ss -Htln "( sport = :$p or sport = :$((p + 1)) )" | grep -q .; then
             echo "$p"
             return
         fi
@@ -132,11 +133,16 @@ start_run() { # → run id
     "$IRONLAB" playground start debian -o json | sed -n 's/.*"id"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p' | head -n1
 }
 
+destroy() {
+    local out
+    out=$("$IRONLAB" playground destroy "$1" 2>&1) || { echo "bench: destroy $1 failed: $out" >&2; exit 1; }
+}
+
 echo "bench: warm-up start (imports the image and builds its drive once)"
 RUN=$(start_run)
 [[ -n $RUN ]] || { echo "bench: warm-up start failed" >&2; tail -n 30 "$WORK/up.log" >&2; exit 1; }
 "$IRONLAB" ssh "$RUN" -- true
-"$IRONLAB" playground destroy "$RUN" >/dev/null
+destroy "$RUN"
 RUN=""
 
 echo "bench: $N starts of debian (each destroyed), $N x ssh -- true"
@@ -152,7 +158,7 @@ for i in $(seq 1 "$N"); do
     "$IRONLAB" ssh "$RUN" -- true
     t1=$(now_ns)
     ms "$t0" "$t1" >>"$WORK/ssh.ms"
-    "$IRONLAB" playground destroy "$RUN" >/dev/null
+    destroy "$RUN"
     RUN=""
     printf '  %2d: start %s ms, ssh %s ms\n' "$i" "$(tail -n1 "$WORK/start.ms")" "$(tail -n1 "$WORK/ssh.ms")"
 done

@@ -1260,7 +1260,7 @@ pub fn leftovers(run: &str, run_dir: &Path) -> Vec<String> {
 }
 
 /// Removes whatever a run left (best effort, for `Drop`).
-fn scrub_run(run: &str) {
+pub fn scrub_run(run: &str) {
     for (rt, id) in containers_matching(run) {
         quiet(&rt, &["kill", &id, "KILL"]);
         quiet(&rt, &["delete", "-f", &id]);
