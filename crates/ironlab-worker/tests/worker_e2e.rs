@@ -120,6 +120,7 @@ fn busybox_drive(dir: &Path) -> PathBuf {
         .status()
         .expect("chmod");
     let file = dir.join("busybox.ext4");
+    std::fs::File::create(&file).expect("drive file");
     let st = Command::new("mkfs.ext4")
         .args(["-q", "-F", "-d"])
         .arg(&root)
