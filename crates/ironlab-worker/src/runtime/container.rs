@@ -473,6 +473,9 @@ pub fn bundle_config(
         ],
         "linux": {
             "cgroupsPath": format!("/{}", cgroup_path(&spec.run_id, &plan.name)),
+            // As Docker: mounts made inside never propagate to the host (or back), even when
+            // the host's `/` is a shared mount (systemd).
+            "rootfsPropagation": "rprivate",
             "resources": resources,
             "namespaces": [
                 {"type": "pid"},
