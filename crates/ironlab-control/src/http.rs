@@ -60,18 +60,21 @@ pub struct ApiQuery<T>(pub T);
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
 pub struct ApiPath<T>(pub T);
 
-/// The authenticated caller.
+/// The authenticated caller: an `Authorization: Bearer` API token, or else the browser
+/// session cookie (state-changing requests then need `X-CSRF-Token` and a same-origin
+/// `Origin`; see [`crate::web::session`]).
 pub struct Auth(pub User);
 
 impl FromRequestParts<Ctx> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, ctx: &Ctx) -> Result<Self, Self::Rejection> {
-        let header = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        auth::authenticate(&ctx.db, header).await.map(Auth)
+        match parts.headers.get(header::AUTHORIZATION) {
+            Some(v) => auth::authenticate(&ctx.db, v.to_str().ok()).await.map(Auth),
+            None => crate::web::session::authenticate_api(ctx, parts)
+                .await
+                .map(Auth),
+        }
     }
 }
 
@@ -123,12 +126,13 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
 
 /// Builds the router and the OpenAPI document it serves.
 pub fn router(ctx: Ctx) -> (Router, utoipa::openapi::OpenApi) {
-    let (router, doc) = api_router().with_state(ctx).split_for_parts();
+    let (router, doc) = api_router().with_state(ctx.clone()).split_for_parts();
     let json = doc.to_pretty_json().unwrap_or_else(|e| {
         tracing::error!(error = %e, "failed to serialize the OpenAPI document");
         "{}".to_string()
     });
     let router = router
+        .merge(crate::web::router(ctx))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(Extension(OpenApiJson(Arc::new(json))))
@@ -136,8 +140,12 @@ pub fn router(ctx: Ctx) -> (Router, utoipa::openapi::OpenApi) {
     (router, doc)
 }
 
-async fn not_found() -> ApiError {
-    ApiError::NotFound("no such API route; see /api/v1/openapi.json".into())
+async fn not_found(uri: axum::http::Uri) -> Response {
+    if uri.path().starts_with("/api/") {
+        ApiError::NotFound("no such API route; see /api/v1/openapi.json".into()).into_response()
+    } else {
+        crate::web::not_found_page().await
+    }
 }
 
 async fn method_not_allowed() -> Response {

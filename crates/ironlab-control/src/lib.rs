@@ -30,6 +30,7 @@ pub mod http;
 pub mod playgrounds;
 pub mod reconcile;
 pub mod runs;
+pub mod web;
 pub mod worker_client;
 
 use std::future::Future;
@@ -51,6 +52,8 @@ pub struct Ctx {
     pub worker: Arc<WorkerClient>,
     /// State-change and reconciler wake-up notifications.
     pub signals: Arc<Signals>,
+    /// Web-UI state (event streams' shutdown signal).
+    pub web: Arc<web::WebState>,
 }
 
 /// How to run the control plane.
@@ -99,6 +102,7 @@ impl Control {
                 db,
                 worker: Arc::new(worker),
                 signals: Arc::new(Signals::default()),
+                web: Arc::new(web::WebState::default()),
             },
             admin_token,
         })
@@ -107,6 +111,12 @@ impl Control {
     /// The admin's API token (also in `DATA_DIR/admin-token`).
     pub fn admin_token(&self) -> &str {
         &self.admin_token
+    }
+
+    /// A fresh one-time admin sign-in link for the web UI under `base_url`
+    /// (`http://127.0.0.1:8080` → `http://127.0.0.1:8080/login/admin?key=…`), valid 24 h.
+    pub async fn admin_login_link(&self, base_url: &str) -> anyhow::Result<String> {
+        web::admin_login_link(&self.ctx.db, base_url).await
     }
 
     /// The shared state, for calling services directly.
@@ -133,19 +143,24 @@ impl Control {
     ) -> anyhow::Result<()> {
         let addr = listener.local_addr().context("listener has no address")?;
         let reconciler = self.spawn_reconciler();
+        let expiry = tokio::spawn(web::expiry::run(self.ctx.clone()));
         tracing::info!(%addr, "control plane listening");
         let signals = self.ctx.signals.clone();
+        let web_state = self.ctx.web.clone();
         let shutdown = async move {
             shutdown.await;
             tracing::info!("control plane shutting down");
             signals.close();
+            web_state.close();
         };
         let result = axum::serve(listener, self.router())
             .with_graceful_shutdown(shutdown)
             .await
             .with_context(|| format!("control plane server on {addr} failed"));
         reconciler.abort();
+        expiry.abort();
         let _ = reconciler.await;
+        let _ = expiry.await;
         self.ctx.db.close().await;
         result
     }

@@ -1,0 +1,496 @@
+//! Page, session, CSRF and event-stream tests: the real router (`oneshot`, no server) on a
+//! temporary database. No worker runs (its URL refuses connections), so runs stay `pending`.
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use axum::response::Response;
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+use crate::{Control, ControlConfig};
+
+const ORIGIN: &str = "http://127.0.0.1:8080";
+
+struct H {
+    _dir: tempfile::TempDir,
+    control: Control,
+}
+
+impl H {
+    async fn new() -> H {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let control = Control::open(ControlConfig {
+            data_dir: dir.path().to_path_buf(),
+            worker_url: "http://127.0.0.1:9".into(),
+            worker_token: "unused".into(),
+        })
+        .await
+        .expect("control plane opens");
+        H { _dir: dir, control }
+    }
+
+    async fn send(&self, req: Request<Body>) -> Response {
+        self.control
+            .router()
+            .oneshot(req)
+            .await
+            .expect("router answers")
+    }
+
+    async fn get(&self, path: &str, cookie: Option<&str>) -> (StatusCode, String, Response) {
+        let mut b = Request::get(path).header(header::HOST, "127.0.0.1:8080");
+        if let Some(c) = cookie {
+            b = b.header(header::COOKIE, c);
+        }
+        let resp = self.send(b.body(Body::empty()).expect("request")).await;
+        let status = resp.status();
+        let (parts, body) = resp.into_parts();
+        let bytes = body.collect().await.expect("body").to_bytes();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        (status, text, Response::from_parts(parts, Body::empty()))
+    }
+
+    /// A form POST as a browser sends it from this site.
+    async fn post_form(
+        &self,
+        path: &str,
+        cookie: Option<&str>,
+        form: &str,
+    ) -> (StatusCode, Response) {
+        self.post_form_from(path, cookie, form, Some(ORIGIN)).await
+    }
+
+    async fn post_form_from(
+        &self,
+        path: &str,
+        cookie: Option<&str>,
+        form: &str,
+        origin: Option<&str>,
+    ) -> (StatusCode, Response) {
+        let mut b = Request::post(path)
+            .header(header::HOST, "127.0.0.1:8080")
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+        if let Some(c) = cookie {
+            b = b.header(header::COOKIE, c);
+        }
+        if let Some(o) = origin {
+            b = b.header(header::ORIGIN, o);
+        }
+        let resp = self
+            .send(b.body(Body::from(form.to_string())).expect("request"))
+            .await;
+        (resp.status(), resp)
+    }
+
+    /// Signs in with a fresh admin link; returns the `Cookie` header value and the CSRF token.
+    async fn sign_in_admin(&self) -> (String, String) {
+        let link = self
+            .control
+            .admin_login_link(ORIGIN)
+            .await
+            .expect("admin link");
+        let path = link.strip_prefix(ORIGIN).expect("link under the base URL");
+        let (status, _, resp) = self.get(path, None).await;
+        assert_eq!(status, StatusCode::SEE_OTHER, "the admin link signs in");
+        let cookie = session_cookie(&resp);
+        let (_, page, _) = self.get("/", Some(&cookie)).await;
+        (cookie, csrf_of(&page))
+    }
+}
+
+fn session_cookie(resp: &Response) -> String {
+    let set = resp
+        .headers()
+        .get(header::SET_COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .expect("Set-Cookie");
+    set.split(';').next().expect("cookie pair").to_string()
+}
+
+fn csrf_of(page: &str) -> String {
+    let at = page
+        .find("name=\"csrf-token\" content=\"")
+        .expect("page has the csrf meta tag");
+    let rest = &page[at + "name=\"csrf-token\" content=\"".len()..];
+    rest[..rest.find('"').expect("end of csrf")].to_string()
+}
+
+fn location(resp: &Response) -> String {
+    resp.headers()
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test]
+async fn pages_redirect_to_login_without_a_session() {
+    let h = H::new().await;
+    for (path, to) in [
+        ("/", "/login"),
+        ("/dashboard", "/login?next=/dashboard"),
+        ("/runs/abc", "/login?next=/runs/abc"),
+        ("/admin/users", "/login?next=/admin/users"),
+    ] {
+        let (status, _, resp) = h.get(path, None).await;
+        assert_eq!(status, StatusCode::SEE_OTHER, "{path}");
+        assert_eq!(location(&resp), to, "{path}");
+    }
+    let (status, body, _) = h.get("/login", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("<form method=\"post\" action=\"/login\""));
+    // A bogus session cookie is no session.
+    let (status, _, _) = h.get("/", Some("ironlab_session=nope")).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+}
+
+#[tokio::test]
+async fn admin_link_sets_a_session_cookie_once() {
+    let h = H::new().await;
+    let link = h.control.admin_login_link(ORIGIN).await.expect("link");
+    assert!(
+        link.starts_with("http://127.0.0.1:8080/login/admin?key="),
+        "{link}"
+    );
+    let path = link.strip_prefix(ORIGIN).expect("path");
+    let (status, _, resp) = h.get(path, None).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert_eq!(location(&resp), "/");
+    let set = resp
+        .headers()
+        .get(header::SET_COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .expect("Set-Cookie")
+        .to_string();
+    for attr in ["ironlab_session=", "HttpOnly", "SameSite=Lax", "Path=/"] {
+        assert!(set.contains(attr), "{set} lacks {attr}");
+    }
+    assert!(
+        !set.contains("Secure"),
+        "plain HTTP gets no Secure flag: {set}"
+    );
+    // The link is single-use.
+    let (status, body, _) = h.get(path, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body.contains("already used or expired"), "{body}");
+    // Over HTTPS (a proxy says so) the cookie is Secure.
+    let link = h.control.admin_login_link(ORIGIN).await.expect("link");
+    let req = Request::get(link.strip_prefix(ORIGIN).expect("path"))
+        .header(header::HOST, "lab.example")
+        .header("x-forwarded-proto", "https")
+        .body(Body::empty())
+        .expect("request");
+    let resp = h.send(req).await;
+    let set = resp
+        .headers()
+        .get(header::SET_COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    assert!(set.ends_with("; Secure"), "{set}");
+}
+
+#[tokio::test]
+async fn pages_render_for_a_signed_in_user() {
+    let h = H::new().await;
+    let (cookie, csrf) = h.sign_in_admin().await;
+    let (status, catalog, _) = h.get("/", Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK);
+    for needle in [
+        "Debian 12",
+        "A Debian 12 (bookworm) machine",
+        "<span class=\"chip\">debian</span>",
+        "action=\"/runs\"",
+        "name=\"playground\" value=\"debian\"",
+        &format!("name=\"csrf\" value=\"{csrf}\""),
+    ] {
+        assert!(catalog.contains(needle), "catalog lacks {needle}");
+    }
+    let (status, dash, _) = h.get("/dashboard", Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(dash.contains("No runs yet"));
+    let (status, users, _) = h.get("/admin/users", Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(users.contains("<td data-label=\"Name\">admin</td>"));
+    let (status, css, _) = h.get("/assets/site.css", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(css.contains(".terminals"));
+    // Unknown pages are HTML, unknown API routes JSON.
+    let (status, body, _) = h.get("/nowhere", Some(&cookie)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body.contains("<!doctype html>"));
+    let (status, body, _) = h.get("/api/v1/nowhere", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body.contains("no such API route"));
+}
+
+#[tokio::test]
+async fn start_from_the_catalog_and_see_the_run() {
+    let h = H::new().await;
+    let (cookie, csrf) = h.sign_in_admin().await;
+    let (status, resp) = h
+        .post_form(
+            "/runs",
+            Some(&cookie),
+            &format!("csrf={csrf}&playground=debian"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let to = location(&resp);
+    assert!(to.starts_with("/runs/"), "{to}");
+    let id = to.trim_start_matches("/runs/").to_string();
+    let (status, page, _) = h.get(&to, Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK);
+    for needle in [
+        "id=\"run-state\"",
+        ">pending<",
+        "data-machine=\"debian\"",
+        "id=\"add-tab\"",
+        "Starting the machines",
+        "1 h 59 min left",
+    ] {
+        assert!(page.contains(needle), "run page lacks {needle}");
+    }
+    if !super::assets::scripts_built() {
+        assert!(page.contains("terminal scripts not built: run npm run build in web/"));
+    }
+    let (_, dash, _) = h.get("/dashboard", Some(&cookie)).await;
+    assert!(dash.contains(&format!("data-run-id=\"{id}\"")));
+    assert!(dash.contains("value=\"Debian 12\""));
+    // Rename and destroy without scripts.
+    let (status, _) = h
+        .post_form(
+            &format!("/runs/{id}/title"),
+            Some(&cookie),
+            &format!("csrf={csrf}&title=My+lab"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let (_, dash, _) = h.get("/dashboard", Some(&cookie)).await;
+    assert!(dash.contains("value=\"My lab\""));
+    let (status, _) = h
+        .post_form(
+            &format!("/runs/{id}/destroy"),
+            Some(&cookie),
+            &format!("csrf={csrf}"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let (_, page, _) = h.get(&to, Some(&cookie)).await;
+    assert!(
+        page.contains(">destroyed<"),
+        "a pending run is destroyed at once"
+    );
+}
+
+#[tokio::test]
+async fn csrf_and_origin_are_checked() {
+    let h = H::new().await;
+    let (cookie, csrf) = h.sign_in_admin().await;
+    // Form without the token, with a wrong one, or from another origin: 403.
+    let cases = [
+        ("playground=debian".to_string(), Some(ORIGIN)),
+        ("csrf=wrong&playground=debian".to_string(), Some(ORIGIN)),
+        (
+            format!("csrf={csrf}&playground=debian"),
+            Some("http://evil.test"),
+        ),
+        (format!("csrf={csrf}&playground=debian"), None),
+    ];
+    for (form, origin) in cases {
+        let (status, _) = h
+            .post_form_from("/runs", Some(&cookie), &form, origin)
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{form} from {origin:?}");
+    }
+    // The JSON API with the session cookie needs X-CSRF-Token.
+    let api = |token: Option<&str>| {
+        let mut b = Request::post("/api/v1/runs")
+            .header(header::HOST, "127.0.0.1:8080")
+            .header(header::ORIGIN, ORIGIN)
+            .header(header::COOKIE, &cookie)
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(t) = token {
+            b = b.header("x-csrf-token", t);
+        }
+        b.body(Body::from(r#"{"playground":"debian"}"#))
+            .expect("request")
+    };
+    assert_eq!(h.send(api(None)).await.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        h.send(api(Some("nope"))).await.status(),
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(h.send(api(Some(&csrf))).await.status(), StatusCode::CREATED);
+    // Reads need no token; without the cookie the API still says 401.
+    let (status, body, _) = h.get("/api/v1/runs", Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("\"playground\":\"debian\""));
+    let (status, _, _) = h.get("/api/v1/runs", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // No nothing was started by the refused requests: exactly one run.
+    assert_eq!(body.matches("\"id\":").count(), 1, "{body}");
+}
+
+#[tokio::test]
+async fn local_accounts_sign_in_with_a_password() {
+    let h = H::new().await;
+    let (cookie, csrf) = h.sign_in_admin().await;
+    let (status, resp) = h
+        .post_form(
+            "/admin/users",
+            Some(&cookie),
+            &format!("csrf={csrf}&name=alice&password=correct+horse&role=user"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("Created alice"), "{body}");
+    assert!(
+        body.contains("ilt_"),
+        "the new user's API token is shown once"
+    );
+
+    let (status, resp) = h
+        .post_form(
+            "/login",
+            None,
+            "name=alice&password=wrong+horse&next=/dashboard",
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(resp.headers().get(header::SET_COOKIE).is_none());
+    let (status, resp) = h
+        .post_form(
+            "/login",
+            None,
+            "name=alice&password=correct+horse&next=/dashboard",
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert_eq!(location(&resp), "/dashboard");
+    let alice = session_cookie(&resp);
+    let (status, page, _) = h.get("/dashboard", Some(&alice)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains(">alice<"));
+    // Not an admin.
+    let (status, _, _) = h.get("/admin/users", Some(&alice)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // Sign out ends the session.
+    let (status, _) = h
+        .post_form("/logout", Some(&alice), &format!("csrf={}", csrf_of(&page)))
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let (status, _, _) = h.get("/dashboard", Some(&alice)).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+}
+
+#[tokio::test]
+async fn event_stream_starts_with_the_run_and_follows_changes() {
+    let h = H::new().await;
+    let (cookie, csrf) = h.sign_in_admin().await;
+    let (_, resp) = h
+        .post_form(
+            "/runs",
+            Some(&cookie),
+            &format!("csrf={csrf}&playground=debian"),
+        )
+        .await;
+    let id = location(&resp).trim_start_matches("/runs/").to_string();
+    let req = Request::get(format!("/api/v1/runs/{id}/events"))
+        .header(header::HOST, "127.0.0.1:8080")
+        .header(header::COOKIE, &cookie)
+        .body(Body::empty())
+        .expect("request");
+    let resp = h.send(req).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+        Some("text/event-stream")
+    );
+    let mut body = resp.into_body();
+    let mut next_event = async || -> String {
+        let mut text = String::new();
+        while !text.contains("\n\n") {
+            let frame = tokio::time::timeout(std::time::Duration::from_secs(10), body.frame())
+                .await
+                .expect("an event within 10 s")
+                .expect("stream open")
+                .expect("frame");
+            if let Ok(data) = frame.into_data() {
+                text.push_str(&String::from_utf8_lossy(&data));
+            }
+        }
+        text
+    };
+    let first = next_event().await;
+    assert!(first.starts_with("event: run\n"), "{first}");
+    assert!(first.contains(&format!("\"id\":\"{id}\"")), "{first}");
+    assert!(first.contains("\"state\":\"pending\""), "{first}");
+    // A change (destroy) arrives as the next event.
+    let (status, _) = h
+        .post_form(
+            &format!("/runs/{id}/destroy"),
+            Some(&cookie),
+            &format!("csrf={csrf}"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let second = next_event().await;
+    assert!(second.contains("\"state\":\"destroyed\""), "{second}");
+    // Someone else's run is not found.
+    let (status, _, _) = h
+        .get("/api/v1/runs/nosuchrun123/events", Some(&cookie))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn expiry_destroys_runs_whose_time_is_up() {
+    let h = H::new().await;
+    let (cookie, csrf) = h.sign_in_admin().await;
+    let (_, resp) = h
+        .post_form(
+            "/runs",
+            Some(&cookie),
+            &format!("csrf={csrf}&playground=debian"),
+        )
+        .await;
+    let id = location(&resp).trim_start_matches("/runs/").to_string();
+    let ctx = h.control.ctx();
+    assert!(
+        super::expiry::sweep_once(ctx)
+            .await
+            .expect("sweep")
+            .is_empty()
+    );
+    sqlx::query("UPDATE runs SET expires_at = 1 WHERE id = $1")
+        .bind(&id)
+        .execute(&ctx.db)
+        .await
+        .expect("expire");
+    let gone = super::expiry::sweep_once(ctx).await.expect("sweep");
+    assert_eq!(gone, vec![id.clone()]);
+    let (_, page, _) = h.get(&format!("/runs/{id}"), Some(&cookie)).await;
+    assert!(page.contains("its time ran out"), "the reason is shown");
+}
+
+#[test]
+fn every_template_compiles() {
+    for name in [
+        "layout.html",
+        "login.html",
+        "catalog.html",
+        "run.html",
+        "dashboard.html",
+        "admin_users.html",
+        "error.html",
+        "macros.html",
+    ] {
+        if let Err(e) = super::TEMPLATES.get_template(name) {
+            panic!("template {name}: {e:#}");
+        }
+    }
+}
