@@ -66,6 +66,16 @@ fn read_token(path: &Path) -> anyhow::Result<String> {
         .with_context(|| format!("token file {} is missing or empty", path.display()))
 }
 
+/// Base URL for links printed to the operator: a wildcard listen address becomes 127.0.0.1.
+fn link_base(listen: SocketAddr) -> String {
+    let ip = if listen.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        listen.ip()
+    };
+    format!("http://{}", SocketAddr::new(ip, listen.port()))
+}
+
 /// `ironlab worker`.
 pub async fn worker(args: WorkerArgs) -> anyhow::Result<i32> {
     if let Some(ppid) = args.parent_pid {
@@ -103,8 +113,10 @@ pub async fn control(args: ControlArgs) -> anyhow::Result<i32> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let url = format!("http://{}", args.listen);
+    let link = control.admin_login_link(&link_base(args.listen)).await?;
     println!("ironlab control plane: {url}  (API {url}/api/v1)");
     println!("admin token: {}", control.admin_token());
+    println!("admin sign-in link (one-time, 24 h): {link}");
     control.serve(listener, shutdown_signal()).await?;
     Ok(0)
 }
@@ -292,6 +304,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<i32> {
     })
     .await?;
     let admin_token = control.admin_token().to_string();
+    let admin_link = control.admin_login_link(&link_base(args.listen)).await?;
 
     let exe = std::env::current_exe().context("cannot find the ironlab executable")?;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -333,6 +346,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<i32> {
     println!("ironlab is up: {url}  (API {url}/api/v1)");
     println!("admin token: {admin_token}");
     println!("log in with: ironlab auth login --server {url} --token {admin_token}");
+    println!("admin sign-in link (one-time, 24 h): {admin_link}");
 
     let mut server = server;
     let server_result = tokio::select! {
