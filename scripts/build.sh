@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Builds the `ironlab` binary and the static in-machine agent, side by side:
+# Builds the web UI's scripts (web/dist, embedded into the binary), the `ironlab` binary and the
+# static in-machine agent, side by side:
 #   $CARGO_TARGET_DIR/release/ironlab
 #   $CARGO_TARGET_DIR/release/ironlab-agent-static
 # (the worker finds the agent next to its own executable by default).
 #
 #   scripts/build.sh [--debug]     --debug: build the agent in debug mode (faster to compile)
+#   IRONLAB_SKIP_WEB=1             skip the web build (pages then say the terminal is not built)
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -15,7 +17,7 @@ for arg in "$@"; do
     case $arg in
         --debug) agent_args+=(--debug) ;;
         -h | --help)
-            sed -n '2,7p' "$0"
+            sed -n '2,9p' "$0"
             exit 0
             ;;
         *)
@@ -24,6 +26,16 @@ for arg in "$@"; do
             ;;
     esac
 done
+
+if [[ ${IRONLAB_SKIP_WEB:-0} == 1 ]]; then
+    echo "build: IRONLAB_SKIP_WEB=1: not building web/ (the binary embeds whatever web/dist holds)"
+elif ! command -v npm >/dev/null 2>&1; then
+    echo "build: npm not found: run scripts/setup.sh (or set IRONLAB_SKIP_WEB=1 to build without the web scripts)" >&2
+    exit 1
+else
+    echo "build: web/: npm ci && npm run build"
+    (cd web && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build)
+fi
 
 echo "build: cargo build --release -p ironlab (target dir $CARGO_TARGET_DIR)"
 cargo build --release -p ironlab

@@ -9,7 +9,8 @@
 #   2. installs the Debian packages below (skipping `apt-get update` when all are present);
 #   3. adds the Rust musl target for the static in-machine agent (tolerates failure: the agent
 #      build falls back to a static glibc build);
-#   4. installs cargo-nextest when it is missing.
+#   4. installs cargo-nextest when it is missing;
+#   5. checks Node.js and npm for the web build (installs Debian's when missing).
 set -euo pipefail
 
 say() { printf 'setup: %s\n' "$*"; }
@@ -23,6 +24,7 @@ PACKAGES=(
     crun runc docker-registry skopeo mmdebstrap xfsprogs e2fsprogs nftables iproute2
     busybox-static dnsmasq-base file ca-certificates util-linux procps curl
     umoci build-essential pkg-config musl-tools
+    chromium fonts-liberation
 )
 
 # --- 1. bookworm-backports source --------------------------------------------------------------
@@ -97,6 +99,16 @@ elif cargo install --locked cargo-nextest >/dev/null 2>&1; then
     say "installed cargo-nextest"
 else
     say "could not install cargo-nextest; scripts/test.sh falls back to cargo test"
+fi
+
+# --- 5. Node.js + npm (web/: esbuild bundles, browser tests) ------------------------------------
+if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
+    say "node $(node --version) and npm $(npm --version) present"
+else
+    say "installing Debian's nodejs and npm (web/ needs them)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
 fi
 
 say "done"

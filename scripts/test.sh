@@ -8,6 +8,8 @@
 #   CARGO_TARGET_DIR     default /var/cache/ironlab-ci/target when writable, else target/
 #   IRONLAB_CLIPPY=0     skip `cargo clippy` (default: run it)
 #   IRONLAB_FMT=0        skip `cargo fmt --check` (default: run it)
+# web/ is built first (npm ci + npm run build) so the binary embeds the terminal scripts; the
+# browser tests (npm test in web/) run after the cargo tests against the debug `ironlab`.
 # The tests get: IRONLAB_AGENT, IRONLAB_STOCK_IMAGES, IRONLAB_TEST_IMAGE_LAYOUT and
 # IRONLAB_E2E_REQUIRED=1 (privileged tests fail instead of skipping when something is missing).
 set -euo pipefail
@@ -55,12 +57,25 @@ echo "test: IRONLAB_TEST_IMAGE_LAYOUT=$IRONLAB_TEST_IMAGE_LAYOUT"
 # any failed.
 failed=()
 
+step "web: npm ci, typecheck, build (web/dist is embedded by the control plane's build)"
+if (cd web && npm ci --no-audit --no-fund --loglevel=error); then
+    (cd web && npm run --silent typecheck) || failed+=("web typecheck")
+    (cd web && npm run --silent build) || failed+=("web build")
+else
+    failed+=("npm ci")
+fi
+
 step "tests"
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --no-fail-fast "$@" || failed+=("tests")
 else
     cargo test --workspace --no-fail-fast "$@" || failed+=("tests")
 fi
+
+step "browser tests (web/tests: Debian chromium driven by playwright-core; screenshots in target/screenshots)"
+# The same cross-process lock as the Rust end-to-end tests: one platform at a time.
+IRONLAB_BIN=$CARGO_TARGET_DIR/debug/ironlab IRONLAB_SCREENSHOTS=$REPO_ROOT/target/screenshots \
+    flock "${TMPDIR:-/tmp}/ironlab-e2e.lock" npm --prefix web test || failed+=("browser tests")
 
 if [[ ${IRONLAB_FMT:-1} != 0 ]]; then
     step "cargo fmt --all --check"
