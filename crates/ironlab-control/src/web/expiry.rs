@@ -71,20 +71,18 @@ pub async fn sweep_once(ctx: &Ctx) -> ApiResult<Vec<String>> {
     .await?;
     let mut destroyed = Vec::new();
     for id in expired {
-        match runs::apply(
+        let outcome = runs::apply(
             &ctx.db,
             &ctx.signals,
             &id,
             RunEvent::Destroy,
             Some("its time ran out"),
         )
-        .await?
-        {
-            Ok(RunState::Destroying | RunState::Destroyed) => {
-                tracing::info!(run = %id, "run expired; destroying it");
-                destroyed.push(id);
-            }
-            Ok(_) | Err(_) => {}
+        .await?;
+        // A refused transition means it changed meanwhile (e.g. destroyed by its user).
+        if let Ok(RunState::Destroying | RunState::Destroyed) = outcome {
+            tracing::info!(run = %id, "run expired; destroying it");
+            destroyed.push(id);
         }
     }
     super::session::purge_expired(&ctx.db).await?;
