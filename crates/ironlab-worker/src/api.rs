@@ -11,7 +11,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::Router;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::ws::{Message, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -25,9 +25,22 @@ use serde::Deserialize;
 
 use crate::relay::{self, Frame};
 use crate::runs::{RunError, RunManager};
+use crate::sessions::{Limits, Sessions};
 
 /// Longest `?wait=` honoured on `GET /v1/runs/{run}`.
 const MAX_WAIT: Duration = Duration::from_secs(30);
+/// Longest life of a terminal token after the worker received it, whatever its `expires_at`.
+pub const TOKEN_TTL: Duration = Duration::from_secs(30);
+
+/// The wall clock token expiry is checked against (injectable for tests).
+pub type Clock = Arc<dyn Fn() -> chrono::DateTime<Utc> + Send + Sync>;
+
+/// A registered terminal token.
+struct Grant {
+    grant: TokenGrant,
+    /// `min(expires_at, received + TOKEN_TTL)`.
+    deadline: chrono::DateTime<Utc>,
+}
 
 /// Shared state of the API.
 pub struct ApiState {
@@ -39,23 +52,49 @@ pub struct ApiState {
     pub public_url: String,
     /// Runtimes offered (`container`).
     pub runtimes: Vec<String>,
-    tokens: Mutex<HashMap<String, TokenGrant>>,
+    /// Persistent terminal sessions.
+    pub sessions: Arc<Sessions>,
+    tokens: Mutex<HashMap<String, Grant>>,
+    clock: Clock,
 }
 
 impl ApiState {
-    /// New state with an empty token store.
+    /// New state with an empty token store, the system clock and default session limits.
     pub fn new(runs: Arc<RunManager>, token: String, public_url: String) -> Arc<Self> {
+        Self::with(
+            runs,
+            token,
+            public_url,
+            Arc::new(Utc::now),
+            Sessions::new(Limits::default()),
+        )
+    }
+
+    /// New state with a given clock and session table.
+    pub fn with(
+        runs: Arc<RunManager>,
+        token: String,
+        public_url: String,
+        clock: Clock,
+        sessions: Arc<Sessions>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             runs,
             token,
             public_url,
             runtimes: vec!["container".to_string()],
+            sessions,
             tokens: Mutex::new(HashMap::new()),
+            clock,
         })
     }
 
-    fn tokens(&self) -> std::sync::MutexGuard<'_, HashMap<String, TokenGrant>> {
+    fn tokens(&self) -> std::sync::MutexGuard<'_, HashMap<String, Grant>> {
         self.tokens.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn now(&self) -> chrono::DateTime<Utc> {
+        (self.clock)()
     }
 }
 
@@ -227,8 +266,11 @@ async fn delete_run(
     State(state): State<Arc<ApiState>>,
     Path(run): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    state.tokens().retain(|_, g| g.grant.run != run);
+    state
+        .sessions
+        .end_run(&run, &format!("run {run} was destroyed"));
     state.runs.destroy(&run).await?;
-    state.tokens().retain(|_, g| g.run != run);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -242,10 +284,17 @@ async fn grant_token(
             "token must be at least 16 characters".into(),
         ));
     }
-    let now = Utc::now();
+    if grant.user.is_empty() {
+        return Err(ApiError::BadRequest(
+            "a terminal token needs the user it is issued to".into(),
+        ));
+    }
+    let now = state.now();
+    let ttl = chrono::Duration::from_std(TOKEN_TTL).unwrap_or(chrono::Duration::seconds(30));
+    let deadline = grant.expires_at.min(now + ttl);
     let mut tokens = state.tokens();
-    tokens.retain(|_, g| g.expires_at > now);
-    tokens.insert(grant.token.clone(), grant);
+    tokens.retain(|_, g| g.deadline > now);
+    tokens.insert(grant.token.clone(), Grant { grant, deadline });
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -254,23 +303,25 @@ struct TokenQuery {
     token: Option<String>,
 }
 
-/// Checks and consumes a terminal token for (run, machine).
+/// Checks and consumes a terminal token for (run, machine); returns its grant.
 fn take_token(
     state: &ApiState,
     run: &str,
     machine: &str,
     token: Option<&str>,
-) -> Result<(), ApiError> {
+) -> Result<TokenGrant, ApiError> {
     let token = token.filter(|t| !t.is_empty()).ok_or_else(|| {
         ApiError::Unauthorized("missing ?token=: ask the control plane for a terminal token".into())
     })?;
     // Presenting a token uses it up, whatever the outcome.
-    let grant = state
+    let Grant { grant, deadline } = state
         .tokens()
         .remove(token)
         .ok_or_else(|| ApiError::Unauthorized("unknown or already used terminal token".into()))?;
-    if grant.expires_at <= Utc::now() {
-        return Err(ApiError::Unauthorized("terminal token expired".into()));
+    if deadline <= state.now() {
+        return Err(ApiError::Unauthorized(
+            "terminal token expired: ask the control plane for a new one".into(),
+        ));
     }
     if grant.run != run || grant.machine != machine {
         return Err(ApiError::Forbidden(format!(
@@ -278,7 +329,7 @@ fn take_token(
             grant.machine, grant.run
         )));
     }
-    Ok(())
+    Ok(grant)
 }
 
 async fn terminal(
@@ -288,10 +339,17 @@ async fn terminal(
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     state.runs.has_machine(&run, &machine)?;
-    take_token(&state, &run, &machine, q.token.as_deref())?;
+    let grant = take_token(&state, &run, &machine, q.token.as_deref())?;
     let ws = ws.map_err(|e| ApiError::BadRequest(format!("not a WebSocket request: {e}")))?;
     let agent = state.runs.machine_agent(&run, &machine).await?;
-    tracing::info!(%run, %machine, "terminal session");
+    tracing::info!(%run, %machine, user = %grant.user, "terminal connection");
+    let conn = relay::Connection {
+        run,
+        machine,
+        user: grant.user,
+        sessions: state.sessions.clone(),
+        agent,
+    };
     Ok(ws.on_upgrade(move |socket| async move {
         let (sink, stream) = socket.split();
         let sink = sink.with(|f: Frame| async move {
@@ -299,6 +357,10 @@ async fn terminal(
                 Frame::Text(t) => Message::Text(t.into()),
                 Frame::Binary(b) => Message::Binary(b),
                 Frame::Close => Message::Close(None),
+                Frame::CloseWith(code, reason) => Message::Close(Some(CloseFrame {
+                    code,
+                    reason: reason.into(),
+                })),
             })
         });
         let stream = stream
@@ -310,7 +372,7 @@ async fn terminal(
                     _ => None,
                 }
             });
-        relay::relay(Box::pin(sink), Box::pin(stream), agent).await;
+        relay::relay(Box::pin(sink), Box::pin(stream), conn).await;
     }))
 }
 
@@ -414,6 +476,206 @@ mod tests {
             "image":{{"kind":"stock","name":"nope"}},"root_size_bytes":134217728,"cpus":1,
             "memory_bytes":134217728,"pids_limit":100,"default_user":"root"}}]}}"#
         )
+    }
+
+    #[tokio::test]
+    async fn terminal_tokens_are_single_use_short_lived_and_bound_to_run_and_machine() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let runs = RunManager::new(
+            dir.path().to_path_buf(),
+            Arc::new(Nothing),
+            Arc::new(Nothing),
+        );
+        // A clock the test moves.
+        let offset = Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let o2 = offset.clone();
+        let clock: Clock = Arc::new(move || {
+            Utc::now() + chrono::Duration::seconds(o2.load(std::sync::atomic::Ordering::SeqCst))
+        });
+        let state = ApiState::with(
+            runs,
+            "secret-token".into(),
+            "ws://w".into(),
+            clock,
+            Sessions::new(Limits::default()),
+        );
+        let app = router(state);
+        let t = Some("secret-token");
+        for run in ["abc", "abd"] {
+            let (s, _) = call(
+                &app,
+                "PUT",
+                &format!("/v1/runs/{run}"),
+                t,
+                Some(&plan_json(run, "container")),
+            )
+            .await;
+            assert_eq!(s, StatusCode::ACCEPTED);
+            let (_, v) = call(&app, "GET", &format!("/v1/runs/{run}?wait=10"), t, None).await;
+            assert_eq!(v["state"], "failed");
+        }
+        let grant = |token: &str, user: &str, run: &str, machine: &str, expires: &str| {
+            format!(
+                r#"{{"token":"{token}","user":"{user}","run":"{run}","machine":"{machine}","expires_at":"{expires}"}}"#
+            )
+        };
+        let far = "2999-01-01T00:00:00Z";
+        let term = |run: &str, machine: &str, token: &str| {
+            format!("/v1/runs/{run}/machines/{machine}/terminal?token={token}")
+        };
+        // A good token passes the checks (then the request is refused for not being a
+        // WebSocket upgrade: 400, after the token was used up).
+        let (s, _) = call(
+            &app,
+            "POST",
+            "/v1/tokens",
+            t,
+            Some(&grant("good-token-0123456789", "u1", "abc", "m1", far)),
+        )
+        .await;
+        assert_eq!(s, StatusCode::NO_CONTENT);
+        let (s, v) = call(
+            &app,
+            "GET",
+            &term("abc", "m1", "good-token-0123456789"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        // Reused.
+        let (s, v) = call(
+            &app,
+            "GET",
+            &term("abc", "m1", "good-token-0123456789"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+        assert!(
+            v["detail"].as_str().unwrap_or("").contains("already used"),
+            "{v}"
+        );
+        // Another run; another machine (the run has only m1, so its m2 is a 404 before any
+        // token is looked at; a token for run abd presented on abc is refused).
+        call(
+            &app,
+            "POST",
+            "/v1/tokens",
+            t,
+            Some(&grant("other-run-0123456789", "u1", "abd", "m1", far)),
+        )
+        .await;
+        let (s, v) = call(
+            &app,
+            "GET",
+            &term("abc", "m1", "other-run-0123456789"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+        assert!(
+            v["detail"].as_str().unwrap_or("").contains("run abd"),
+            "{v}"
+        );
+        call(
+            &app,
+            "POST",
+            "/v1/tokens",
+            t,
+            Some(&grant("other-mach-0123456789", "u1", "abc", "m2", far)),
+        )
+        .await;
+        let (s, v) = call(
+            &app,
+            "GET",
+            &term("abc", "m1", "other-mach-0123456789"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+        assert!(
+            v["detail"].as_str().unwrap_or("").contains("machine m2"),
+            "{v}"
+        );
+        // Registered already expired.
+        call(
+            &app,
+            "POST",
+            "/v1/tokens",
+            t,
+            Some(&grant(
+                "expired-0123456789ab",
+                "u1",
+                "abc",
+                "m1",
+                "2000-01-01T00:00:00Z",
+            )),
+        )
+        .await;
+        let (s, v) = call(
+            &app,
+            "GET",
+            &term("abc", "m1", "expired-0123456789ab"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+        assert!(
+            v["detail"].as_str().unwrap_or("").contains("expired"),
+            "{v}"
+        );
+        // A token lives at most 30 s after the worker got it, whatever its expires_at says.
+        call(
+            &app,
+            "POST",
+            "/v1/tokens",
+            t,
+            Some(&grant("lives30s-0123456789a", "u1", "abc", "m1", far)),
+        )
+        .await;
+        call(
+            &app,
+            "POST",
+            "/v1/tokens",
+            t,
+            Some(&grant("lives29s-0123456789a", "u1", "abc", "m1", far)),
+        )
+        .await;
+        offset.store(29, std::sync::atomic::Ordering::SeqCst);
+        let (s, _) = call(
+            &app,
+            "GET",
+            &term("abc", "m1", "lives29s-0123456789a"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "valid at 29 s");
+        offset.store(31, std::sync::atomic::Ordering::SeqCst);
+        let (s, v) = call(
+            &app,
+            "GET",
+            &term("abc", "m1", "lives30s-0123456789a"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "expired at 31 s: {v}");
+        // A grant must name its user.
+        let (s, _) = call(
+            &app,
+            "POST",
+            "/v1/tokens",
+            t,
+            Some(&grant("nouser-0123456789abc", "", "abc", "m1", far)),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
     }
 
     #[test]

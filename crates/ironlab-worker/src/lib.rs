@@ -23,6 +23,7 @@ pub mod pool;
 pub mod relay;
 pub mod runs;
 pub mod runtime;
+pub mod sessions;
 
 use crate::drives::DriveProvider;
 use crate::runs::RunManager;

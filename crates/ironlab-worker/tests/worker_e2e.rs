@@ -359,6 +359,7 @@ async fn exec_with_token(
         rows: 0,
         env: BTreeMap::new(),
         term: None,
+        session: None,
     };
     ws.send(Message::Text(
         serde_json::to_string(&start).expect("json").into(),
@@ -381,7 +382,7 @@ async fn exec_with_token(
                 other => return Err(format!("unexpected frame {other:?}")),
             },
             Some(Ok(Message::Text(t))) => match serde_json::from_str::<ServerControl>(&t) {
-                Ok(ServerControl::Started) => {}
+                Ok(ServerControl::Started { .. }) => {}
                 Ok(ServerControl::Exit { code }) => {
                     return Ok((
                         String::from_utf8_lossy(&out).into_owned(),
@@ -751,6 +752,7 @@ async fn output_flood_is_bounded_and_leaving_kills_the_process() {
         rows: 0,
         env: BTreeMap::new(),
         term: None,
+        session: None,
     };
     ws.send(Message::Text(
         serde_json::to_string(&start).expect("json").into(),

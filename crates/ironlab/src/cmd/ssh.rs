@@ -145,6 +145,7 @@ pub async fn run(args: SshArgs, api: &Api) -> anyhow::Result<i32> {
         rows,
         env: BTreeMap::new(),
         term: tty.then(|| std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".into())),
+        session: None,
     })?)
     .await
     .context("cannot start the remote session")?;
@@ -209,7 +210,7 @@ pub async fn run(args: SshArgs, api: &Api) -> anyhow::Result<i32> {
                         _ => {}
                     },
                     Message::Text(text) => match serde_json::from_str::<ServerControl>(&text) {
-                        Ok(ServerControl::Started) => {}
+                        Ok(ServerControl::Started { .. }) => {}
                         Ok(ServerControl::Exit { code }) => {
                             let _ = sink.send(Message::Close(None)).await;
                             return Ok(code);
