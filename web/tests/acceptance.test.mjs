@@ -173,6 +173,20 @@ test('web UI in a real browser: sign in, start, terminal, reconnect, dashboard',
       await shot(page, '05-run-second-tab');
     });
 
+    await t.test('a flood of output (yes) keeps the page responsive and memory bounded', async () => {
+      await page.locator('[role=tab]').first().click();
+      await type(page, 'timeout 5 yes ironlab-flood-line');
+      await page.waitForTimeout(5500);
+      await type(page, 'echo F:$((6*7))');
+      await waitForLine(page, /^F:42$/, 0, 60_000);
+      const { heap, scrollback } = await page.evaluate(() => ({
+        heap: performance.memory?.usedJSHeapSize ?? 0,
+        scrollback: window.ironlab.terminals[0].term.buffer.active.length,
+      }));
+      assert.ok(scrollback <= 5000 + 200, `scrollback is capped (${scrollback} lines)`);
+      assert.ok(heap < 200 * 1024 * 1024, `JS heap stays small after the flood (${Math.round(heap / 1048576)} MiB)`);
+    });
+
     await t.test('CSRF: state-changing requests without the token are refused (403)', async () => {
       const apiStatus = await page.evaluate(async () => {
         const r = await fetch('/api/v1/runs', {
