@@ -97,6 +97,11 @@ fn anonymous_base() -> Base {
     }
 }
 
+/// Content-Security-Policy of every page. xterm.js sets inline styles; nothing else is inline.
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
+     connect-src 'self' ws: wss:; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; \
+     form-action 'self'";
+
 fn page(html: String) -> Response {
     (
         [
@@ -107,6 +112,8 @@ fn page(html: String) -> Response {
                 header::HeaderName::from_static("referrer-policy"),
                 "same-origin",
             ),
+            // Scripts only from here; terminals connect to the worker's relay (another port).
+            (header::CONTENT_SECURITY_POLICY, CSP),
         ],
         Html(html),
     )

@@ -193,8 +193,14 @@ async fn admin_link_sets_a_session_cookie_once() {
 async fn pages_render_for_a_signed_in_user() {
     let h = H::new().await;
     let (cookie, csrf) = h.sign_in_admin().await;
-    let (status, catalog, _) = h.get("/", Some(&cookie)).await;
+    let (status, catalog, resp) = h.get("/", Some(&cookie)).await;
     assert_eq!(status, StatusCode::OK);
+    let csp = resp
+        .headers()
+        .get(header::CONTENT_SECURITY_POLICY)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    assert!(csp.contains("script-src 'self'"), "{csp}");
     for needle in [
         "Debian 12",
         "A Debian 12 (bookworm) machine",
