@@ -4,7 +4,10 @@
 //! worker relay → agent exec/PTY. Frames follow `ironlab_api::relay`. With a command: no PTY,
 //! stdout and stderr kept apart, our stdin forwarded when it is not a terminal, exit with the
 //! remote status. Without: a PTY, our terminal in raw mode (restored on every exit path,
-//! panics included), window size changes forwarded.
+//! panics included), window size changes forwarded. The PTY session is persistent on the
+//! worker: when the connection drops unexpectedly, `ssh` fetches a fresh token and attaches to
+//! the same session again (at most [`MAX_REATTACH`] times), clearing the screen before the
+//! worker replays recent output.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -12,17 +15,28 @@ use std::sync::Mutex;
 
 use anyhow::Context;
 use futures::{SinkExt, StreamExt};
-use ironlab_api::relay::{self, ClientControl, ServerControl};
+use ironlab_api::relay::{self, CLOSE_REPLACED, ClientControl, ServerControl};
 use ironlab_api::v1::{ConnectResponse, RunState, RunView};
 use reqwest::Method;
 use rustix::termios::{self, OptionalActions, Termios};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::cli::SshArgs;
 use crate::client::Api;
+
+/// Times an interactive session is re-attached after unexpected drops.
+const MAX_REATTACH: u32 = 3;
+/// Pause before re-attaching.
+const REATTACH_DELAY: std::time::Duration = std::time::Duration::from_millis(500);
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type WsSink = futures::stream::SplitSink<Ws, Message>;
+type WsStream = futures::stream::SplitStream<Ws>;
 
 /// The terminal settings to put back, for the panic hook.
 static SAVED_TERMIOS: Mutex<Option<Termios>> = Mutex::new(None);
@@ -116,8 +130,8 @@ async fn wait_until_running(api: &Api, run: &str) -> anyhow::Result<bool> {
     }
 }
 
-/// Runs `ssh`; returns the remote exit status.
-pub async fn run(args: SshArgs, api: &Api) -> anyhow::Result<i32> {
+/// Asks the control plane for a terminal token and opens the WebSocket.
+async fn open(api: &Api, args: &SshArgs) -> anyhow::Result<(WsSink, WsStream)> {
     let body = match &args.machine {
         Some(m) => json!({ "machine": m }),
         None => json!({}),
@@ -133,7 +147,31 @@ pub async fn run(args: SshArgs, api: &Api) -> anyhow::Result<i32> {
     let (ws, _) = tokio_tungstenite::connect_async(conn.url.as_str())
         .await
         .map_err(|e| describe_ws_error(e, &conn.url))?;
-    let (mut sink, mut stream) = ws.split();
+    Ok(ws.split())
+}
+
+/// Opens a new connection and attaches it to `session` with the current window size.
+async fn reattach(api: &Api, args: &SshArgs, session: &str) -> anyhow::Result<(WsSink, WsStream)> {
+    tokio::time::sleep(REATTACH_DELAY).await;
+    let (mut sink, stream) = open(api, args).await?;
+    let (cols, rows) = window_size();
+    sink.send(control(&ClientControl::Start {
+        command: Vec::new(),
+        tty: true,
+        cols,
+        rows,
+        env: BTreeMap::new(),
+        term: None,
+        session: Some(session.to_string()),
+    })?)
+    .await
+    .context("cannot re-attach to the terminal session")?;
+    Ok((sink, stream))
+}
+
+/// Runs `ssh`; returns the remote exit status.
+pub async fn run(args: SshArgs, api: &Api) -> anyhow::Result<i32> {
+    let (mut sink, mut stream) = open(api, &args).await?;
 
     let tty = args.command.is_empty();
     let stdin_is_tty = std::io::stdin().is_terminal();
@@ -189,28 +227,33 @@ pub async fn run(args: SshArgs, api: &Api) -> anyhow::Result<i32> {
     let mut stdout = tokio::io::stdout();
     let mut stderr = tokio::io::stderr();
 
+    let mut session: Option<String> = None;
+    let mut reattached = 0u32;
     loop {
         tokio::select! {
             msg = stream.next() => {
-                let msg = match msg {
-                    Some(Ok(m)) => m,
-                    Some(Err(e)) => return Err(anyhow::Error::new(e).context("the terminal connection broke")),
-                    None => anyhow::bail!("the terminal connection closed without an exit status"),
-                };
-                match msg {
-                    Message::Binary(data) => match relay::split_frame(&data) {
-                        Some((relay::STDOUT, d)) => {
-                            stdout.write_all(d).await.context("cannot write to stdout")?;
-                            stdout.flush().await.context("cannot write to stdout")?;
+                let broken = match msg {
+                    Some(Ok(Message::Binary(data))) => {
+                        match relay::split_frame(&data) {
+                            Some((relay::STDOUT, d)) => {
+                                stdout.write_all(d).await.context("cannot write to stdout")?;
+                                stdout.flush().await.context("cannot write to stdout")?;
+                            }
+                            Some((relay::STDERR, d)) => {
+                                stderr.write_all(d).await.context("cannot write to stderr")?;
+                                stderr.flush().await.context("cannot write to stderr")?;
+                            }
+                            _ => {}
                         }
-                        Some((relay::STDERR, d)) => {
-                            stderr.write_all(d).await.context("cannot write to stderr")?;
-                            stderr.flush().await.context("cannot write to stderr")?;
+                        None
+                    }
+                    Some(Ok(Message::Text(text))) => match serde_json::from_str::<ServerControl>(&text) {
+                        Ok(ServerControl::Started { session: id }) => {
+                            if tty && !id.is_empty() {
+                                session = Some(id);
+                            }
+                            None
                         }
-                        _ => {}
-                    },
-                    Message::Text(text) => match serde_json::from_str::<ServerControl>(&text) {
-                        Ok(ServerControl::Started { .. }) => {}
                         Ok(ServerControl::Exit { code }) => {
                             let _ = sink.send(Message::Close(None)).await;
                             return Ok(code);
@@ -218,16 +261,39 @@ pub async fn run(args: SshArgs, api: &Api) -> anyhow::Result<i32> {
                         Ok(ServerControl::Error { message }) => {
                             anyhow::bail!("the remote session failed: {message}");
                         }
-                        Err(e) => tracing::debug!(error = %e, "ignoring an unknown control message"),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "ignoring an unknown control message");
+                            None
+                        }
                     },
-                    Message::Close(frame) => {
+                    Some(Ok(Message::Close(frame))) => {
+                        if frame.as_ref().is_some_and(|f| u16::from(f.code) == CLOSE_REPLACED) {
+                            anyhow::bail!("another client attached to this terminal session");
+                        }
                         let why = frame.map(|f| f.reason.to_string()).filter(|r| !r.is_empty());
-                        anyhow::bail!(
+                        Some(anyhow::anyhow!(
                             "the terminal connection closed without an exit status{}",
                             why.map(|r| format!(": {r}")).unwrap_or_default()
-                        );
+                        ))
                     }
-                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => None,
+                    Some(Err(e)) => Some(anyhow::Error::new(e).context("the terminal connection broke")),
+                    None => Some(anyhow::anyhow!("the terminal connection closed without an exit status")),
+                };
+                if let Some(err) = broken {
+                    match (&session, tty && reattached < MAX_REATTACH) {
+                        (Some(id), true) => {
+                            reattached += 1;
+                            tracing::debug!(error = %format!("{err:#}"), "re-attaching to session {id}");
+                            let (s, st) = reattach(api, &args, id)
+                                .await
+                                .map_err(|e| e.context(format!("{err:#}; re-attaching failed")))?;
+                            (sink, stream) = (s, st);
+                            // The worker replays recent output: start from a clean screen.
+                            stdout.write_all(b"\x1b[H\x1b[2J").await.context("cannot write to stdout")?;
+                        }
+                        _ => return Err(err),
+                    }
                 }
             }
             input = in_rx.recv(), if stdin_open => {
