@@ -25,6 +25,9 @@ if [[ $(id -u) -ne 0 ]]; then
     exit 1
 fi
 
+# A non-login root shell may lack the sbin dirs (ip, losetup, mkfs.ext4 live there).
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
+
 step "setup"
 scripts/setup.sh
 

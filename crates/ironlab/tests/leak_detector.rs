@@ -49,6 +49,34 @@ fn leak_detector_sees_and_scrubs_every_kind_of_leftover() {
     let cg = std::path::Path::new("/sys/fs/cgroup/pids/ironlab-leaktest").join(&run);
     let made_cgroup = fs::create_dir_all(&cg).is_ok();
 
+    // A detached container named like the worker names them, running busybox `sleep`.
+    let bundle = dir.path().join("bundle");
+    fs::create_dir_all(bundle.join("rootfs/bin")).expect("create a bundle");
+    fs::copy("/bin/busybox", bundle.join("rootfs/bin/busybox")).expect("copy busybox");
+    std::os::unix::fs::symlink("busybox", bundle.join("rootfs/bin/sleep")).expect("symlink sleep");
+    let runtime = if common::which("crun").is_some() {
+        "crun"
+    } else {
+        "runc"
+    };
+    let bundle_s = bundle.to_string_lossy().into_owned();
+    run_ok(runtime, &["spec", "--bundle", &bundle_s]);
+    let config = bundle.join("config.json");
+    let spec = fs::read_to_string(&config).expect("read config.json");
+    let spec = spec
+        .replace("\"terminal\": true", "\"terminal\": false")
+        .replace("\"sh\"", "\"sleep\", \"60\"");
+    fs::write(&config, spec).expect("write config.json");
+    let container = format!("il-{run}-box");
+    let status = Command::new(runtime)
+        .args(["run", "--detach", "--bundle", &bundle_s, &container])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("run the container");
+    assert!(status.success(), "{runtime} run --detach failed");
+
     let left = leftovers(&run, &run_dir);
     let all = left.join("\n");
     scrub_run(&run);
@@ -63,6 +91,10 @@ fn leak_detector_sees_and_scrubs_every_kind_of_leftover() {
         assert!(all.contains("cgroup "), "cgroup not seen:\n{all}");
     }
     assert!(all.contains("run directory"), "run dir not seen:\n{all}");
+    assert!(
+        all.contains(&format!("{runtime} container {container}")),
+        "container not seen:\n{all}"
+    );
 
     fs::remove_dir_all(&run_dir).expect("remove the fake run dir");
     let left = leftovers(&run, &run_dir);

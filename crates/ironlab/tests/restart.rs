@@ -46,6 +46,15 @@ playground:
     let id = run["id"].as_str().expect("start prints an id").to_string();
     let token = p.token();
     let me_before = http("GET", &p.api("/me"), Some(&token), None).json();
+    // A second user, whose token must survive too.
+    let bob_token = p.cli_ok(&["user", "create", "bob"]).trim().to_string();
+    assert!(!bob_token.is_empty(), "`user create` printed no token");
+    let bob_before = http("GET", &p.api("/me"), Some(&bob_token), None);
+    assert_eq!(
+        bob_before.status, 200,
+        "bob's new token: {}",
+        bob_before.body
+    );
     p.ssh_ok(&id, &["sh", "-c", "echo kept > /tmp/marker"]);
 
     let status = p.stop_control().expect("control plane was running");
@@ -60,6 +69,18 @@ playground:
     assert_eq!(p.token(), token, "the admin token changed across a restart");
     let me_after = http("GET", &p.api("/me"), Some(&token), None).json();
     assert_eq!(me_after, me_before, "the user changed across a restart");
+    let bob_after = http("GET", &p.api("/me"), Some(&bob_token), None);
+    assert_eq!(
+        bob_after.status, 200,
+        "bob's token after a restart: {}",
+        bob_after.body
+    );
+    assert_eq!(
+        bob_after.json(),
+        bob_before.json(),
+        "bob changed across a restart"
+    );
+    assert_eq!(bob_after.json()["name"], "bob");
     // The playground and the run are still there, and the run still works.
     let catalog = p.cli_ok(&["playground", "catalog"]);
     assert!(

@@ -203,6 +203,17 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A free port P on 127.0.0.1 whose successor P+1 is free too (`ironlab up` uses both).
+pub fn free_port_pair() -> u16 {
+    for _ in 0..100 {
+        let p = free_port();
+        if p < u16::MAX && TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no two adjacent free ports on 127.0.0.1 after 100 tries");
+}
+
 /// A fresh directory removed in `Drop`.
 pub struct TempDir {
     path: PathBuf,
@@ -290,9 +301,14 @@ fn drain<R: Read + Send + 'static>(mut r: R) -> thread::JoinHandle<Vec<u8>> {
     })
 }
 
+/// The path of a host tool (found in the sbin dirs too), or its bare name.
+fn tool(prog: &str) -> PathBuf {
+    which(prog).unwrap_or_else(|| PathBuf::from(prog))
+}
+
 /// Runs a host tool and returns its stdout (empty when it fails or is missing).
 pub fn sh(prog: &str, args: &[&str]) -> String {
-    Command::new(prog)
+    Command::new(tool(prog))
         .args(args)
         .stdin(Stdio::null())
         .stderr(Stdio::null())
@@ -303,7 +319,7 @@ pub fn sh(prog: &str, args: &[&str]) -> String {
 
 /// Runs a host tool for its effect, ignoring failures (cleanup paths).
 fn quiet(prog: &str, args: &[&str]) {
-    let _ = Command::new(prog)
+    let _ = Command::new(tool(prog))
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -772,6 +788,8 @@ pub struct Platform {
     token: Option<String>,
     /// Run ids this platform saw (cleaned in `Drop` even if the API forgot them).
     runs: Vec<String>,
+    /// `ironlab up` (control plane + supervised worker in one process tree) instead of two.
+    up: bool,
 }
 
 impl Platform {
@@ -792,8 +810,35 @@ impl Platform {
             worker_starts: 0,
             token: None,
             runs: Vec::new(),
+            up: false,
         };
         p.start_worker();
+        p.start_control();
+        p
+    }
+
+    /// Starts `ironlab up --listen 127.0.0.1:P --data-dir DATA` (its worker listens on P+1) and
+    /// waits until both answer. [`Platform::start_control`] restarts it, [`Platform::interrupt`]
+    /// sends it Ctrl-C.
+    pub fn start_up(env: &Env) -> Platform {
+        let dir = TempDir::new("up");
+        let data = dir.path().join("data");
+        fs::create_dir_all(&data).expect("create the data dir");
+        let port = free_port_pair();
+        let mut p = Platform {
+            env: env.clone(),
+            data,
+            dir,
+            control: None,
+            worker: None,
+            control_port: port,
+            worker_port: port + 1,
+            control_starts: 0,
+            worker_starts: 0,
+            token: None,
+            runs: Vec::new(),
+            up: true,
+        };
         p.start_control();
         p
     }
@@ -889,17 +934,21 @@ impl Platform {
         assert!(self.control.is_none(), "control plane already running");
         self.control_starts += 1;
         let log = self.log("control", self.control_starts);
-        let args = vec![
-            "control".to_string(),
+        let mut args = vec![
+            if self.up { "up" } else { "control" }.to_string(),
             "--listen".into(),
             format!("127.0.0.1:{}", self.control_port),
             "--data-dir".into(),
             self.data.to_string_lossy().into_owned(),
-            "--worker-url".into(),
-            self.worker_url(),
-            "--worker-token-file".into(),
-            self.worker_token_file().to_string_lossy().into_owned(),
         ];
+        if !self.up {
+            args.extend([
+                "--worker-url".into(),
+                self.worker_url(),
+                "--worker-token-file".into(),
+                self.worker_token_file().to_string_lossy().into_owned(),
+            ]);
+        }
         let child = self.spawn(&args, &log);
         self.control = Some(child);
         let token_file = self.data.join("admin-token");
@@ -918,6 +967,33 @@ impl Platform {
                 tail(&log, 40)
             ),
         }
+        if self.up {
+            // `up` starts its worker as a child; wait until it answers too.
+            let url = format!("{}/v1/status", self.worker_url());
+            let ok = wait_for(Duration::from_secs(60), Duration::from_millis(50), || {
+                self.check_alive();
+                try_http("GET", &url, None, None).ok()
+            });
+            assert!(
+                ok.is_some(),
+                "the worker of `ironlab up` did not answer {url} within 60 s:\n{}",
+                tail(&log, 40)
+            );
+        }
+    }
+
+    /// Sends Ctrl-C (SIGINT) to `ironlab up` / `control` and waits up to `timeout` for it to exit.
+    pub fn interrupt(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut c = self.control.take()?;
+        signal(c.id(), "INT");
+        let st = wait_for(timeout, Duration::from_millis(20), || {
+            c.try_wait().ok().flatten()
+        });
+        if st.is_none() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        st
     }
 
     /// Panics with the log when a started process has exited.
@@ -931,6 +1007,11 @@ impl Platform {
             {
                 let log = self.dir.path().join(format!("{name}-{n}.log"));
                 *child = None;
+                let name = if name == "control" && self.up {
+                    "up"
+                } else {
+                    name
+                };
                 panic!("`ironlab {name}` exited ({st}):\n{}", tail(&log, 60));
             }
         }
@@ -1292,12 +1373,41 @@ fn rmdir_tree(dir: &Path, depth: u32) {
     let _ = fs::remove_dir(dir);
 }
 
+/// Removes what a worker with data dir `data` could have left: every run it knew of (`runs`,
+/// plus the run dirs under `data/worker/pool/runs`), then any mount or loop device under `data`.
+/// Reports leftovers on stderr. Call it after the processes are gone.
+pub fn scrub_data_dir(data: &Path, runs: &[String]) {
+    let mut runs = runs.to_vec();
+    if let Ok(rd) = fs::read_dir(data.join("worker/pool/runs")) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !runs.contains(&name) {
+                runs.push(name);
+            }
+        }
+    }
+    for run in &runs {
+        let left = leftovers(run, &data.join("worker/pool/runs").join(run));
+        if !left.is_empty() {
+            eprintln!("cleanup: run {run} left: {}", left.join(", "));
+        }
+        scrub_run(run);
+    }
+    let data = data.to_string_lossy().into_owned();
+    for m in mounts_matching(&data) {
+        quiet("umount", &["-l", &m]);
+    }
+    for (dev, _) in loops_matching(&data) {
+        quiet("losetup", &["-d", &dev]);
+    }
+}
+
 impl Drop for Platform {
     fn drop(&mut self) {
         let panicking = thread::panicking();
         // 1. Destroy runs through the API while both processes live.
         if self.control.is_some()
-            && self.worker.is_some()
+            && (self.worker.is_some() || self.up)
             && let Some(token) = self.token.clone()
         {
             if let Ok(r) = try_http("GET", &self.api("/runs"), Some(&token), None)
@@ -1334,24 +1444,6 @@ impl Drop for Platform {
             stop_child(&mut c, Duration::from_secs(10));
         }
         // 3. Remove what the worker could have left: per run, then anything under the data dir.
-        if let Ok(rd) = fs::read_dir(self.data.join("worker/pool/runs")) {
-            for e in rd.flatten() {
-                self.track(&e.file_name().to_string_lossy());
-            }
-        }
-        for run in &self.runs {
-            let left = leftovers(run, &self.run_dir(run));
-            if !left.is_empty() {
-                eprintln!("cleanup: run {run} left: {}", left.join(", "));
-            }
-            scrub_run(run);
-        }
-        let data = self.data.to_string_lossy().into_owned();
-        for m in mounts_matching(&data) {
-            quiet("umount", &["-l", &m]);
-        }
-        for (dev, _) in loops_matching(&data) {
-            quiet("losetup", &["-d", &dev]);
-        }
+        scrub_data_dir(&self.data, &self.runs);
     }
 }
