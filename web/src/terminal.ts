@@ -9,7 +9,8 @@
 // 1 stdout, 2 stderr) and text frames carry `resize`, `exit` and `error`.
 //
 // Memory is bounded in the browser: the scrollback is capped, and when output arrives faster
-// than xterm.js can draw it, the surplus is dropped (with a visible note) instead of queued.
+// than xterm.js can draw it, only the newest 256 KiB wait (the rest is dropped, with a note on
+// screen), so a flood cannot queue without bound and the final prompt is always shown.
 
 import { Terminal } from '@xterm/xterm';
 import { FitAddon } from '@xterm/addon-fit';
@@ -23,10 +24,12 @@ const STDOUT = 1;
 const STDERR = 2;
 /** Lines of history kept per terminal. */
 const SCROLLBACK = 5000;
-/** Output queued in xterm.js (bytes) above which new output is dropped… */
-const HIGH_WATER = 4 * 1024 * 1024;
-/** …until the queue is below this again. */
-const LOW_WATER = 512 * 1024;
+/** Output queued in xterm.js (bytes) above which new output waits in a small backlog… */
+const HIGH_WATER = 2 * 1024 * 1024;
+/** …that is handed over once the queue is below this again… */
+const LOW_WATER = 256 * 1024;
+/** …and keeps only the newest output: older bytes are dropped (with a note on screen). */
+const BACKLOG_MAX = 256 * 1024;
 /** Longest wait between reconnection attempts. */
 const MAX_RETRY_MS = 5000;
 /** Attempts before giving up and offering a button. */
@@ -72,7 +75,9 @@ export class TerminalSession {
   dropped = 0;
   private attempts = 0;
   private pending = 0;
-  private dropping = false;
+  private backlog: Uint8Array[] = [];
+  private backlogBytes = 0;
+  private droppedShown = 0;
   private retryTimer: number | undefined;
   private readonly overlay: HTMLElement;
   private readonly overlayText: HTMLElement;
@@ -305,23 +310,40 @@ export class TerminalSession {
   }
 
   private write(data: Uint8Array): void {
-    if (this.dropping) {
-      if (this.pending > LOW_WATER) {
-        this.dropped += data.length;
-        return;
+    if (this.pending > HIGH_WATER || this.backlog.length > 0) {
+      // xterm.js is behind: keep only the newest output (it ends with the prompt).
+      this.backlog.push(data.slice());
+      this.backlogBytes += data.length;
+      while (this.backlogBytes > BACKLOG_MAX && this.backlog.length > 1) {
+        const old = this.backlog.shift() as Uint8Array;
+        this.backlogBytes -= old.length;
+        this.dropped += old.length;
       }
-      this.dropping = false;
-    } else if (this.pending > HIGH_WATER) {
-      this.dropping = true;
-      this.dropped += data.length;
-      this.term.write('\r\n\x1b[33m[ironlab: output is arriving faster than it can be shown; skipping some]\x1b[0m\r\n');
       return;
     }
+    this.feed(data.slice());
+  }
+
+  /** Hands bytes to xterm.js (it keeps the buffer: callers pass a copy). */
+  private feed(data: Uint8Array): void {
     this.pending += data.length;
-    // xterm.js keeps the buffer it is given: copy out of the frame.
-    this.term.write(data.slice(), () => {
+    this.term.write(data, () => {
       this.pending -= data.length;
+      this.drain();
     });
+  }
+
+  /** Once xterm.js has caught up, shows what was kept while it was behind. */
+  private drain(): void {
+    if (this.backlog.length === 0 || this.pending > LOW_WATER || this.phase === 'disposed') return;
+    const chunks = this.backlog;
+    this.backlog = [];
+    this.backlogBytes = 0;
+    if (this.dropped > this.droppedShown) {
+      this.droppedShown = this.dropped;
+      this.term.write('\r\n\x1b[33m[ironlab: output came faster than it could be shown; skipped some]\x1b[0m\r\n');
+    }
+    for (const c of chunks) this.feed(c);
   }
 
   private onKey(e: KeyboardEvent): boolean {
