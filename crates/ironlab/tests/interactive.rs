@@ -78,6 +78,7 @@ fn interactive_shell_over_a_pty() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start script(1)");
+    let script_pid = child.id().to_string();
     let screen = Arc::new(Mutex::new(Vec::<u8>::new()));
     let reader = {
         let screen = Arc::clone(&screen);
@@ -140,6 +141,29 @@ fn interactive_shell_over_a_pty() {
         .write_all(b"echo size-$(stty size | tr ' ' x)\r")
         .expect("type into the terminal");
     expect("window size", "size-30x100", Duration::from_secs(10));
+
+    // Resizing the local terminal resizes the remote one (SIGWINCH → resize message).
+    let cli_pid = common::sh("pgrep", &["-P", &script_pid]);
+    let cli_pid = cli_pid.lines().next().unwrap_or("").trim().to_string();
+    let pts = std::fs::read_link(format!("/proc/{cli_pid}/fd/0")).unwrap_or_else(|e| {
+        panic!("cannot find the terminal of `ironlab ssh` (pid {cli_pid:?}): {e}")
+    });
+    let resized = Command::new("stty")
+        .arg("-F")
+        .arg(&pts)
+        .args(["cols", "120", "rows", "40"])
+        .status()
+        .expect("run stty");
+    assert!(resized.success(), "stty -F {} failed", pts.display());
+    std::thread::sleep(Duration::from_millis(300));
+    stdin
+        .write_all(b"echo size-$(stty size | tr ' ' x)\r")
+        .expect("type into the terminal");
+    expect(
+        "window size after resize",
+        "size-40x120",
+        Duration::from_secs(10),
+    );
 
     // Ctrl-C interrupts the remote foreground process and the shell prompt comes back.
     let t = Instant::now();
