@@ -3,7 +3,7 @@
 //! Who talks to whom: the worker (on the host) is a gRPC client of [`server::AgentService`] over a
 //! unix socket (bind-mounted into a container at [`DEFAULT_SOCKET`]'s directory). The service runs
 //! processes ([`exec`], with [`pty`] for terminals), writes files ([`files`]) and creates
-//! accounts ([`users`]). In a machine, [`init`] is PID 1 and supervises the `serve` process.
+//! accounts ([`users`]) and runs the machine's task checks ([`tasks`]). In a machine, [`init`] is PID 1 and supervises the `serve` process.
 //!
 //! The worker and tests use [`connect`] to reach an agent.
 #![warn(missing_docs)]
@@ -19,6 +19,7 @@ pub mod files;
 pub mod init;
 pub mod pty;
 pub mod server;
+pub mod tasks;
 pub mod users;
 
 /// The agent's version (the crate version).

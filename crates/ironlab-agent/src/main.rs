@@ -1,18 +1,21 @@
-//! The `ironlab-agent` binary: `init`, `serve`, `version` (arguments parsed by hand to keep the
+//! The `ironlab-agent` binary: `init`, `serve`, `tasks`, `version` (arguments parsed by hand to keep the
 //! static binary small).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use ironlab_agent::{DEFAULT_SOCKET, VERSION, init, server};
+use ironlab_agent::{DEFAULT_SOCKET, VERSION, init, server, tasks};
 
 const USAGE: &str = "\
 usage: ironlab-agent init  [--socket PATH]               PID 1: reap zombies, supervise `serve`
-       ironlab-agent serve [--socket PATH] [--root DIR]  serve the agent gRPC API
+       ironlab-agent serve [--socket PATH] [--root DIR] [--tasks-state FILE]
+                                                         serve the agent gRPC API
+       ironlab-agent tasks [--socket PATH] list|watch|input NAME VALUE|wait NAME [--timeout S]
        ironlab-agent version
 
---socket defaults to /run/ironlab/agent.sock; --root (default /) is where /etc/passwd etc. are read.";
+--socket defaults to /run/ironlab/agent.sock; --root (default /) is where /etc/passwd etc. are read;
+--tasks-state (default /var/lib/ironlab-agent/tasks.json) is where task states survive restarts.";
 
 /// How long `serve` waits for open calls (sessions) after SIGTERM before it exits anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -20,12 +23,14 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 struct Opts {
     socket: PathBuf,
     root: PathBuf,
+    tasks_state: PathBuf,
 }
 
 fn parse(args: &[String], allow_root: bool) -> anyhow::Result<Opts> {
     let mut opts = Opts {
         socket: PathBuf::from(DEFAULT_SOCKET),
         root: PathBuf::from("/"),
+        tasks_state: PathBuf::from(tasks::DEFAULT_STATE_PATH),
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -45,6 +50,7 @@ fn parse(args: &[String], allow_root: bool) -> anyhow::Result<Opts> {
         match name {
             "--socket" => opts.socket = PathBuf::from(value()?),
             "--root" if allow_root => opts.root = PathBuf::from(value()?),
+            "--tasks-state" if allow_root => opts.tasks_state = PathBuf::from(value()?),
             other => bail!("unknown option {other:?}\n\n{USAGE}"),
         }
     }
@@ -72,7 +78,7 @@ fn serve(opts: Opts) -> anyhow::Result<i32> {
             std::process::id()
         );
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let service = server::AgentService::new(&opts.root);
+        let service = server::AgentService::new(&opts.root).with_task_state(&opts.tasks_state);
         let server = server::serve(listener, service, async {
             let _ = stop_rx.await;
         });
@@ -103,6 +109,13 @@ fn run(args: &[String]) -> anyhow::Result<i32> {
             init::run(&opts.socket)
         }
         "serve" => serve(parse(rest, true)?),
+        "tasks" => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the tokio runtime")?;
+            runtime.block_on(tasks::cli::run(rest))
+        }
         "version" | "--version" | "-V" => {
             println!("ironlab-agent {VERSION}");
             Ok(0)

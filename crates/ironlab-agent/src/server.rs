@@ -10,21 +10,26 @@ use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
 use ironlab_api::agent::agent_server::{Agent, AgentServer};
 use ironlab_api::agent::{
-    EnsureUsersRequest, EnsureUsersResponse, ExecInput, ExecOutput, HealthRequest, HealthResponse,
-    PutFileRequest, PutFileResponse, exec_input,
+    ApplyTasksRequest, ApplyTasksResponse, EnsureUsersRequest, EnsureUsersResponse, ExecInput,
+    ExecOutput, HealthRequest, HealthResponse, ListTasksRequest, ListTasksResponse, PutFileRequest,
+    PutFileResponse, SetExternalRequest, SetExternalResponse, TaskEvent, TaskInputRequest,
+    TaskInputResponse, WatchTasksRequest, exec_input,
 };
 use tokio::net::UnixListener;
+use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::exec::{self, ExecError};
 use crate::files::{self, FileError};
+use crate::tasks::{self, BashExecutor, Engine, TaskError};
 use crate::users::{UserDb, UserError};
 
 /// Largest request accepted (`PutFile` content).
@@ -36,15 +41,35 @@ pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 pub struct AgentService {
     db: UserDb,
     started: Instant,
+    tasks: Engine,
 }
 
 impl AgentService {
-    /// A service over the machine rooted at `root`.
+    /// A service over the machine rooted at `root`. Its task engine keeps state in memory only
+    /// (see [`AgentService::with_task_state`]).
     pub fn new(root: impl Into<PathBuf>) -> Self {
+        let db = UserDb::new(root);
+        let tasks = Engine::new(Arc::new(BashExecutor::new(db.clone())), None);
         AgentService {
-            db: UserDb::new(root),
+            db,
             started: Instant::now(),
+            tasks,
         }
+    }
+
+    /// Replaces the task engine by one that persists its state at `path` and resumes the tasks
+    /// saved there (an agent restart). Must be called within a tokio runtime.
+    pub fn with_task_state(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tasks = Engine::new(
+            Arc::new(BashExecutor::new(self.db.clone())),
+            Some(path.into()),
+        );
+        self
+    }
+
+    /// The task engine.
+    pub fn tasks(&self) -> &Engine {
+        &self.tasks
     }
 
     /// The tonic server wrapper, with the message size limit raised to [`MAX_MESSAGE`].
@@ -95,6 +120,15 @@ pub fn status_of(e: &(dyn std::error::Error + 'static)) -> Status {
     if let Some(u) = e.downcast_ref::<UserError>() {
         return user(u);
     }
+    if let Some(t) = e.downcast_ref::<TaskError>() {
+        return match t {
+            TaskError::Invalid(_) | TaskError::NotInput(_) | TaskError::UnknownExternal(_) => {
+                Status::invalid_argument(&msg)
+            }
+            TaskError::UnknownTask(_) => Status::not_found(&msg),
+            TaskError::NotReady { .. } => Status::failed_precondition(&msg),
+        };
+    }
     Status::internal(msg)
 }
 
@@ -105,6 +139,48 @@ fn hostname() -> String {
 }
 
 type ExecStream = Pin<Box<dyn Stream<Item = Result<ExecOutput, Status>> + Send + 'static>>;
+type TaskStream = Pin<Box<dyn Stream<Item = Result<TaskEvent, Status>> + Send + 'static>>;
+
+/// Forwards engine events to one `WatchTasks` stream until the client goes away; after a lag,
+/// sends a fresh snapshot.
+fn watch_tasks(
+    engine: Engine,
+    include_snapshot: bool,
+) -> mpsc::Receiver<Result<TaskEvent, Status>> {
+    let (tx, out) = mpsc::channel(64);
+    let (snapshot, mut rx) = engine.watch();
+    tokio::spawn(async move {
+        if include_snapshot {
+            for s in &snapshot {
+                if tx.send(Ok(tasks::proto::event(s))).await.is_err() {
+                    return;
+                }
+            }
+        }
+        drop(snapshot);
+        loop {
+            let next = tokio::select! {
+                next = rx.recv() => next,
+                () = tx.closed() => return,
+            };
+            let events = match next {
+                Ok(e) => vec![e],
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    let (snapshot, fresh) = engine.watch();
+                    rx = fresh;
+                    snapshot
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            for e in &events {
+                if tx.send(Ok(tasks::proto::event(e))).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    out
+}
 
 #[tonic::async_trait]
 impl Agent for AgentService {
@@ -171,6 +247,63 @@ impl Agent for AgentService {
             .map_err(|e| Status::internal(format!("EnsureUsers task failed: {e}")))?
             .map_err(|e| status_of(&e))?;
         Ok(Response::new(EnsureUsersResponse {}))
+    }
+
+    async fn apply_tasks(
+        &self,
+        request: Request<ApplyTasksRequest>,
+    ) -> Result<Response<ApplyTasksResponse>, Status> {
+        let set = tasks::proto::task_set(request.into_inner());
+        self.tasks.apply(set).map_err(|e| status_of(&e))?;
+        Ok(Response::new(ApplyTasksResponse {}))
+    }
+
+    async fn set_external(
+        &self,
+        request: Request<SetExternalRequest>,
+    ) -> Result<Response<SetExternalResponse>, Status> {
+        let req = request.into_inner();
+        self.tasks
+            .set_external(&req.name, req.completed, &req.stdout)
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(SetExternalResponse {}))
+    }
+
+    type WatchTasksStream = TaskStream;
+
+    async fn watch_tasks(
+        &self,
+        request: Request<WatchTasksRequest>,
+    ) -> Result<Response<TaskStream>, Status> {
+        let rx = watch_tasks(self.tasks.clone(), request.into_inner().include_snapshot);
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_tasks(
+        &self,
+        _request: Request<ListTasksRequest>,
+    ) -> Result<Response<ListTasksResponse>, Status> {
+        let (machine, list) = self.tasks.list();
+        Ok(Response::new(ListTasksResponse {
+            tasks: list.iter().map(tasks::proto::event).collect(),
+            machine,
+        }))
+    }
+
+    async fn task_input(
+        &self,
+        request: Request<TaskInputRequest>,
+    ) -> Result<Response<TaskInputResponse>, Status> {
+        let req = request.into_inner();
+        let reply = self
+            .tasks
+            .input(&req.name, &req.value)
+            .await
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(TaskInputResponse {
+            accepted: reply.accepted,
+            hint: reply.hint,
+        }))
     }
 }
 

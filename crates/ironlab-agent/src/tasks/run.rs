@@ -1,0 +1,253 @@
+//! Running one script of a task: the [`Executor`] trait and the real one, [`BashExecutor`].
+//!
+//! Each script runs as `bash -c SCRIPT` (`sh` when the machine has no bash) as the task's user,
+//! with the login environment of [`crate::exec::environment`] plus the task's variables, in its
+//! own session and process group. stdout and stderr are read concurrently and only the first
+//! [`OUTPUT_CAP`] bytes of each are kept (the rest is read and dropped, so the script never blocks
+//! on a full pipe). On timeout — or when the attempt is abandoned (task set replaced, agent
+//! stopping) — the whole process group gets SIGKILL, grandchildren included.
+#![allow(unsafe_code)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::os::unix::process::ExitStatusExt;
+use std::pin::Pin;
+use std::process::Stdio;
+use std::time::Duration;
+
+use ironlab_api::agent::ExecStart;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use super::OUTPUT_CAP;
+use crate::exec::{self, Creds};
+use crate::users::UserDb;
+
+/// After the script exits, output is still read for this long (a background process may hold
+/// the pipes open).
+pub const DRAIN: Duration = Duration::from_millis(100);
+
+/// One script to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    /// User name; empty = root.
+    pub user: String,
+    /// The bash script.
+    pub script: String,
+    /// Extra environment (over the login environment), in order; later entries win.
+    pub env: Vec<(String, String)>,
+    /// Kill the process group after this long.
+    pub timeout: Option<Duration>,
+}
+
+/// How a script ended.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Outcome {
+    /// Exit code; 128 + signal when killed; 127 when it could not be started.
+    pub code: i32,
+    /// stdout (first [`OUTPUT_CAP`] bytes, lossy UTF-8).
+    pub stdout: String,
+    /// stderr (first [`OUTPUT_CAP`] bytes, lossy UTF-8); says why when it could not start.
+    pub stderr: String,
+    /// Killed by the timeout.
+    pub timed_out: bool,
+}
+
+/// Runs scripts. The real one is [`BashExecutor`]; unit tests use fakes.
+pub trait Executor: Send + Sync + 'static {
+    /// Runs `job` to its end (or its timeout).
+    fn run(&self, job: Job) -> Pin<Box<dyn Future<Output = Outcome> + Send + 'static>>;
+}
+
+/// Runs scripts as real processes in the machine.
+#[derive(Debug, Clone)]
+pub struct BashExecutor {
+    db: UserDb,
+}
+
+impl BashExecutor {
+    /// Users are resolved in `db` (the machine's `/etc/passwd`).
+    pub fn new(db: UserDb) -> Self {
+        BashExecutor { db }
+    }
+}
+
+impl Executor for BashExecutor {
+    fn run(&self, job: Job) -> Pin<Box<dyn Future<Output = Outcome> + Send + 'static>> {
+        let db = self.db.clone();
+        Box::pin(async move { run_job(&db, job).await })
+    }
+}
+
+/// SIGKILLs a process group on drop unless disarmed.
+struct GroupGuard(Option<Pid>);
+
+impl GroupGuard {
+    fn kill(&self) {
+        if let Some(pgid) = self.0
+            && pgid.as_raw() > 0
+        {
+            let _ = killpg(pgid, Signal::SIGKILL);
+        }
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn failed_to_start(what: String) -> Outcome {
+    Outcome {
+        code: 127,
+        stdout: String::new(),
+        stderr: format!("ironlab-agent: {what}\n"),
+        timed_out: false,
+    }
+}
+
+/// Reads `r` to its end, keeping the first [`OUTPUT_CAP`] bytes in `keep`.
+async fn capture<R: AsyncRead + Unpin>(r: &mut R, keep: &mut Vec<u8>) {
+    let mut buf = [0u8; 8192];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                let room = OUTPUT_CAP.saturating_sub(keep.len());
+                keep.extend_from_slice(&buf[..n.min(room)]);
+            }
+        }
+    }
+}
+
+fn shell(db: &UserDb) -> &'static str {
+    if db.path("/bin/bash").is_file() {
+        "/bin/bash"
+    } else {
+        "/bin/sh"
+    }
+}
+
+/// Runs one job as a real process (see the module docs).
+pub async fn run_job(db: &UserDb, job: Job) -> Outcome {
+    let start = ExecStart {
+        argv: vec![shell(db).to_string(), "-c".into(), job.script.clone()],
+        user: job.user.clone(),
+        env: job.env.iter().cloned().collect::<HashMap<_, _>>(),
+        ..Default::default()
+    };
+    let plan = match exec::plan(db, &start) {
+        Ok(p) => p,
+        Err(e) => return failed_to_start(format!("task user {:?}: {e}", job.user)),
+    };
+    let mut cmd = tokio::process::Command::new(&plan.program);
+    cmd.args(&plan.args)
+        .env_clear()
+        .envs(plan.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&plan.cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(false);
+    let creds = plan.creds.clone();
+    // SAFETY: `child_setup` only makes async-signal-safe syscalls and does not allocate.
+    unsafe {
+        cmd.pre_exec(move || child_setup(creds.as_ref()));
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return failed_to_start(format!("cannot start {}: {e}", plan.program)),
+    };
+    let guard = GroupGuard(
+        child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .map(Pid::from_raw),
+    );
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let mut timed_out = false;
+    let status = {
+        let read = async {
+            let o = async {
+                if let Some(s) = stdout.as_mut() {
+                    capture(s, &mut out).await;
+                }
+            };
+            let e = async {
+                if let Some(s) = stderr.as_mut() {
+                    capture(s, &mut err).await;
+                }
+            };
+            tokio::join!(o, e);
+        };
+        tokio::pin!(read);
+        let wait = async {
+            match job.timeout {
+                Some(t) => match tokio::time::timeout(t, child.wait()).await {
+                    Ok(status) => status,
+                    Err(_) => {
+                        timed_out = true;
+                        guard.kill();
+                        child.wait().await
+                    }
+                },
+                None => child.wait().await,
+            }
+        };
+        tokio::pin!(wait);
+        let mut read_done = false;
+        let status = loop {
+            tokio::select! {
+                s = &mut wait => break s,
+                _ = &mut read, if !read_done => read_done = true,
+            }
+        };
+        if !read_done {
+            let _ = tokio::time::timeout(DRAIN, &mut read).await;
+        }
+        status
+    };
+    // The attempt is over (the group was killed already on timeout); leftover background
+    // processes of a finished script keep running (an init task may start a daemon), so the
+    // guard only kills when the attempt is abandoned before this point.
+    let mut guard = guard;
+    guard.0 = None;
+    let code = match status {
+        Ok(s) => s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)),
+        Err(e) => {
+            err.extend_from_slice(
+                format!("ironlab-agent: cannot wait for the script: {e}\n").as_bytes(),
+            );
+            127
+        }
+    };
+    Outcome {
+        code,
+        stdout: String::from_utf8_lossy(&out).into_owned(),
+        stderr: String::from_utf8_lossy(&err).into_owned(),
+        timed_out,
+    }
+}
+
+/// Runs in the child between fork and exec: own session (process group), credentials.
+fn child_setup(creds: Option<&Creds>) -> std::io::Result<()> {
+    // SAFETY: this runs in the forked child before exec; only async-signal-safe syscalls, no
+    // allocation. `groups` is a live slice for the `setgroups` call.
+    unsafe {
+        if libc::setsid() == -1 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if let Some(c) = creds
+            && (libc::setgroups(c.groups.len() as _, c.groups.as_ptr()) == -1
+                || libc::setgid(c.gid) == -1
+                || libc::setuid(c.uid) == -1)
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
