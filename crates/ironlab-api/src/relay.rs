@@ -155,10 +155,15 @@ mod tests {
     #[test]
     fn control_json_shape() {
         let s = serde_json::to_string(&ClientControl::Resize { cols: 80, rows: 24 }).ok();
-        assert_eq!(s.as_deref(), Some(r#"{"type":"resize","cols":80,"rows":24}"#));
+        assert_eq!(
+            s.as_deref(),
+            Some(r#"{"type":"resize","cols":80,"rows":24}"#)
+        );
         let start: ClientControl =
             serde_json::from_str(r#"{"type":"start","tty":true}"#).expect("minimal start parses");
-        assert!(matches!(start, ClientControl::Start { tty: true, ref command, .. } if command.is_empty()));
+        assert!(
+            matches!(start, ClientControl::Start { tty: true, ref command, .. } if command.is_empty())
+        );
         let exit = serde_json::to_string(&ServerControl::Exit { code: 3 }).ok();
         assert_eq!(exit.as_deref(), Some(r#"{"type":"exit","code":3}"#));
     }
@@ -188,10 +193,18 @@ mod tests {
             session: "s1".into(),
         })
         .ok();
-        assert_eq!(started.as_deref(), Some(r#"{"type":"started","session":"s1"}"#));
+        assert_eq!(
+            started.as_deref(),
+            Some(r#"{"type":"started","session":"s1"}"#)
+        );
         let old: ServerControl =
             serde_json::from_str(r#"{"type":"started"}"#).expect("old started parses");
-        assert_eq!(old, ServerControl::Started { session: String::new() });
+        assert_eq!(
+            old,
+            ServerControl::Started {
+                session: String::new()
+            }
+        );
     }
 
     #[test]

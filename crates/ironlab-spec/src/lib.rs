@@ -111,23 +111,30 @@ impl ImageSource {
                     format!("{s:?}: a digest must look like sha256:<64 hex digits>")
                 })?;
                 if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    return Err(format!("{s:?}: a digest must look like sha256:<64 hex digits>"));
+                    return Err(format!(
+                        "{s:?}: a digest must look like sha256:<64 hex digits>"
+                    ));
                 }
                 (repo, true)
             } else {
                 (r, false)
             };
             let Some((registry, path)) = repo_part.split_once('/') else {
-                return Err(format!("{s:?} must name a registry and a repository: oci://REGISTRY/REPO:TAG"));
+                return Err(format!(
+                    "{s:?} must name a registry and a repository: oci://REGISTRY/REPO:TAG"
+                ));
             };
             if registry.is_empty() || path.is_empty() || r.contains(char::is_whitespace) {
-                return Err(format!("{s:?} must name a registry and a repository: oci://REGISTRY/REPO:TAG"));
+                return Err(format!(
+                    "{s:?} must name a registry and a repository: oci://REGISTRY/REPO:TAG"
+                ));
             }
             let _ = has_ref;
             Ok(ImageSource::Oci(r.to_string()))
         } else if !s.is_empty()
             && s.len() <= 40
-            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         {
             Ok(ImageSource::Stock(s.to_string()))
         } else {

@@ -30,7 +30,8 @@ impl Size {
 
     /// Parses `NNN(KiB|MiB|GiB)`; the reason is returned on failure.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let not_a_size = || format!("{s:?} is not a size (expected NNN followed by KiB, MiB or GiB)");
+        let not_a_size =
+            || format!("{s:?} is not a size (expected NNN followed by KiB, MiB or GiB)");
         let digits = s.bytes().take_while(u8::is_ascii_digit).count();
         if digits == 0 {
             return Err(not_a_size());
@@ -52,9 +53,9 @@ impl Size {
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        if b % GIB == 0 && b > 0 {
+        if b.is_multiple_of(GIB) && b > 0 {
             write!(f, "{}GiB", b / GIB)
-        } else if b % MIB == 0 && b > 0 {
+        } else if b.is_multiple_of(MIB) && b > 0 {
             write!(f, "{}MiB", b / MIB)
         } else {
             write!(f, "{}KiB", b.div_ceil(KIB))
@@ -105,10 +106,19 @@ mod tests {
 
     #[test]
     fn rejects_bad_sizes() {
-        for bad in ["12XB", "", "GiB", "1.5GiB", "-1GiB", "12 GiB", "12gib", "99999999999999999999GiB"] {
+        for bad in [
+            "12XB",
+            "",
+            "GiB",
+            "1.5GiB",
+            "-1GiB",
+            "12 GiB",
+            "12gib",
+            "99999999999999999999GiB",
+        ] {
             assert!(Size::parse(bad).is_err(), "{bad} should be rejected");
         }
-        assert!(Size::parse("12XB").unwrap_err().contains("\"12XB\" is not a size"));
+        assert!(Size::parse("12XB").is_err_and(|e| e.contains("\"12XB\" is not a size")));
     }
 
     #[test]

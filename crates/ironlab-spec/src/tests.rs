@@ -48,7 +48,10 @@ fn the_architecture_example_parses() {
     assert_eq!(m.playground.machines[1].resources.memory, Size::mib(512));
     assert_eq!(m.playground.egress, Egress::Allowlist);
     assert_eq!(m.playground.tabs[1].port, Some(80));
-    assert_eq!(m.playground.machines[0].startup_files[0].content, "Welcome!\n");
+    assert_eq!(
+        m.playground.machines[0].startup_files[0].content,
+        "Welcome!\n"
+    );
 }
 
 #[test]
@@ -60,10 +63,15 @@ fn round_trips_through_json() {
 
 #[test]
 fn bad_size_names_the_field() {
-    let yaml = FULL.replace("{source: debian, mount: /, size: 4GiB}]", "{source: debian, mount: /, size: 12XB}]");
+    let yaml = FULL.replace(
+        "{source: debian, mount: /, size: 4GiB}]",
+        "{source: debian, mount: /, size: 12XB}]",
+    );
     assert_eq!(
         errors(&yaml),
-        vec!["playground.machines[1].drives[0].size: \"12XB\" is not a size (expected NNN followed by KiB, MiB or GiB)"]
+        vec![
+            "playground.machines[1].drives[0].size: \"12XB\" is not a size (expected NNN followed by KiB, MiB or GiB)"
+        ]
     );
 }
 
@@ -72,7 +80,10 @@ fn unknown_field_names_the_path() {
     let yaml = FULL.replace("runtime: auto", "runtime: auto\n      colour: red");
     let e = errors(&yaml);
     assert_eq!(e.len(), 1);
-    assert!(e[0].starts_with("playground.machines[0].colour: unknown field `colour`"), "{e:?}");
+    assert!(
+        e[0].starts_with("playground.machines[0].colour: unknown field `colour`"),
+        "{e:?}"
+    );
 }
 
 #[test]
@@ -115,23 +126,40 @@ playground:
 
 #[test]
 fn machine_count_is_limited() {
-    let mut yaml = String::from("kind: playground\nname: many\ntitle: Many\nplayground:\n  machines:\n");
+    let mut yaml =
+        String::from("kind: playground\nname: many\ntitle: Many\nplayground:\n  machines:\n");
     for i in 0..6 {
-        yaml.push_str(&format!("    - {{name: m{i}, drives: [{{source: debian, mount: /, size: 1GiB}}]}}\n"));
+        yaml.push_str(&format!(
+            "    - {{name: m{i}, drives: [{{source: debian, mount: /, size: 1GiB}}]}}\n"
+        ));
     }
-    assert_eq!(errors(&yaml), vec!["playground.machines: must have 1–5 machines, found 6"]);
+    assert_eq!(
+        errors(&yaml),
+        vec!["playground.machines: must have 1–5 machines, found 6"]
+    );
 }
 
 #[test]
 fn garbage_is_rejected_without_panic() {
-    for text in ["", "- a\n- b", "kind: [", "42", "kind: playground", "\u{0}\u{1}", "playground: {machines: 3}"] {
+    for text in [
+        "",
+        "- a\n- b",
+        "kind: [",
+        "42",
+        "kind: playground",
+        "\u{0}\u{1}",
+        "playground: {machines: 3}",
+    ] {
         assert!(parse_manifest(text).is_err(), "{text:?}");
     }
 }
 
 #[test]
 fn image_sources() {
-    assert_eq!(ImageSource::parse("debian"), Ok(ImageSource::Stock("debian".into())));
+    assert_eq!(
+        ImageSource::parse("debian"),
+        Ok(ImageSource::Stock("debian".into()))
+    );
     assert_eq!(
         ImageSource::parse("oci://127.0.0.1:5000/test/busybox:1"),
         Ok(ImageSource::Oci("127.0.0.1:5000/test/busybox:1".into()))

@@ -19,9 +19,9 @@ pub struct Subnet {
 impl Subnet {
     /// Parses `a.b.c.d/nn`; the address must be the network address.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let (a, p) = s
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?} is not a subnet (expected CIDR such as 172.16.0.0/24)"))?;
+        let (a, p) = s.split_once('/').ok_or_else(|| {
+            format!("{s:?} is not a subnet (expected CIDR such as 172.16.0.0/24)")
+        })?;
         let addr: Ipv4Addr = a
             .parse()
             .map_err(|_| format!("{a:?} is not an IPv4 address"))?;
@@ -61,7 +61,8 @@ impl Subnet {
 
 fn is_name(s: &str, min: usize, max: usize) -> bool {
     (min..=max).contains(&s.len())
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -79,7 +80,10 @@ pub fn validate(m: &Manifest) -> Vec<FieldError> {
     let mut err = |path: String, message: String| errs.push(FieldError { path, message });
 
     if m.kind != "playground" {
-        err("kind".into(), format!("{:?} is not a known kind (expected \"playground\")", m.kind));
+        err(
+            "kind".into(),
+            format!("{:?} is not a known kind (expected \"playground\")", m.kind),
+        );
     }
     if !is_name(&m.name, 3, 40) {
         err(
@@ -97,34 +101,56 @@ pub fn validate(m: &Manifest) -> Vec<FieldError> {
     for (i, n) in p.networks.iter().enumerate() {
         let path = format!("playground.networks[{i}]");
         if !is_name(&n.name, 1, 20) {
-            err(format!("{path}.name"), format!("{:?} must be 1–20 characters of a-z, 0-9 and '-'", n.name));
+            err(
+                format!("{path}.name"),
+                format!("{:?} must be 1–20 characters of a-z, 0-9 and '-'", n.name),
+            );
         }
         match Subnet::parse(&n.subnet) {
             Ok(s) => {
                 if nets.insert(n.name.as_str(), s).is_some() {
-                    err(format!("{path}.name"), format!("network {:?} is declared twice", n.name));
+                    err(
+                        format!("{path}.name"),
+                        format!("network {:?} is declared twice", n.name),
+                    );
                 }
                 if let Some(g) = &n.gateway {
                     if n.private {
-                        err(format!("{path}.gateway"), "a private network has no gateway".into());
+                        err(
+                            format!("{path}.gateway"),
+                            "a private network has no gateway".into(),
+                        );
                     }
                     match g.parse::<Ipv4Addr>() {
                         Ok(ip) if s.contains_host(ip) => {}
-                        Ok(_) => err(format!("{path}.gateway"), format!("{g} is not a host address of {}", n.subnet)),
-                        Err(_) => err(format!("{path}.gateway"), format!("{g:?} is not an IPv4 address")),
+                        Ok(_) => err(
+                            format!("{path}.gateway"),
+                            format!("{g} is not a host address of {}", n.subnet),
+                        ),
+                        Err(_) => err(
+                            format!("{path}.gateway"),
+                            format!("{g:?} is not an IPv4 address"),
+                        ),
                     }
                 }
             }
             Err(e) => err(format!("{path}.subnet"), e),
         }
     }
-    let default_net = if p.networks.is_empty() { Some("local") } else { None };
+    let default_net = if p.networks.is_empty() {
+        Some("local")
+    } else {
+        None
+    };
 
     // Machines.
     if p.machines.is_empty() || p.machines.len() > MAX_MACHINES {
         err(
             "playground.machines".into(),
-            format!("must have 1–{MAX_MACHINES} machines, found {}", p.machines.len()),
+            format!(
+                "must have 1–{MAX_MACHINES} machines, found {}",
+                p.machines.len()
+            ),
         );
     }
     let mut machine_names = HashSet::new();
@@ -132,79 +158,132 @@ pub fn validate(m: &Manifest) -> Vec<FieldError> {
     for (i, mach) in p.machines.iter().enumerate() {
         let path = format!("playground.machines[{i}]");
         if !is_name(&mach.name, 1, 30) {
-            err(format!("{path}.name"), format!("{:?} must be 1–30 characters of a-z, 0-9 and '-'", mach.name));
+            err(
+                format!("{path}.name"),
+                format!(
+                    "{:?} must be 1–30 characters of a-z, 0-9 and '-'",
+                    mach.name
+                ),
+            );
         }
         if !machine_names.insert(mach.name.as_str()) {
-            err(format!("{path}.name"), format!("machine {:?} is declared twice", mach.name));
+            err(
+                format!("{path}.name"),
+                format!("machine {:?} is declared twice", mach.name),
+            );
         }
         if !(1..=8).contains(&mach.resources.cpu) {
-            err(format!("{path}.resources.cpu"), format!("{} must be between 1 and 8", mach.resources.cpu));
+            err(
+                format!("{path}.resources.cpu"),
+                format!("{} must be between 1 and 8", mach.resources.cpu),
+            );
         }
         if mach.resources.memory < Size::mib(64) || mach.resources.memory > Size::gib(16) {
-            err(format!("{path}.resources.memory"), format!("{} must be between 64MiB and 16GiB", mach.resources.memory));
+            err(
+                format!("{path}.resources.memory"),
+                format!("{} must be between 64MiB and 16GiB", mach.resources.memory),
+            );
         }
         // Drives.
         let roots = mach.drives.iter().filter(|d| d.mount == "/").count();
         if roots != 1 {
-            err(format!("{path}.drives"), format!("exactly one drive must have mount: / (found {roots})"));
+            err(
+                format!("{path}.drives"),
+                format!("exactly one drive must have mount: / (found {roots})"),
+            );
         }
         let mut mounts = HashSet::new();
         for (j, d) in mach.drives.iter().enumerate() {
             let dpath = format!("{path}.drives[{j}]");
             if !d.mount.starts_with('/') || d.mount.contains("..") {
-                err(format!("{dpath}.mount"), format!("{:?} must be an absolute path without '..'", d.mount));
+                err(
+                    format!("{dpath}.mount"),
+                    format!("{:?} must be an absolute path without '..'", d.mount),
+                );
             }
             if !mounts.insert(d.mount.as_str()) {
-                err(format!("{dpath}.mount"), format!("{:?} is mounted twice", d.mount));
+                err(
+                    format!("{dpath}.mount"),
+                    format!("{:?} is mounted twice", d.mount),
+                );
             }
             if d.size < Size::mib(16) || d.size > Size::gib(256) {
-                err(format!("{dpath}.size"), format!("{} must be between 16MiB and 256GiB", d.size));
+                err(
+                    format!("{dpath}.size"),
+                    format!("{} must be between 16MiB and 256GiB", d.size),
+                );
             }
             match (&d.source, d.mount == "/") {
-                (None, true) => err(format!("{dpath}.source"), "the root drive needs a source image".into()),
+                (None, true) => err(
+                    format!("{dpath}.source"),
+                    "the root drive needs a source image".into(),
+                ),
                 (Some(s), _) => {
                     if let Err(e) = crate::ImageSource::parse(s) {
                         err(format!("{dpath}.source"), e);
                     }
                 }
-                (None, false) => {
-                    match &d.name {
-                        Some(n) if is_name(n, 1, 30) => {}
-                        Some(n) => err(format!("{dpath}.name"), format!("{n:?} must be 1–30 characters of a-z, 0-9 and '-'")),
-                        None => err(format!("{dpath}.name"), "an empty data drive needs a name".into()),
-                    }
-                }
+                (None, false) => match &d.name {
+                    Some(n) if is_name(n, 1, 30) => {}
+                    Some(n) => err(
+                        format!("{dpath}.name"),
+                        format!("{n:?} must be 1–30 characters of a-z, 0-9 and '-'"),
+                    ),
+                    None => err(
+                        format!("{dpath}.name"),
+                        "an empty data drive needs a name".into(),
+                    ),
+                },
             }
-            if let Some(fs) = &d.filesystem {
-                if fs != "ext4" {
-                    err(format!("{dpath}.filesystem"), format!("{fs:?} is not supported (only ext4)"));
-                }
+            if let Some(fs) = d.filesystem.as_ref().filter(|fs| *fs != "ext4") {
+                err(
+                    format!("{dpath}.filesystem"),
+                    format!("{fs:?} is not supported (only ext4)"),
+                );
             }
         }
         // Interfaces.
         if mach.network.interfaces.len() > 4 {
-            err(format!("{path}.network.interfaces"), "at most 4 interfaces".into());
+            err(
+                format!("{path}.network.interfaces"),
+                "at most 4 interfaces".into(),
+            );
         }
         let mut seen_nets = HashSet::new();
         for (j, iface) in mach.network.interfaces.iter().enumerate() {
             let ipath = format!("{path}.network.interfaces[{j}]");
             let subnet = nets.get(iface.network.as_str()).copied();
             if subnet.is_none() && default_net != Some(iface.network.as_str()) {
-                err(format!("{ipath}.network"), format!("no network named {:?}", iface.network));
+                err(
+                    format!("{ipath}.network"),
+                    format!("no network named {:?}", iface.network),
+                );
             }
             if !seen_nets.insert(iface.network.as_str()) {
-                err(format!("{ipath}.network"), format!("machine is on {:?} twice", iface.network));
+                err(
+                    format!("{ipath}.network"),
+                    format!("machine is on {:?} twice", iface.network),
+                );
             }
             if let Some(a) = &iface.address {
                 let subnet = subnet.or_else(|| Subnet::parse("172.16.0.0/24").ok());
                 match (a.parse::<Ipv4Addr>(), subnet) {
                     (Ok(ip), Some(s)) if s.contains_host(ip) => {
                         if !addresses.insert((iface.network.clone(), ip)) {
-                            err(format!("{ipath}.address"), format!("{ip} is used twice on {:?}", iface.network));
+                            err(
+                                format!("{ipath}.address"),
+                                format!("{ip} is used twice on {:?}", iface.network),
+                            );
                         }
                     }
-                    (Ok(ip), _) => err(format!("{ipath}.address"), format!("{ip} is not a host address of network {:?}", iface.network)),
-                    (Err(_), _) => err(format!("{ipath}.address"), format!("{a:?} is not an IPv4 address")),
+                    (Ok(ip), _) => err(
+                        format!("{ipath}.address"),
+                        format!("{ip} is not a host address of network {:?}", iface.network),
+                    ),
+                    (Err(_), _) => err(
+                        format!("{ipath}.address"),
+                        format!("{a:?} is not an IPv4 address"),
+                    ),
                 }
             }
         }
@@ -213,23 +292,38 @@ pub fn validate(m: &Manifest) -> Vec<FieldError> {
         let mut users = HashSet::new();
         for (j, u) in mach.users.iter().enumerate() {
             if !is_user_name(&u.name) {
-                err(format!("{path}.users[{j}].name"), format!("{:?} is not a valid user name", u.name));
+                err(
+                    format!("{path}.users[{j}].name"),
+                    format!("{:?} is not a valid user name", u.name),
+                );
             }
             if !users.insert(u.name.as_str()) {
-                err(format!("{path}.users[{j}].name"), format!("user {:?} is declared twice", u.name));
+                err(
+                    format!("{path}.users[{j}].name"),
+                    format!("user {:?} is declared twice", u.name),
+                );
             }
             defaults += usize::from(u.default);
         }
         if defaults > 1 {
-            err(format!("{path}.users"), "at most one user can be default".into());
+            err(
+                format!("{path}.users"),
+                "at most one user can be default".into(),
+            );
         }
         for (j, f) in mach.startup_files.iter().enumerate() {
             let fpath = format!("{path}.startupFiles[{j}]");
             if !f.path.starts_with('/') || f.path.contains("..") || f.path.ends_with('/') {
-                err(format!("{fpath}.path"), format!("{:?} must be an absolute file path without '..'", f.path));
+                err(
+                    format!("{fpath}.path"),
+                    format!("{:?} must be an absolute file path without '..'", f.path),
+                );
             }
             if f.mode.len() < 3 || f.mode.len() > 4 || u32::from_str_radix(&f.mode, 8).is_err() {
-                err(format!("{fpath}.mode"), format!("{:?} is not an octal mode such as \"0644\"", f.mode));
+                err(
+                    format!("{fpath}.mode"),
+                    format!("{:?} is not an octal mode such as \"0644\"", f.mode),
+                );
             }
             if f.content.len() > 1024 * 1024 {
                 err(format!("{fpath}.content"), "must be at most 1 MiB".into());
@@ -241,12 +335,22 @@ pub fn validate(m: &Manifest) -> Vec<FieldError> {
     for (i, t) in p.tabs.iter().enumerate() {
         let path = format!("playground.tabs[{i}]");
         if !machine_names.contains(t.machine.as_str()) {
-            err(format!("{path}.machine"), format!("no machine named {:?}", t.machine));
+            err(
+                format!("{path}.machine"),
+                format!("no machine named {:?}", t.machine),
+            );
         }
         match (t.kind, t.port) {
-            (TabKind::HttpPort, None) => err(format!("{path}.port"), "an http-port tab needs a port".into()),
-            (TabKind::HttpPort, Some(0)) => err(format!("{path}.port"), "port 0 is not a port".into()),
-            (TabKind::Terminal, Some(_)) => err(format!("{path}.port"), "a terminal tab has no port".into()),
+            (TabKind::HttpPort, None) => err(
+                format!("{path}.port"),
+                "an http-port tab needs a port".into(),
+            ),
+            (TabKind::HttpPort, Some(0)) => {
+                err(format!("{path}.port"), "port 0 is not a port".into())
+            }
+            (TabKind::Terminal, Some(_)) => {
+                err(format!("{path}.port"), "a terminal tab has no port".into())
+            }
             _ => {}
         }
     }
@@ -263,20 +367,38 @@ fn validate_tasks(
 ) {
     for (name, t) in tasks {
         let path = format!("playground.tasks.{name}");
-        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
-            errs.push(FieldError { path: path.clone(), message: format!("task name {name:?} must be [a-z0-9_]+") });
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            errs.push(FieldError {
+                path: path.clone(),
+                message: format!("task name {name:?} must be [a-z0-9_]+"),
+            });
         }
-        if let Some(m) = &t.machine {
-            if !machines.contains(m.as_str()) {
-                errs.push(FieldError { path: format!("{path}.machine"), message: format!("no machine named {m:?}") });
-            }
+        if let Some(m) = t
+            .machine
+            .as_ref()
+            .filter(|m| !machines.contains(m.as_str()))
+        {
+            errs.push(FieldError {
+                path: format!("{path}.machine"),
+                message: format!("no machine named {m:?}"),
+            });
         }
         if t.run.trim().is_empty() {
-            errs.push(FieldError { path: format!("{path}.run"), message: "must not be empty".into() });
+            errs.push(FieldError {
+                path: format!("{path}.run"),
+                message: "must not be empty".into(),
+            });
         }
         for n in &t.needs {
             if !tasks.contains_key(n) {
-                errs.push(FieldError { path: format!("{path}.needs"), message: format!("no task named {n:?}") });
+                errs.push(FieldError {
+                    path: format!("{path}.needs"),
+                    message: format!("no task named {n:?}"),
+                });
             }
         }
     }
@@ -308,7 +430,10 @@ fn validate_tasks(
                         if reported.insert(key.into_iter().collect::<Vec<_>>().join(",")) {
                             errs.push(FieldError {
                                 path: format!("playground.tasks.{node}.needs"),
-                                message: format!("dependency cycle: {} -> {next}", cycle.join(" -> ")),
+                                message: format!(
+                                    "dependency cycle: {} -> {next}",
+                                    cycle.join(" -> ")
+                                ),
                             });
                         }
                     }
