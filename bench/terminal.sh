@@ -154,6 +154,7 @@ declare -A R
 while IFS='=' read -r k v; do R[$k]=$v; done <"$WORK/result.env"
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.1fx", a / b; else print "-" }'; }
+per() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.0f", a / b; else print "-" }'; }
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 table=$(
     cat <<TABLE
@@ -163,11 +164,11 @@ table=$(
 | agent gRPC directly → PTY | ${R[echo_direct_median_ms]} | ${R[echo_direct_p99_ms]} | ${R[echo_direct_min_ms]} | ${R[echo_direct_max_ms]} | 1.0x | $(ratio "${R[echo_direct_median_ms]}" "${R[echo_local_median_ms]}") |
 | local PTY on the host | ${R[echo_local_median_ms]} | ${R[echo_local_p99_ms]} | ${R[echo_local_min_ms]} | ${R[echo_local_max_ms]} | - | 1.0x |
 
-| \`cat\` of a $MIB MiB text file on a PTY | seconds | MiB/s | vs direct agent | vs local PTY |
-|---|---:|---:|---:|---:|
-| WebSocket → relay → agent → PTY (browser path) | ${R[cat_relay_s]} | ${R[cat_relay_mibps]} | $(ratio "${R[cat_relay_mibps]}" "${R[cat_direct_mibps]}") | $(ratio "${R[cat_relay_mibps]}" "${R[cat_local_mibps]}") |
-| agent gRPC directly → PTY | ${R[cat_direct_s]} | ${R[cat_direct_mibps]} | 1.0x | $(ratio "${R[cat_direct_mibps]}" "${R[cat_local_mibps]}") |
-| local PTY on the host | ${R[cat_local_s]} | ${R[cat_local_mibps]} | - | 1.0x |
+| \`cat\` of a $MIB MiB text file on a PTY | seconds | MiB/s | vs direct agent | vs local PTY | avg bytes per frame/message/read |
+|---|---:|---:|---:|---:|---:|
+| WebSocket → relay → agent → PTY (browser path) | ${R[cat_relay_s]} | ${R[cat_relay_mibps]} | $(ratio "${R[cat_relay_mibps]}" "${R[cat_direct_mibps]}") | $(ratio "${R[cat_relay_mibps]}" "${R[cat_local_mibps]}") | $(per "${R[cat_relay_wire_bytes]}" "${R[cat_relay_chunks]}") |
+| agent gRPC directly → PTY | ${R[cat_direct_s]} | ${R[cat_direct_mibps]} | 1.0x | $(ratio "${R[cat_direct_mibps]}" "${R[cat_local_mibps]}") | $(per "${R[cat_direct_wire_bytes]}" "${R[cat_direct_chunks]}") |
+| local PTY on the host | ${R[cat_local_s]} | ${R[cat_local_mibps]} | - | 1.0x | $(per "${R[cat_local_wire_bytes]}" "${R[cat_local_chunks]}") |
 
 | worker RSS (MiB) | start | before \`cat\` | peak during \`cat\` | after \`cat\` | peak during 3 s slow-read \`yes\` | end |
 |---|---:|---:|---:|---:|---:|---:|

@@ -299,15 +299,16 @@ impl Relay<'_> {
         Ok(rtts)
     }
 
-    /// `cat FILE` on a PTY; returns (elapsed, bytes received).
-    async fn cat(&self, file: &str) -> anyhow::Result<(Duration, u64)> {
+    /// `cat FILE` on a PTY; returns (elapsed, bytes received, data frames).
+    async fn cat(&self, file: &str) -> anyhow::Result<(Duration, u64, u64)> {
         let t0 = Instant::now();
         let mut ws = self.start(&["cat", file], true).await?;
-        let mut bytes = 0u64;
+        let (mut bytes, mut frames) = (0u64, 0u64);
         while let Some(d) = Self::read_data(&mut ws).await? {
             bytes += d.len() as u64;
+            frames += 1;
         }
-        Ok((t0.elapsed(), bytes))
+        Ok((t0.elapsed(), bytes, frames))
     }
 
     /// `yes` on a PTY read slowly (one frame per 10 ms) for `secs`; returns bytes read.
@@ -417,14 +418,15 @@ impl Direct {
         Ok(rtts)
     }
 
-    async fn cat(&self, file: &str) -> anyhow::Result<(Duration, u64)> {
+    async fn cat(&self, file: &str) -> anyhow::Result<(Duration, u64, u64)> {
         let t0 = Instant::now();
         let (_tx, mut out) = self.open(&["cat", file]).await?;
-        let mut bytes = 0u64;
+        let (mut bytes, mut msgs) = (0u64, 0u64);
         while let Some(d) = Self::read_data(&mut out).await? {
             bytes += d.len() as u64;
+            msgs += 1;
         }
-        Ok((t0.elapsed(), bytes))
+        Ok((t0.elapsed(), bytes, msgs))
     }
 }
 
@@ -478,23 +480,26 @@ fn local_echo(n: usize) -> anyhow::Result<Vec<Duration>> {
     Ok(rtts)
 }
 
-fn local_cat(file: &Path) -> anyhow::Result<(Duration, u64)> {
+fn local_cat(file: &Path) -> anyhow::Result<(Duration, u64, u64)> {
     let t0 = Instant::now();
     let path = file.to_string_lossy().into_owned();
     let (mut master, mut child) = local_pty(&["cat", &path])?;
     let mut buf = vec![0u8; 64 * 1024];
-    let mut bytes = 0u64;
+    let (mut bytes, mut reads) = (0u64, 0u64);
     loop {
         match master.read(&mut buf) {
             Ok(0) => break,
-            Ok(k) => bytes += k as u64,
+            Ok(k) => {
+                bytes += k as u64;
+                reads += 1;
+            }
             // EIO: every slave end is closed (the child exited).
             Err(e) if e.raw_os_error() == Some(libc::EIO) => break,
             Err(e) => return Err(e.into()),
         }
     }
     child.wait()?;
-    Ok((t0.elapsed(), bytes))
+    Ok((t0.elapsed(), bytes, reads))
 }
 
 fn write_text_file(path: &Path, bytes: u64) -> anyhow::Result<()> {
@@ -556,17 +561,17 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("terminal_bench: cat {} MiB through the relay", args.mib);
     let rss_before = rss_kib(args.worker_pid);
     let sampler = RssSampler::start(args.worker_pid);
-    let (t_relay, b_relay) = relay.cat(remote_file).await?;
+    let (t_relay, b_relay, n_relay) = relay.cat(remote_file).await?;
     let rss_peak_cat = sampler.finish();
     let rss_after = rss_kib(args.worker_pid);
     eprintln!(
         "terminal_bench: cat {} MiB from the agent directly",
         args.mib
     );
-    let (t_direct, b_direct) = direct.cat(remote_file).await?;
+    let (t_direct, b_direct, n_direct) = direct.cat(remote_file).await?;
     eprintln!("terminal_bench: cat {} MiB on a local PTY", args.mib);
     let lf = local_file.clone();
-    let (t_local, b_local) = tokio::task::spawn_blocking(move || local_cat(&lf)).await??;
+    let (t_local, b_local, n_local) = tokio::task::spawn_blocking(move || local_cat(&lf)).await??;
 
     eprintln!("terminal_bench: yes flood read slowly for 3 s through the relay");
     let sampler = RssSampler::start(args.worker_pid);
@@ -604,12 +609,15 @@ async fn main() -> anyhow::Result<()> {
         ("cat_relay_s", format!("{:.3}", t_relay.as_secs_f64())),
         ("cat_relay_mibps", format!("{:.1}", mibps(size, t_relay))),
         ("cat_relay_wire_bytes", b_relay.to_string()),
+        ("cat_relay_chunks", n_relay.to_string()),
         ("cat_direct_s", format!("{:.3}", t_direct.as_secs_f64())),
         ("cat_direct_mibps", format!("{:.1}", mibps(size, t_direct))),
         ("cat_direct_wire_bytes", b_direct.to_string()),
+        ("cat_direct_chunks", n_direct.to_string()),
         ("cat_local_s", format!("{:.3}", t_local.as_secs_f64())),
         ("cat_local_mibps", format!("{:.1}", mibps(size, t_local))),
         ("cat_local_wire_bytes", b_local.to_string()),
+        ("cat_local_chunks", n_local.to_string()),
         ("rss_start_kib", rss_start.to_string()),
         ("rss_before_cat_kib", rss_before.to_string()),
         ("rss_peak_cat_kib", rss_peak_cat.to_string()),

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use ironlab_api::agent::exec_input::Kind as InKind;
 use ironlab_api::agent::exec_output::Kind as OutKind;
 use ironlab_api::agent::{ExecInput, ExecOutput};
@@ -33,8 +33,10 @@ use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// One message of the agent's output stream.
+type AgentItem = Result<ExecOutput, tonic::Status>;
 /// The agent's output for one `Exec` call.
-pub type OutputStream = Pin<Box<dyn Stream<Item = Result<ExecOutput, tonic::Status>> + Send>>;
+pub type OutputStream = Pin<Box<dyn Stream<Item = AgentItem> + Send>>;
 
 /// Events queued towards an attached client before the session task waits (and with it the
 /// agent and the process).
@@ -45,6 +47,8 @@ const FINAL_EVENT_WAIT: Duration = Duration::from_secs(2);
 const LINE_SEARCH: usize = 4096;
 /// SIGHUP.
 const SIGHUP: i32 = 1;
+/// Output gathered into one event when the agent has more ready.
+const COALESCE_BYTES: usize = 64 * 1024;
 /// Length of session ids.
 const ID_LEN: usize = 16;
 
@@ -486,19 +490,26 @@ enum Ending {
 /// Owns the agent output of one session for its whole life.
 async fn run_session(sessions: Arc<Sessions>, session: Arc<Session>, mut output: OutputStream) {
     let grace = sessions.limits.grace;
+    // An agent message read while coalescing that is not output, handled next round.
+    let mut pending: Option<Option<AgentItem>> = None;
     let ending = loop {
-        let deadline = session.state().detached_since.map(|t| t + grace);
-        let item = tokio::select! {
-            biased;
-            () = session.end.cancelled() => break Ending::Ended,
-            () = session.wake.notified() => continue,
-            () = sleep_until(deadline) => break Ending::Abandoned,
-            item = output.next() => item,
+        let item = match pending.take() {
+            Some(item) => item,
+            None => {
+                let deadline = session.state().detached_since.map(|t| t + grace);
+                tokio::select! {
+                    biased;
+                    () = session.end.cancelled() => break Ending::Ended,
+                    () = session.wake.notified() => continue,
+                    () = sleep_until(deadline) => break Ending::Abandoned,
+                    item = output.next() => item,
+                }
+            }
         };
-        let data = match item {
+        let mut data = match item {
             Some(Ok(ExecOutput {
                 kind: Some(OutKind::Stdout(d) | OutKind::Stderr(d)),
-            })) => Bytes::from(d),
+            })) => d,
             Some(Ok(ExecOutput {
                 kind: Some(OutKind::Exit(exit)),
             })) => break Ending::Exit(exit.code),
@@ -510,6 +521,21 @@ async fn run_session(sessions: Arc<Sessions>, session: Arc<Session>, mut output:
                 break Ending::Failed("the agent ended the session without an exit status".into());
             }
         };
+        // Coalesce output that is already there (a PTY gives ~4 KiB per read): fewer, larger
+        // events cost less per byte on this side and towards the client.
+        while data.len() < COALESCE_BYTES {
+            match output.next().now_or_never() {
+                Some(Some(Ok(ExecOutput {
+                    kind: Some(OutKind::Stdout(d) | OutKind::Stderr(d)),
+                }))) => data.extend_from_slice(&d),
+                Some(other) => {
+                    pending = Some(other);
+                    break;
+                }
+                None => break,
+            }
+        }
+        let data = Bytes::from(data);
         let target = {
             let mut st = session.state();
             st.ring.push(data.clone());
@@ -784,7 +810,7 @@ mod tests {
         let s2 = sent.clone();
         let out = agent.out.clone();
         let producer = tokio::spawn(async move {
-            for _ in 0..1000 {
+            for _ in 0..10_000 {
                 let msg = Ok(ExecOutput {
                     kind: Some(OutKind::Stdout(vec![b'y'; 1024])),
                 });
@@ -796,7 +822,13 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_millis(300)).await;
         let n = sent.load(std::sync::atomic::Ordering::SeqCst);
-        assert!(n < 16, "the agent ran ahead by {n} chunks while attached");
+        // Held: the event channel, the event in hand and the one being gathered, each at most
+        // COALESCE_BYTES, plus the agent's own small queue.
+        let bound = (EVENTS_BUFFER + 2) * COALESCE_BYTES + 8 * 1024;
+        assert!(
+            n * 1024 < bound,
+            "the agent ran ahead by {n} KiB while attached (bound {bound} bytes)"
+        );
         producer.abort();
     }
 
