@@ -63,7 +63,7 @@ if command -v file >/dev/null 2>&1; then
     esac
 else
     # Without `file`: a dynamic binary has an ELF interpreter.
-    if readelf -l "$out" 2>/dev/null | grep -q "program interpreter"; then
+    if readelf -l "$out" 2>/dev/null | grep "program interpreter" >/dev/null; then
         echo "build-agent: $out is dynamically linked" >&2
         exit 1
     fi

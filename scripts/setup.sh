@@ -55,7 +55,7 @@ fi
 # --- 2. Debian packages ------------------------------------------------------------------------
 missing=()
 for p in "${PACKAGES[@]}"; do
-    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep 'install ok installed' >/dev/null; then
         missing+=("$p")
     fi
 done
@@ -81,7 +81,7 @@ if ! command -v cargo >/dev/null 2>&1; then
     exit 1
 fi
 if command -v rustup >/dev/null 2>&1; then
-    if rustup target list --installed 2>/dev/null | grep -qx 'x86_64-unknown-linux-musl'; then
+    if rustup target list --installed 2>/dev/null | grep -x 'x86_64-unknown-linux-musl' >/dev/null; then
         say "rust target x86_64-unknown-linux-musl already installed"
     elif rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1; then
         say "added rust target x86_64-unknown-linux-musl"

@@ -54,7 +54,7 @@ done
 out=$1
 shift
 for t in "$@"; do [[ -f $t ]] || die "layer tarball $t not found"; done
-if ! printf '%s\n' "${envs[@]+"${envs[@]}"}" | grep -q '^PATH='; then
+if ! printf '%s\n' "${envs[@]+"${envs[@]}"}" | grep '^PATH=' >/dev/null; then
     envs=("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" "${envs[@]+"${envs[@]}"}")
 fi
 

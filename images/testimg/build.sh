@@ -20,9 +20,11 @@ out=$1
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 [[ $(id -u) -eq 0 ]] || die "must run as root (files are owned by uid 0 and 1000)"
 busybox=/bin/busybox
-[[ -x $busybox ]] && "$busybox" 2>&1 | head -n1 | grep -q BusyBox ||
+# No pipeline here: under pipefail, `head` closing the pipe early made busybox die of SIGPIPE.
+banner=$("$busybox" 2>&1 || true)
+[[ -x $busybox && $banner == *BusyBox* ]] ||
     die "$busybox not found: apt-get install busybox-static"
-file -L "$busybox" 2>/dev/null | grep -q 'statically linked' ||
+file -L "$busybox" 2>/dev/null | grep 'statically linked' >/dev/null ||
     die "$busybox is not static: apt-get install busybox-static"
 
 hash=$(cat "$0" "$here/../lib/oci-layout.sh" "$busybox" | sha256sum | cut -d' ' -f1)
