@@ -79,6 +79,7 @@ fn serve(opts: Opts) -> anyhow::Result<i32> {
         );
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let service = server::AgentService::new(&opts.root).with_task_state(&opts.tasks_state);
+        let tasks = service.tasks().clone();
         let server = server::serve(listener, service, async {
             let _ = stop_rx.await;
         });
@@ -89,6 +90,8 @@ fn serve(opts: Opts) -> anyhow::Result<i32> {
             _ = int.recv() => {}
         }
         let _ = stop_tx.send(());
+        // Kills the process groups of attempts in flight; saved states stay as they are.
+        tasks.shutdown();
         // Open sessions (an interactive shell) may never end by themselves.
         if let Ok(result) = tokio::time::timeout(SHUTDOWN_GRACE, server).await {
             result?;

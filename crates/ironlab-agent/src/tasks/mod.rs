@@ -556,6 +556,19 @@ impl Engine {
         }
     }
 
+    /// Stops every runner (an attempt in flight has its process group killed); the state stays
+    /// as it is (and as saved). Later calls other than [`Engine::list`]/[`Engine::watch`] start
+    /// nothing until the next [`Engine::apply`]. What dropping the last clone does, for owners
+    /// that cannot drop every clone (open `WatchTasks` streams hold one).
+    pub fn shutdown(&self) {
+        let mut st = self.shared.lock();
+        st.generation += 1;
+        for r in st.runners.drain(..) {
+            r.abort();
+        }
+        st.inputs.clear();
+    }
+
     /// Records the state of an external need (a task of another machine).
     pub fn set_external(&self, name: &str, completed: bool, stdout: &str) -> Result<(), TaskError> {
         let mut st = self.shared.lock();

@@ -2,7 +2,7 @@
 //!
 //! Each script runs as `bash -c SCRIPT` (`sh` when the machine has no bash) as the task's user,
 //! with the login environment of [`crate::exec::environment`] plus the task's variables, in its
-//! own session and process group. stdout and stderr are read concurrently and only the first
+//! own process group (and its own session when it switches users). stdout and stderr are read concurrently and only the first
 //! [`OUTPUT_CAP`] bytes of each are kept (the rest is read and dropped, so the script never blocks
 //! on a full pipe). On timeout — or when the attempt is abandoned (task set replaced, agent
 //! stopping) — the whole process group gets SIGKILL, grandchildren included.
@@ -151,10 +151,22 @@ pub async fn run_job(db: &UserDb, job: Job) -> Outcome {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(false);
-    let creds = plan.creds.clone();
-    // SAFETY: `child_setup` only makes async-signal-safe syscalls and does not allocate.
-    unsafe {
-        cmd.pre_exec(move || child_setup(creds.as_ref()));
+    match plan.creds.clone() {
+        // Nothing to switch (root, or the agent's own user): a new process group is all the
+        // child needs, and without a `pre_exec` hook std can use posix_spawn (vfork-like)
+        // instead of fork, which is what keeps idle polling cheap.
+        None => {
+            cmd.process_group(0);
+        }
+        Some(c) if c.uid == 0 && c.gid == 0 && nix::unistd::getgid().as_raw() == 0 => {
+            cmd.process_group(0);
+        }
+        Some(creds) => {
+            // SAFETY: `child_setup` only makes async-signal-safe syscalls and does not allocate.
+            unsafe {
+                cmd.pre_exec(move || child_setup(&creds));
+            }
+        }
     }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
@@ -233,18 +245,16 @@ pub async fn run_job(db: &UserDb, job: Job) -> Outcome {
     }
 }
 
-/// Runs in the child between fork and exec: own session (process group), credentials.
-fn child_setup(creds: Option<&Creds>) -> std::io::Result<()> {
+/// Runs in the child between fork and exec: own session (so its own process group), then the
+/// task user's credentials.
+fn child_setup(c: &Creds) -> std::io::Result<()> {
     // SAFETY: this runs in the forked child before exec; only async-signal-safe syscalls, no
     // allocation. `groups` is a live slice for the `setgroups` call.
     unsafe {
-        if libc::setsid() == -1 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if let Some(c) = creds
-            && (libc::setgroups(c.groups.len() as _, c.groups.as_ptr()) == -1
-                || libc::setgid(c.gid) == -1
-                || libc::setuid(c.uid) == -1)
+        if libc::setsid() == -1
+            || libc::setgroups(c.groups.len() as _, c.groups.as_ptr()) == -1
+            || libc::setgid(c.gid) == -1
+            || libc::setuid(c.uid) == -1
         {
             return Err(std::io::Error::last_os_error());
         }
