@@ -460,6 +460,19 @@ async fn read_chunk<R: AsyncRead + Unpin>(
     }
 }
 
+/// Reads what is available right now without waiting: `None` when a read would block.
+async fn try_read_now<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Option<usize> {
+    let mut rb = tokio::io::ReadBuf::new(buf);
+    std::future::poll_fn(
+        |cx| match std::pin::Pin::new(&mut *r).poll_read(cx, &mut rb) {
+            std::task::Poll::Pending => std::task::Poll::Ready(None),
+            std::task::Poll::Ready(res) => std::task::Poll::Ready(res.ok().map(|()| ())),
+        },
+    )
+    .await
+    .map(|()| rb.filled().len())
+}
+
 async fn pump<R: AsyncRead + Unpin>(
     mut r: R,
     stderr: bool,
@@ -467,7 +480,16 @@ async fn pump<R: AsyncRead + Unpin>(
     mut exited: watch::Receiver<bool>,
 ) {
     let mut buf = vec![0u8; CHUNK_SIZE];
-    while let Some(n) = read_chunk(&mut r, &mut buf, &mut exited).await {
+    while let Some(mut n) = read_chunk(&mut r, &mut buf, &mut exited).await {
+        // A PTY hands out at most a few KiB per read; take whatever else is already waiting so
+        // a busy session sends fewer, larger messages (throughput), without ever waiting for
+        // more (latency).
+        while n < buf.len() {
+            match try_read_now(&mut r, &mut buf[n..]).await {
+                Some(m) if m > 0 => n += m,
+                _ => break,
+            }
+        }
         let data = buf[..n].to_vec();
         let kind = if stderr {
             exec_output::Kind::Stderr(data)
