@@ -18,6 +18,7 @@ pub mod cli;
 pub mod graph;
 pub mod proto;
 pub mod run;
+pub mod spawn;
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap};

@@ -142,45 +142,40 @@ pub async fn run_job(db: &UserDb, job: Job) -> Outcome {
         Ok(p) => p,
         Err(e) => return failed_to_start(format!("task user {:?}: {e}", job.user)),
     };
-    let mut cmd = tokio::process::Command::new(&plan.program);
-    cmd.args(&plan.args)
-        .env_clear()
-        .envs(plan.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&plan.cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(false);
-    match plan.creds.clone() {
-        // Nothing to switch (root, or the agent's own user): a new process group is all the
-        // child needs, and without a `pre_exec` hook std can use posix_spawn (vfork-like)
-        // instead of fork, which is what keeps idle polling cheap.
-        None => {
-            cmd.process_group(0);
+    let direct = match &plan.creds {
+        None => true,
+        Some(c) => c.uid == 0 && c.gid == 0 && nix::unistd::getgid().as_raw() == 0,
+    };
+    let mut proc = if direct {
+        // Nothing to switch (root, or the agent's own user): posix_spawn, see [`super::spawn`].
+        match super::spawn::spawn(&plan.program, &plan.args, &plan.env, &plan.cwd) {
+            Ok(s) => Proc::Spawned(s),
+            Err(e) => return failed_to_start(format!("cannot start {}: {e}", plan.program)),
         }
-        Some(c) if c.uid == 0 && c.gid == 0 && nix::unistd::getgid().as_raw() == 0 => {
-            cmd.process_group(0);
-        }
-        Some(creds) => {
+    } else {
+        let mut cmd = tokio::process::Command::new(&plan.program);
+        cmd.args(&plan.args)
+            .env_clear()
+            .envs(plan.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(&plan.cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(false);
+        if let Some(creds) = plan.creds.clone() {
             // SAFETY: `child_setup` only makes async-signal-safe syscalls and does not allocate.
             unsafe {
                 cmd.pre_exec(move || child_setup(&creds));
             }
         }
-    }
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => return failed_to_start(format!("cannot start {}: {e}", plan.program)),
+        match cmd.spawn() {
+            Ok(c) => Proc::Child(c),
+            Err(e) => return failed_to_start(format!("cannot start {}: {e}", plan.program)),
+        }
     };
-    let guard = GroupGuard(
-        child
-            .id()
-            .and_then(|id| i32::try_from(id).ok())
-            .map(Pid::from_raw),
-    );
+    let guard = GroupGuard(proc.pid());
     let (mut out, mut err) = (Vec::new(), Vec::new());
-    let mut stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
+    let (mut stdout, mut stderr) = proc.take_pipes();
     let mut timed_out = false;
     let status = {
         let read = async {
@@ -199,15 +194,15 @@ pub async fn run_job(db: &UserDb, job: Job) -> Outcome {
         tokio::pin!(read);
         let wait = async {
             match job.timeout {
-                Some(t) => match tokio::time::timeout(t, child.wait()).await {
+                Some(t) => match tokio::time::timeout(t, proc.wait()).await {
                     Ok(status) => status,
                     Err(_) => {
                         timed_out = true;
                         guard.kill();
-                        child.wait().await
+                        proc.wait().await
                     }
                 },
-                None => child.wait().await,
+                None => proc.wait().await,
             }
         };
         tokio::pin!(wait);
@@ -229,7 +224,7 @@ pub async fn run_job(db: &UserDb, job: Job) -> Outcome {
     let mut guard = guard;
     guard.0 = None;
     let code = match status {
-        Ok(s) => s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)),
+        Ok(code) => code,
         Err(e) => {
             err.extend_from_slice(
                 format!("ironlab-agent: cannot wait for the script: {e}\n").as_bytes(),
@@ -242,6 +237,47 @@ pub async fn run_job(db: &UserDb, job: Job) -> Outcome {
         stdout: String::from_utf8_lossy(&out).into_owned(),
         stderr: String::from_utf8_lossy(&err).into_owned(),
         timed_out,
+    }
+}
+
+type Pipe = Option<Box<dyn AsyncRead + Unpin + Send>>;
+
+/// A script's process, started either way.
+enum Proc {
+    Spawned(super::spawn::Spawned),
+    Child(tokio::process::Child),
+}
+
+impl Proc {
+    fn pid(&self) -> Option<Pid> {
+        match self {
+            Proc::Spawned(s) => Some(s.pid()),
+            Proc::Child(c) => c
+                .id()
+                .and_then(|id| i32::try_from(id).ok())
+                .map(Pid::from_raw),
+        }
+    }
+
+    fn take_pipes(&mut self) -> (Pipe, Pipe) {
+        fn boxed<R: AsyncRead + Unpin + Send + 'static>(r: Option<R>) -> Pipe {
+            r.map(|r| Box::new(r) as Box<dyn AsyncRead + Unpin + Send>)
+        }
+        match self {
+            Proc::Spawned(s) => (boxed(s.stdout.take()), boxed(s.stderr.take())),
+            Proc::Child(c) => (boxed(c.stdout.take()), boxed(c.stderr.take())),
+        }
+    }
+
+    /// Exit code, or 128 + signal.
+    async fn wait(&mut self) -> std::io::Result<i32> {
+        match self {
+            Proc::Spawned(s) => s.wait().await,
+            Proc::Child(c) => {
+                let s = c.wait().await?;
+                Ok(s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)))
+            }
+        }
     }
 }
 

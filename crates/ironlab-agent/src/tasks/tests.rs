@@ -632,13 +632,12 @@ async fn state_survives_a_restart() {
     )
     .await;
     assert!(engine.input("answer", "yes").await.unwrap().accepted);
-    until(
-        &mut rx,
-        "wait_flag",
-        TaskState::Running,
-        Duration::from_secs(5),
-    )
-    .await;
+    // Its needs are those of `answer` (the init task): running by now or very soon.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while state_of(&engine, "wait_flag").state != TaskState::Running {
+        assert!(Instant::now() < deadline, "wait_flag not running");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let seq = engine.list().1.iter().map(|s| s.seq).max().unwrap();
     drop(engine);
 
