@@ -298,6 +298,9 @@ pub async fn count_attempt(db: &Db, id: &str) -> ApiResult<i64> {
     Ok(n)
 }
 
+/// How long a run lives unless extended: it is destroyed when the time is up.
+pub const DEFAULT_RUN_TTL: std::time::Duration = std::time::Duration::from_secs(2 * 3600);
+
 /// Starts a run of a playground: resolves the plan, records it as `pending`, wakes the
 /// reconciler.
 pub async fn create(ctx: &Ctx, user: &User, req: StartRun) -> ApiResult<RunView> {
@@ -332,8 +335,8 @@ pub async fn create(ctx: &Ctx, user: &User, req: StartRun) -> ApiResult<RunView>
     let now = db::now_ms();
     let mut tx = ctx.db.begin().await?;
     sqlx::query(
-        "INSERT INTO runs (id, owner, playground, title, state, reason, plan, worker_attempts, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, 'pending', NULL, $5, 0, $6, $6)",
+        "INSERT INTO runs (id, owner, playground, title, state, reason, plan, worker_attempts, created_at, updated_at, expires_at) \
+         VALUES ($1, $2, $3, $4, 'pending', NULL, $5, 0, $6, $6, $7)",
     )
     .bind(&id)
     .bind(&user.id)
@@ -341,6 +344,7 @@ pub async fn create(ctx: &Ctx, user: &User, req: StartRun) -> ApiResult<RunView>
     .bind(&title)
     .bind(&plan_text)
     .bind(now)
+    .bind(now + DEFAULT_RUN_TTL.as_millis() as i64)
     .execute(&mut *tx)
     .await?;
     sqlx::query(

@@ -14,8 +14,7 @@ use crate::db::{self, Db};
 use crate::error::ApiResult;
 use crate::runs::{self, RunEvent};
 
-/// How long a run lives unless told otherwise.
-pub const DEFAULT_RUN_TTL: Duration = Duration::from_secs(2 * 3600);
+pub use crate::runs::DEFAULT_RUN_TTL;
 
 /// How often the sweep runs.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
