@@ -16,7 +16,9 @@ case "${1:-}" in
 esac
 
 cd "$(dirname "$0")/.."
-target_dir=${CARGO_TARGET_DIR:-target}
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh # picks CARGO_TARGET_DIR the same way as the other scripts
+target_dir=$CARGO_TARGET_DIR
 case "$target_dir" in
     /*) ;;
     *) target_dir="$(pwd)/$target_dir" ;;
