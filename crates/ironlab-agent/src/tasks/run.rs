@@ -13,7 +13,9 @@ use std::future::Future;
 use std::os::unix::process::ExitStatusExt;
 use std::pin::Pin;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use std::time::Instant;
 
 use ironlab_api::agent::ExecStart;
 use nix::sys::signal::{Signal, killpg};
@@ -21,7 +23,7 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::OUTPUT_CAP;
-use crate::exec::{self, Creds};
+use crate::exec::{self, Creds, ExecError, Plan};
 use crate::users::UserDb;
 
 /// After the script exits, output is still read for this long (a background process may hold
@@ -64,20 +66,58 @@ pub trait Executor: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct BashExecutor {
     db: UserDb,
+    /// Resolved plans per user (without script and task variables), with when they were made.
+    plans: Arc<Mutex<HashMap<String, (Instant, Plan)>>>,
 }
 
 impl BashExecutor {
     /// Users are resolved in `db` (the machine's `/etc/passwd`).
     pub fn new(db: UserDb) -> Self {
-        BashExecutor { db }
+        BashExecutor {
+            db,
+            plans: Arc::default(),
+        }
+    }
+
+    /// The user's plan, resolved at most every [`USER_CACHE_TTL`] (reading and parsing the
+    /// account files for every attempt was a tenth of the agent's polling cost). Failures are
+    /// not cached: a user created meanwhile is found at the next attempt.
+    fn base_plan(&self, user: &str) -> Result<Plan, ExecError> {
+        let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, plan)) = plans.get(user)
+            && at.elapsed() < USER_CACHE_TTL
+        {
+            return Ok(plan.clone());
+        }
+        let plan = base_plan(&self.db, user)?;
+        plans.insert(user.to_string(), (Instant::now(), plan.clone()));
+        Ok(plan)
     }
 }
 
 impl Executor for BashExecutor {
     fn run(&self, job: Job) -> Pin<Box<dyn Future<Output = Outcome> + Send + 'static>> {
-        let db = self.db.clone();
-        Box::pin(async move { run_job(&db, job).await })
+        let plan = self.base_plan(&job.user);
+        Box::pin(async move {
+            match plan {
+                Ok(plan) => run_plan(plan, job).await,
+                Err(e) => failed_to_start(format!("task user {:?}: {e}", job.user)),
+            }
+        })
     }
+}
+
+/// How long a resolved user (home, shell, groups) is reused by [`BashExecutor`].
+pub const USER_CACHE_TTL: Duration = Duration::from_secs(5);
+
+/// `bash -c` as `user`, with the login environment, without the script.
+fn base_plan(db: &UserDb, user: &str) -> Result<Plan, ExecError> {
+    let start = ExecStart {
+        argv: vec![shell(db).to_string(), "-c".into()],
+        user: user.to_string(),
+        ..Default::default()
+    };
+    exec::plan(db, &start)
 }
 
 /// SIGKILLs a process group on drop unless disarmed.
@@ -132,16 +172,20 @@ fn shell(db: &UserDb) -> &'static str {
 
 /// Runs one job as a real process (see the module docs).
 pub async fn run_job(db: &UserDb, job: Job) -> Outcome {
-    let start = ExecStart {
-        argv: vec![shell(db).to_string(), "-c".into(), job.script.clone()],
-        user: job.user.clone(),
-        env: job.env.iter().cloned().collect::<HashMap<_, _>>(),
-        ..Default::default()
-    };
-    let plan = match exec::plan(db, &start) {
-        Ok(p) => p,
-        Err(e) => return failed_to_start(format!("task user {:?}: {e}", job.user)),
-    };
+    match base_plan(db, &job.user) {
+        Ok(plan) => run_plan(plan, job).await,
+        Err(e) => failed_to_start(format!("task user {:?}: {e}", job.user)),
+    }
+}
+
+/// Runs `job` with a plan from [`base_plan`]: appends the script and the job's variables (which
+/// override the login environment, as in `Exec`).
+async fn run_plan(mut plan: Plan, job: Job) -> Outcome {
+    plan.args.push(job.script.clone());
+    for (k, v) in &job.env {
+        plan.env.retain(|(key, _)| key != k);
+        plan.env.push((k.clone(), v.clone()));
+    }
     let direct = match &plan.creds {
         None => true,
         Some(c) => c.uid == 0 && c.gid == 0 && nix::unistd::getgid().as_raw() == 0,
