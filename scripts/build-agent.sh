@@ -1,4 +1,4 @@
-#!/bin/sh
+#!/usr/bin/env bash
 # Builds the static in-machine agent and prints the path of the result:
 #   $CARGO_TARGET_DIR/{release|debug}/ironlab-agent-static
 # usage: scripts/build-agent.sh [--debug]

@@ -466,7 +466,7 @@ async fn try_read_now<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Option
     std::future::poll_fn(
         |cx| match std::pin::Pin::new(&mut *r).poll_read(cx, &mut rb) {
             std::task::Poll::Pending => std::task::Poll::Ready(None),
-            std::task::Poll::Ready(res) => std::task::Poll::Ready(res.ok().map(|()| ())),
+            std::task::Poll::Ready(res) => std::task::Poll::Ready(res.ok()),
         },
     )
     .await
