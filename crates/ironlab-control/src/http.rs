@@ -117,6 +117,7 @@ fn api_router() -> OpenApiRouter<Ctx> {
         .routes(routes!(list_runs, start_run))
         .routes(routes!(get_run, update_run, destroy_run))
         .routes(routes!(connect))
+        .routes(routes!(crate::web::sse::events))
 }
 
 /// The OpenAPI document of the REST API (what `GET /api/v1/openapi.json` serves).
@@ -353,7 +354,7 @@ async fn update_run(
     ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<UpdateRun>,
 ) -> ApiResult<Json<RunView>> {
-    Ok(Json(runs::set_title(&ctx.db, &user, &id, req.title).await?))
+    Ok(Json(runs::set_title(&ctx, &user, &id, req.title).await?))
 }
 
 /// Destroys a run: `destroying` until its worker removed everything, then `destroyed`.

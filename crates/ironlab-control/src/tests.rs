@@ -960,6 +960,7 @@ async fn openapi_documents_every_route() {
         ("patch", "/api/v1/runs/{id}"),
         ("delete", "/api/v1/runs/{id}"),
         ("post", "/api/v1/runs/{id}/connect"),
+        ("get", "/api/v1/runs/{id}/events"),
     ];
     let paths = doc["paths"].as_object().expect("paths");
     let documented: usize = paths

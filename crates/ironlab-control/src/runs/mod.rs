@@ -371,23 +371,24 @@ fn check_title(t: &str) -> ApiResult<String> {
     Ok(t.to_string())
 }
 
-/// Changes a run's title.
+/// Changes a run's title (and wakes its event streams).
 pub async fn set_title(
-    db: &Db,
+    ctx: &Ctx,
     user: &User,
     id: &str,
     title: Option<String>,
 ) -> ApiResult<RunView> {
-    let run = get_for(db, user, id).await?;
+    let run = get_for(&ctx.db, user, id).await?;
     if let Some(t) = title {
         let t = check_title(&t)?;
         sqlx::query("UPDATE runs SET title = $1 WHERE id = $2")
             .bind(&t)
             .bind(&run.id)
-            .execute(db)
+            .execute(&ctx.db)
             .await?;
+        ctx.signals.notify_changed();
     }
-    Ok(get_for(db, user, id).await?.view())
+    Ok(get_for(&ctx.db, user, id).await?.view())
 }
 
 /// Asks for a run to be destroyed: `destroying` (the reconciler removes it from the worker),

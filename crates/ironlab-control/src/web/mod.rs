@@ -75,7 +75,6 @@ pub fn router(ctx: Ctx) -> Router {
         )
         .route("/admin/users/password", post(pages::admin_set_password))
         .route("/assets/{name}", get(assets::serve))
-        .route("/api/v1/runs/{id}/events", get(sse::events))
         .with_state(ctx)
 }
 

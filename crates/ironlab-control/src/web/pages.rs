@@ -439,7 +439,7 @@ pub async fn rename_run(
     Form(form): Form<TitleForm>,
 ) -> PageResult<Response> {
     session::check_csrf(&s, &headers, form.csrf.as_deref())?;
-    runs::set_title(&ctx.db, &s.user, &id, Some(form.title)).await?;
+    runs::set_title(&ctx, &s.user, &id, Some(form.title)).await?;
     Ok(Redirect::to("/dashboard").into_response())
 }
 

@@ -78,7 +78,12 @@ async fn next(mut w: Watch) -> Option<(Result<Event, Infallible>, Watch)> {
     }
 }
 
-/// `GET /api/v1/runs/{id}/events`.
+/// A run's state as Server-Sent Events: the current run first (`event: run`), then one event per
+/// change (state, reason, title), keep-alive comments every 15 s; ends once the run is destroyed.
+#[utoipa::path(get, path = "/api/v1/runs/{id}/events",
+    params(("id" = String, Path, description = "Run id")),
+    responses((status = 200, description = "`text/event-stream` of `run` events, each a RunView", content_type = "text/event-stream", body = RunView),
+        (status = 401, body = ironlab_api::ErrorBody), (status = 404, body = ironlab_api::ErrorBody)))]
 pub async fn events(
     State(ctx): State<Ctx>,
     Auth(user): Auth,

@@ -435,7 +435,18 @@ async fn event_stream_starts_with_the_run_and_follows_changes() {
     assert!(first.starts_with("event: run\n"), "{first}");
     assert!(first.contains(&format!("\"id\":\"{id}\"")), "{first}");
     assert!(first.contains("\"state\":\"pending\""), "{first}");
-    // A change (destroy) arrives as the next event.
+    // A rename arrives as the next event.
+    let (status, _) = h
+        .post_form(
+            &format!("/runs/{id}/title"),
+            Some(&cookie),
+            &format!("csrf={csrf}&title=Renamed+lab"),
+        )
+        .await;
+    assert!(status.is_success() || status.is_redirection(), "{status}");
+    let renamed = next_event().await;
+    assert!(renamed.contains("\"title\":\"Renamed lab\""), "{renamed}");
+    // A state change (destroy) arrives as the next event.
     let (status, _) = h
         .post_form(
             &format!("/runs/{id}/destroy"),
