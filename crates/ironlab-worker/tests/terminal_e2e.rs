@@ -26,106 +26,12 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+#[macro_use]
+mod common;
+
+use common::{agent_bin, busybox_drive, is_root, sh};
+
 const TOKEN: &str = "test-worker-token-0123456789";
-
-macro_rules! skip_if_not_root {
-    () => {
-        if !is_root() {
-            eprintln!("SKIPPED: this test needs root (containers, mounts, namespaces)");
-            return;
-        }
-    };
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
-}
-
-fn agent_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("IRONLAB_AGENT") {
-        return PathBuf::from(p);
-    }
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
-    let candidates = [
-        target.join("release/ironlab-agent-static"),
-        target.join("debug/ironlab-agent-static"),
-        target.join("x86_64-unknown-linux-musl/release/ironlab-agent"),
-        target.join("x86_64-unknown-linux-musl/debug/ironlab-agent"),
-    ];
-    candidates
-        .iter()
-        .find(|p| p.is_file())
-        .cloned()
-        .unwrap_or_else(|| {
-            panic!(
-                "the static agent is not built (looked at {candidates:?}): run scripts/build-agent.sh or set IRONLAB_AGENT"
-            )
-        })
-}
-
-fn sh(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .expect("run host tool");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A busybox root filesystem as an ext4 drive file.
-fn busybox_drive(dir: &Path) -> PathBuf {
-    let root = dir.join("rootfs");
-    for d in [
-        "bin",
-        "etc",
-        "tmp",
-        "root",
-        "home/laborant",
-        "dev",
-        "proc",
-        "sys",
-        "run",
-    ] {
-        std::fs::create_dir_all(root.join(d)).expect("mkdir");
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static is installed");
-    for a in [
-        "sh", "cat", "echo", "sleep", "true", "ls", "head", "yes", "stty", "ps", "seq", "env",
-    ] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(a)).expect("symlink");
-    }
-    std::fs::write(
-        root.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\nlaborant:x:1000:1000:laborant:/home/laborant:/bin/sh\n",
-    )
-    .expect("passwd");
-    std::fs::write(root.join("etc/group"), "root:x:0:\nlaborant:x:1000:\n").expect("group");
-    let _ = Command::new("chown")
-        .args(["1000:1000", &root.join("home/laborant").to_string_lossy()])
-        .status();
-    let _ = Command::new("chmod")
-        .args(["1777", &root.join("tmp").to_string_lossy()])
-        .status();
-    let file = dir.join("busybox.ext4");
-    std::fs::File::create(&file).expect("drive file");
-    let st = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(&root)
-        .arg(&file)
-        .arg("64M")
-        .status()
-        .expect("mkfs.ext4");
-    assert!(st.success(), "mkfs.ext4 -d failed");
-    file
-}
 
 fn rand_hex() -> String {
     use std::hash::{BuildHasher, Hasher};
