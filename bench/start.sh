@@ -63,23 +63,8 @@ if [[ -z $RUNTIME ]] || ! command -v umoci >/dev/null; then
     exit 1
 fi
 
-WORK=$(mktemp -d /var/tmp/ironlab-bench.XXXXXX)
-UP_PID=""
-cleanup() {
-    set +e
-    if [[ -n ${RUN:-} ]]; then "$IRONLAB" playground destroy "$RUN" >/dev/null 2>&1; fi
-    if [[ -n $UP_PID ]]; then
-        kill -TERM "$UP_PID" 2>/dev/null
-        for _ in $(seq 1 100); do kill -0 "$UP_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$UP_PID" 2>/dev/null
-        wait "$UP_PID" 2>/dev/null
-    fi
-    # Anything a killed worker could leave under the temp data dir.
-    grep -F "$WORK" /proc/self/mountinfo | awk '{print $5}' | sort -r | while read -r m; do umount -l "$m"; done
-    losetup -l -n -O NAME,BACK-FILE | awk -v w="$WORK" 'index($2, w) == 1 {print $1}' | while read -r d; do losetup -d "$d"; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+# shellcheck source=bench/lib.sh
+source "$REPO_ROOT/bench/lib.sh"
 
 now_ns() { date +%s%N; }
 ms() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f\n", (b - a) / 1e6 }'; }
@@ -93,45 +78,8 @@ stats() {
         printf "%.1f %.1f %.1f %.1f\n", m, v[i], v[1], v[NR] }'
 }
 
-free_port() {
-    local p
-    for _ in $(seq 1 50); do
-        p=$((20000 + RANDOM % 20000))
-        # `ironlab up` puts its worker on the next port: both must be free.
-        if ! ss -Htln "( sport = :$p or sport = :$((p + 1)) )" | grep -q .; then
-            echo "$p"
-            return
-        fi
-    done
-    echo "bench: no free port found" >&2
-    exit 1
-}
-
 # --- the platform ------------------------------------------------------------------------------
-PORT=$(free_port)
-export IRONLAB_STOCK_IMAGES=$STOCK
-export IRONLAB_SERVER=http://127.0.0.1:$PORT
-export XDG_CONFIG_HOME=$WORK/config
-echo "bench: ironlab up on $IRONLAB_SERVER, data dir $WORK/data"
-"$IRONLAB" up --listen "127.0.0.1:$PORT" --data-dir "$WORK/data" >"$WORK/up.log" 2>&1 &
-UP_PID=$!
-for _ in $(seq 1 600); do
-    if [[ -s $WORK/data/admin-token ]] && curl -fsS -o /dev/null -H "Authorization: Bearer $(cat "$WORK/data/admin-token")" "$IRONLAB_SERVER/api/v1/me" 2>/dev/null; then
-        break
-    fi
-    if ! kill -0 "$UP_PID" 2>/dev/null; then
-        echo "bench: ironlab up exited:" >&2
-        tail -n 30 "$WORK/up.log" >&2
-        exit 1
-    fi
-    sleep 0.1
-done
-IRONLAB_TOKEN=$(cat "$WORK/data/admin-token")
-export IRONLAB_TOKEN
-
-start_run() { # → run id
-    "$IRONLAB" playground start debian -o json | sed -n 's/.*"id"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p' | head -n1
-}
+bench_up
 
 destroy() {
     local out
