@@ -15,6 +15,9 @@
 //! PATCH  /api/v1/runs/{id}          UpdateRun      RunView
 //! DELETE /api/v1/runs/{id}                         202 RunView (state destroying)
 //! POST   /api/v1/runs/{id}/connect  Connect        ConnectResponse (single-use token, 30 s)
+//! GET    /api/v1/runs/{id}/events                  SSE: `run` (RunView) and `task` (TaskView) events
+//! GET    /api/v1/runs/{id}/tasks                   RunTasksView
+//! POST   /api/v1/runs/{id}/tasks/{name}/input  TaskInput  TaskInputResult
 //! ```
 //! Errors: [`crate::ErrorBody`] with 400/401/403/404/409/5xx.
 
@@ -191,4 +194,80 @@ pub struct ConnectResponse {
     pub machine: String,
     /// Expiry (30 s after issue).
     pub expires_at: DateTime<Utc>,
+}
+
+/// State of a task: `blocked → running → completed | failed`, never back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Waiting for the tasks it needs.
+    Blocked,
+    /// Being checked (every `interval`), or waiting for an answer (input tasks).
+    Running,
+    /// Passed; stays so.
+    Completed,
+    /// Its failcheck failed: the student broke something for good.
+    Failed,
+}
+
+impl TaskState {
+    /// The name used in JSON and SQL.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Blocked => "blocked",
+            TaskState::Running => "running",
+            TaskState::Completed => "completed",
+            TaskState::Failed => "failed",
+        }
+    }
+
+    /// Parses the SQL/JSON name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "blocked" => TaskState::Blocked,
+            "running" => TaskState::Running,
+            "completed" => TaskState::Completed,
+            "failed" => TaskState::Failed,
+            _ => return None,
+        })
+    }
+
+    /// Whether a task in this state never changes again.
+    pub fn is_final(self) -> bool {
+        matches!(self, TaskState::Completed | TaskState::Failed)
+    }
+}
+
+/// A task of a run, as the student sees it (helper tasks are never shown).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TaskView {
+    /// Task name.
+    pub name: String,
+    /// Machine it runs on.
+    pub machine: String,
+    /// State.
+    pub state: TaskState,
+    /// The current hint (empty = none); for a failed task, what broke.
+    #[serde(default)]
+    pub hint: String,
+    /// Setup task: the run is ready for the student once every init task completed.
+    pub init: bool,
+    /// The student answers it (`POST …/tasks/{name}/input`).
+    pub input: bool,
+    /// Attempts made so far.
+    pub attempt: u32,
+    /// When it entered this state (or its hint changed); absent before the first report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<DateTime<Utc>>,
+}
+
+/// The tasks of a run (`GET /api/v1/runs/{id}/tasks`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RunTasksView {
+    /// Run id.
+    pub run: String,
+    /// Every init task completed (true when there are none): the playground is set up.
+    pub ready: bool,
+    /// Every task, in checklist order (init tasks first, then by dependencies).
+    pub tasks: Vec<TaskView>,
 }

@@ -6,11 +6,18 @@
 //! GET    /v1/runs/{run}                                  RunStatus | 404
 //! DELETE /v1/runs/{run}                                  204 (idempotent; removes everything)
 //! POST   /v1/tokens            TokenGrant                204
+//! GET    /v1/runs/{run}/tasks                            RunTasks (what the agents reported so far)
+//! GET    /v1/runs/{run}/tasks/watch                      NDJSON: one TaskStatus per line (snapshot, then changes)
+//! POST   /v1/runs/{run}/tasks/{name}/input  TaskInput    TaskInputResult
 //! GET    /v1/runs/{run}/machines/{m}/terminal?token=T    WebSocket (see `relay`), no bearer
 //! ```
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+
+pub use crate::v1::TaskState;
 
 /// What a worker reports about itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -89,6 +96,113 @@ pub struct MachinePlan {
     /// Startup files.
     #[serde(default)]
     pub files: Vec<FilePlan>,
+    /// The tasks that run on this machine (display order), resolved from the manifest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<TaskPlan>,
+}
+
+/// One task of a machine, resolved by the control plane (the agent's `TaskDef`): defaults
+/// applied, durations in milliseconds, absent scripts empty.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskPlan {
+    /// `[a-z0-9_]+`, unique in the run.
+    pub name: String,
+    /// Setup task.
+    #[serde(default)]
+    pub init: bool,
+    /// User it runs as; empty = root.
+    #[serde(default)]
+    pub user: String,
+    /// Script; exit 0 = passed.
+    pub run: String,
+    /// Tasks (of any machine of the run) that must complete first.
+    #[serde(default)]
+    pub needs: Vec<String>,
+    /// Hint script; empty = none.
+    #[serde(default)]
+    pub hintcheck: String,
+    /// Fail script; empty = none.
+    #[serde(default)]
+    pub failcheck: String,
+    /// Per attempt; 0 = the agent's default.
+    #[serde(default)]
+    pub timeout_ms: u64,
+    /// Between attempts; 0 = the agent's default.
+    #[serde(default)]
+    pub interval_ms: u64,
+    /// Extra environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Input task.
+    #[serde(default)]
+    pub input: bool,
+    /// Background helper.
+    #[serde(default)]
+    pub helper: bool,
+}
+
+/// The state of one task as its machine's agent reported it (worker → control plane).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskStatus {
+    /// Machine it runs on.
+    pub machine: String,
+    /// Task name.
+    pub name: String,
+    /// State.
+    pub state: TaskState,
+    /// The current hint (empty = none).
+    #[serde(default)]
+    pub hint: String,
+    /// stdout of the last attempt (at most 16 KiB).
+    #[serde(default)]
+    pub stdout: String,
+    /// Exit code of the last attempt; -1 before the first.
+    #[serde(default)]
+    pub exit_code: i32,
+    /// Attempts made.
+    #[serde(default)]
+    pub attempt: u32,
+    /// When the agent saw this change, ms since the epoch.
+    pub at_unix_ms: u64,
+    /// The agent's per-machine event number (monotonic across agent restarts): with `machine`,
+    /// it identifies the change, so a re-sent snapshot is recognised.
+    pub seq: u64,
+    /// Helper task (not shown, not counted).
+    #[serde(default)]
+    pub helper: bool,
+    /// Init task.
+    #[serde(default)]
+    pub init: bool,
+    /// Input task.
+    #[serde(default)]
+    pub input: bool,
+}
+
+/// `GET /v1/runs/{run}/tasks`: the latest reported state of every task, by machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunTasks {
+    /// Run id.
+    pub run_id: String,
+    /// One entry per task an agent reported (tasks not yet reported are absent).
+    pub tasks: Vec<TaskStatus>,
+}
+
+/// `POST /v1/runs/{run}/tasks/{name}/input` (same body on the public API).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TaskInput {
+    /// The student's answer; the task's script sees it as `$INPUT`.
+    pub value: String,
+}
+
+/// The outcome of an answer for an input task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TaskInputResult {
+    /// The script passed with this answer: the task is completed.
+    pub accepted: bool,
+    /// The hint after a refused answer (may be empty).
+    #[serde(default)]
+    pub hint: String,
 }
 
 /// Everything a worker needs to start a run.

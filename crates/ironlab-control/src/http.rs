@@ -118,6 +118,8 @@ fn api_router() -> OpenApiRouter<Ctx> {
         .routes(routes!(get_run, update_run, destroy_run))
         .routes(routes!(connect))
         .routes(routes!(crate::web::sse::events))
+        .routes(routes!(crate::tasks::api::list_tasks))
+        .routes(routes!(crate::tasks::api::task_input))
 }
 
 /// The OpenAPI document of the REST API (what `GET /api/v1/openapi.json` serves).

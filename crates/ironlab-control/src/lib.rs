@@ -30,6 +30,7 @@ pub mod http;
 pub mod playgrounds;
 pub mod reconcile;
 pub mod runs;
+pub mod tasks;
 pub mod web;
 pub mod worker_client;
 

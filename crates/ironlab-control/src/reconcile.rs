@@ -59,6 +59,8 @@ struct Backoff {
 
 /// Runs the loop until the task is dropped or aborted.
 pub async fn run(ctx: Ctx) {
+    // Task followers live as long as the loop (aborted with it).
+    let _followers = crate::tasks::spawn_followers(ctx.clone());
     let mut in_flight: JoinSet<(String, Result<(), StepError>)> = JoinSet::new();
     let mut busy: HashMap<String, ()> = HashMap::new();
     let mut backoff: HashMap<String, Backoff> = HashMap::new();

@@ -961,6 +961,8 @@ async fn openapi_documents_every_route() {
         ("delete", "/api/v1/runs/{id}"),
         ("post", "/api/v1/runs/{id}/connect"),
         ("get", "/api/v1/runs/{id}/events"),
+        ("get", "/api/v1/runs/{id}/tasks"),
+        ("post", "/api/v1/runs/{id}/tasks/{task}/input"),
     ];
     let paths = doc["paths"].as_object().expect("paths");
     let documented: usize = paths
@@ -980,7 +982,8 @@ async fn openapi_documents_every_route() {
         // And the router really serves it (anything but the unknown-route/method answers).
         let concrete = path
             .replace("{name}", "debian")
-            .replace("{id}", "nosuchrun123");
+            .replace("{id}", "nosuchrun123")
+            .replace("{task}", "check");
         let (s, v) = h.admin(&method.to_uppercase(), &concrete, None).await;
         assert_ne!(s, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
         assert!(

@@ -4,7 +4,9 @@
 use std::time::{Duration, Instant};
 
 use ironlab_api::ErrorBody;
-use ironlab_api::worker::{RunPlan, RunStatus, TokenGrant, WorkerStatus};
+use ironlab_api::worker::{
+    RunPlan, RunStatus, TaskInput, TaskInputResult, TokenGrant, WorkerStatus,
+};
 use reqwest::StatusCode;
 use tokio::sync::Mutex;
 
@@ -186,5 +188,42 @@ impl WorkerClient {
         } else {
             Err(self.error_of(resp).await)
         }
+    }
+
+    /// `GET /v1/runs/{run}/tasks/watch`: the NDJSON stream of task states (no overall
+    /// timeout; the caller watches for silence, the worker sends a blank line every 15 s).
+    pub async fn watch_tasks(&self, run: &str) -> Result<reqwest::Response, WorkerError> {
+        let resp = self
+            .send(
+                self.http
+                    .get(format!("{}/v1/runs/{run}/tasks/watch", self.base))
+                    .timeout(Duration::from_secs(365 * 24 * 3600)),
+            )
+            .await?;
+        if resp.status().is_success() {
+            Ok(resp)
+        } else {
+            Err(self.error_of(resp).await)
+        }
+    }
+
+    /// `POST /v1/runs/{run}/tasks/{name}/input`: one answer for an input task.
+    pub async fn task_input(
+        &self,
+        run: &str,
+        name: &str,
+        value: &str,
+    ) -> Result<TaskInputResult, WorkerError> {
+        let resp = self
+            .send(
+                self.http
+                    .post(format!("{}/v1/runs/{run}/tasks/{name}/input", self.base))
+                    .json(&TaskInput {
+                        value: value.to_string(),
+                    })
+                    .timeout(Duration::from_secs(150)),
+            )
+            .await?;
+        self.json(resp).await
     }
 }

@@ -172,6 +172,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
             put(create_run).get(get_run).delete(delete_run),
         )
         .route("/v1/tokens", post(grant_token))
+        .merge(crate::api_tasks::routes())
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_bearer,

@@ -15,6 +15,7 @@ use anyhow::Context;
 
 pub mod agent_client;
 pub mod api;
+pub mod api_tasks;
 pub mod cmd;
 pub mod drives;
 pub mod host;
@@ -24,6 +25,7 @@ pub mod relay;
 pub mod runs;
 pub mod runtime;
 pub mod sessions;
+pub mod tasks;
 
 use crate::drives::DriveProvider;
 use crate::runs::RunManager;

@@ -136,6 +136,7 @@ pub struct RunManager {
     runtime: Arc<dyn MachineRuntime>,
     drives: Arc<dyn DriveProvider>,
     runs: Mutex<HashMap<String, Arc<Run>>>,
+    tasks: Arc<crate::tasks::TaskRelay>,
 }
 
 /// Checks a run id: 1–12 characters `[a-z0-9]` (the netns `il-<run>` must fit 15 characters).
@@ -258,7 +259,26 @@ impl RunManager {
             runtime,
             drives,
             runs: Mutex::new(HashMap::new()),
+            tasks: crate::tasks::TaskRelay::new(),
         })
+    }
+
+    /// The task relay (tasks of running runs).
+    pub fn tasks(&self) -> &Arc<crate::tasks::TaskRelay> {
+        &self.tasks
+    }
+
+    /// Starts relaying the tasks of a run whose machines are up.
+    fn relay_tasks(&self, plan: &RunPlan) {
+        let sockets = plan
+            .machines
+            .iter()
+            .map(|m| {
+                let h = MachineHandle::new(&self.runs_dir, &plan.run_id, &m.name);
+                (m.name.clone(), self.runtime.agent(&h).socket)
+            })
+            .collect();
+        self.tasks.start(plan, sockets);
     }
 
     /// The directory holding the runs.
@@ -318,6 +338,7 @@ impl RunManager {
         let t0 = std::time::Instant::now();
         match self.start_all(&run).await {
             Ok(()) => {
+                self.relay_tasks(&run.plan);
                 run.status.send_modify(|s| {
                     s.state = ObservedState::Running;
                     s.error = None;
@@ -618,6 +639,7 @@ impl RunManager {
             return Ok(());
         }
         run.cancel.cancel();
+        self.tasks.stop(run_id);
         let task = run.task.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(task) = task
             && let Err(e) = task.await
@@ -762,6 +784,7 @@ impl RunManager {
             match self.probe(&run_id).await {
                 Ok(plan) => {
                     tracing::info!(run = %run_id, "rediscovered running run");
+                    self.relay_tasks(&plan);
                     let run = Run::new(plan, ObservedState::Running, self.runtime.name());
                     self.lock().insert(run_id.clone(), run);
                     keep.push(run_id);
@@ -886,6 +909,7 @@ mod tests {
                 users: vec![],
                 default_user: "root".into(),
                 files: vec![],
+                tasks: vec![],
             }],
         }
     }

@@ -112,6 +112,7 @@ impl Fixture {
                     users: vec!["laborant".into()],
                     default_user: "laborant".into(),
                     files: vec![],
+                    tasks: vec![],
                 })
                 .collect(),
         };

@@ -321,6 +321,7 @@ fn plan(run: &str, machines: &[&str]) -> RunPlan {
                     owner: String::new(),
                     append: false,
                 }],
+                tasks: vec![],
             })
             .collect(),
     }

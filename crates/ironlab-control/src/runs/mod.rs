@@ -11,7 +11,7 @@ use std::time::Duration;
 use chrono::Utc;
 use ironlab_api::v1::{ConnectResponse, RunState, RunView, StartRun};
 use ironlab_api::worker::{RunPlan, TokenGrant};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, broadcast, watch};
 
 use crate::Ctx;
 use crate::auth::User;
@@ -37,6 +37,8 @@ pub struct Signals {
     closing: AtomicBool,
     /// Wakes the reconcile loop.
     pub wake: Notify,
+    /// Task changes, `(run id, task)`, for event streams.
+    tasks: broadcast::Sender<(String, ironlab_api::v1::TaskView)>,
 }
 
 impl Default for Signals {
@@ -45,6 +47,7 @@ impl Default for Signals {
             changed: watch::channel(0).0,
             closing: AtomicBool::new(false),
             wake: Notify::new(),
+            tasks: broadcast::channel(1024).0,
         }
     }
 }
@@ -68,6 +71,16 @@ impl Signals {
     /// A receiver that sees the next change.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+
+    /// Announces a recorded task change of run `run`.
+    pub fn task_changed(&self, run: &str, task: ironlab_api::v1::TaskView) {
+        let _ = self.tasks.send((run.to_string(), task));
+    }
+
+    /// A receiver of every later task change (all runs).
+    pub fn subscribe_tasks(&self) -> broadcast::Receiver<(String, ironlab_api::v1::TaskView)> {
+        self.tasks.subscribe()
     }
 }
 

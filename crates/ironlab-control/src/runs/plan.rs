@@ -1,7 +1,9 @@
 //! Resolving a playground manifest into the plan a worker executes.
 
-use ironlab_api::worker::{FilePlan, ImageRef, MachinePlan, RunPlan};
-use ironlab_spec::{ImageSource, Manifest, RuntimeKind};
+use std::collections::{BTreeMap, BTreeSet};
+
+use ironlab_api::worker::{FilePlan, ImageRef, MachinePlan, RunPlan, TaskPlan};
+use ironlab_spec::{ImageSource, Manifest, RuntimeKind, Task};
 
 use crate::error::{ApiError, ApiResult};
 
@@ -77,12 +79,86 @@ pub fn resolve(
             users: m.users.iter().map(|u| u.name.clone()).collect(),
             default_user: m.default_user().to_string(),
             files,
+            tasks: Vec::new(),
         });
+    }
+    let first = machines.first().map(|m| m.name.clone()).unwrap_or_default();
+    for name in checklist_order(&manifest.playground.tasks) {
+        let t = &manifest.playground.tasks[&name];
+        let on = t.machine.clone().unwrap_or_else(|| first.clone());
+        let machine = machines.iter_mut().find(|m| m.name == on).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "playground.tasks.{name}.machine: no machine named {on:?}"
+            ))
+        })?;
+        machine.tasks.push(task_plan(&name, t));
     }
     Ok(RunPlan {
         run_id: run_id.to_string(),
         machines,
     })
+}
+
+fn task_plan(name: &str, t: &Task) -> TaskPlan {
+    let ms = |d: Option<ironlab_spec::Duration>| d.map(|d| d.0.as_millis() as u64).unwrap_or(0);
+    TaskPlan {
+        name: name.to_string(),
+        init: t.init,
+        user: t.user.clone().unwrap_or_default(),
+        run: t.run.clone(),
+        needs: t.needs.clone(),
+        hintcheck: t.hintcheck.clone().unwrap_or_default(),
+        failcheck: t.failcheck.clone().unwrap_or_default(),
+        timeout_ms: ms(t.timeout),
+        interval_ms: ms(t.interval),
+        env: t.env.clone(),
+        input: t.input,
+        helper: t.helper,
+    }
+}
+
+/// The order a checklist shows tasks in: init tasks first, then each task after everything it
+/// needs (regular tasks implicitly need every init task), ties by name. A validated manifest
+/// has no cycles; anything left over (none in practice) goes last by name.
+pub fn checklist_order(tasks: &BTreeMap<String, Task>) -> Vec<String> {
+    let inits: Vec<&str> = tasks
+        .iter()
+        .filter(|(_, t)| t.init)
+        .map(|(n, _)| n.as_str())
+        .collect();
+    let needs = |name: &str| -> BTreeSet<&str> {
+        let t = &tasks[name];
+        let mut n: BTreeSet<&str> = t
+            .needs
+            .iter()
+            .map(String::as_str)
+            .filter(|n| tasks.contains_key(*n))
+            .collect();
+        if !t.init {
+            n.extend(inits.iter().copied());
+        }
+        n
+    };
+    let mut done: BTreeSet<&str> = BTreeSet::new();
+    let mut order = Vec::new();
+    loop {
+        // Init tasks before the rest, each group by name.
+        let next = tasks
+            .iter()
+            .filter(|(n, _)| !done.contains(n.as_str()))
+            .filter(|(n, _)| needs(n).iter().all(|d| done.contains(d)))
+            .min_by_key(|(n, t)| (!t.init, n.as_str()))
+            .map(|(n, _)| n.as_str());
+        match next {
+            Some(n) => {
+                done.insert(n);
+                order.push(n.to_string());
+            }
+            None => break,
+        }
+    }
+    order.extend(tasks.keys().filter(|n| !done.contains(n.as_str())).cloned());
+    order
 }
 
 #[cfg(test)]
@@ -137,6 +213,47 @@ playground:
         );
         assert_eq!(b.default_user, "root");
         assert_eq!(b.memory_bytes, 512 << 20);
+    }
+
+    #[test]
+    fn tasks_go_to_their_machine_in_checklist_order() {
+        let m = manifest(
+            r#"
+kind: playground
+name: tasks-lab
+title: Tasks
+playground:
+  machines:
+    - {name: a, drives: [{source: debian, mount: /, size: 1GiB}]}
+    - {name: b, drives: [{source: debian, mount: /, size: 1GiB}]}
+  tasks:
+    zz_setup: {init: true, run: "true"}
+    alpha: {needs: [beta], run: "test -f /a", hintcheck: "echo hint", timeout: 5s, interval: 500ms}
+    beta: {machine: b, user: laborant, run: "test -f /b", env: {X: "1"}}
+    answer: {input: true, run: 'test "$INPUT" = 42'}
+"#,
+        );
+        let plan = resolve("r", &m, &["container".into()]).expect("resolves");
+        let names = |i: usize| -> Vec<&str> {
+            plan.machines[i]
+                .tasks
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect()
+        };
+        assert_eq!(names(0), vec!["zz_setup", "answer", "alpha"]);
+        assert_eq!(names(1), vec!["beta"]);
+        let alpha = &plan.machines[0].tasks[2];
+        assert_eq!((alpha.timeout_ms, alpha.interval_ms), (5000, 500));
+        assert_eq!(alpha.hintcheck, "echo hint");
+        assert_eq!(alpha.failcheck, "");
+        assert_eq!(alpha.user, "");
+        assert_eq!(alpha.needs, vec!["beta".to_string()]);
+        let beta = &plan.machines[1].tasks[0];
+        assert_eq!(beta.user, "laborant");
+        assert_eq!(beta.env.get("X").map(String::as_str), Some("1"));
+        assert!(plan.machines[0].tasks[1].input);
+        assert!(plan.machines[0].tasks[0].init);
     }
 
     #[test]

@@ -630,6 +630,7 @@ mod tests {
                 users: vec![],
                 default_user: "root".into(),
                 files: vec![],
+                tasks: vec![],
             },
             dir: "/p/runs/abc123/web".into(),
             root_drive: "/p/runs/abc123/web/root.ext4".into(),
