@@ -7,11 +7,13 @@ use std::fmt;
 
 pub mod manifest;
 pub mod size;
+pub mod solution;
 pub mod task;
 pub mod validate;
 
 pub use manifest::*;
 pub use size::Size;
+pub use solution::{Solution, Step, parse_solution};
 pub use task::{Duration, Task};
 pub use validate::Subnet;
 

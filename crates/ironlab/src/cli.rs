@@ -187,6 +187,38 @@ pub enum PlaygroundCommand {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Show the tasks (the checklist) of a run.
+    Tasks {
+        /// Run id.
+        run: String,
+        /// Follow changes until every task completed (exit 0) or one failed (exit 1).
+        #[arg(long)]
+        watch: bool,
+        /// Output format (with --watch: one JSON task per line).
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Test a challenge: register and start its playground, type the solution into its
+    /// terminals the way a student does, wait for every task, report, destroy the run.
+    Test {
+        /// The playground manifest (with tasks).
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+        /// The solution (Markdown with ```sh machine=M user=U blocks).
+        #[arg(long, value_name = "FILE")]
+        solution: PathBuf,
+        /// Deadline for the whole test once the run is up (e.g. 90s, 5m; plain numbers are seconds).
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+    },
+}
+
+/// `90`, `90s`, `500ms`, `5m`, `1h`.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(std::time::Duration::from_secs(n));
+    }
+    ironlab_spec::Duration::parse(s).map(|d| d.0)
 }
 
 #[derive(Debug, Args)]

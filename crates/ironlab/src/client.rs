@@ -176,4 +176,15 @@ impl Api {
         self.send(self.http.request(method, self.url(path))).await?;
         Ok(())
     }
+
+    /// Opens a long-lived `GET` (an event stream); the caller reads the body as it comes.
+    pub async fn stream(&self, path: &str) -> anyhow::Result<reqwest::Response> {
+        self.send(
+            self.http
+                .get(self.url(path))
+                .header("accept", "text/event-stream")
+                .timeout(Duration::from_secs(365 * 24 * 3600)),
+        )
+        .await
+    }
 }

@@ -3,5 +3,7 @@
 pub mod auth;
 pub mod playground;
 pub mod server;
+pub mod solution;
 pub mod ssh;
+pub mod tasks;
 pub mod user;

@@ -31,16 +31,24 @@ pub async fn run(cmd: PlaygroundCommand, api: &Api) -> anyhow::Result<i32> {
         } => start(api, &name, title, output, no_wait).await,
         PlaygroundCommand::List { output, all } => list(api, output, all).await,
         PlaygroundCommand::Destroy { run, no_wait } => destroy(api, &run, no_wait).await,
+        PlaygroundCommand::Tasks { run, watch, output } => {
+            super::tasks::tasks(api, &run, watch, output).await
+        }
+        PlaygroundCommand::Test {
+            file,
+            solution,
+            timeout,
+        } => super::solution::test(api, &file, &solution, timeout).await,
     }
 }
 
-fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+pub(crate) fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
 /// Prints rows as aligned columns.
-fn table(header: &[&str], rows: &[Vec<String>]) {
+pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
@@ -137,7 +145,7 @@ fn is_transient(s: RunState) -> bool {
 }
 
 /// Long-polls the run until it settles.
-async fn wait_settled(
+pub(crate) async fn wait_settled(
     api: &Api,
     id: &str,
     pb: &indicatif::ProgressBar,
