@@ -17,6 +17,7 @@ pub mod pages;
 pub mod session;
 pub mod signin;
 pub mod sse;
+pub mod tasks_page;
 
 use std::sync::LazyLock;
 
@@ -68,6 +69,8 @@ pub fn router(ctx: Ctx) -> Router {
         .route("/runs/{id}", get(pages::run_page))
         .route("/runs/{id}/title", post(pages::rename_run))
         .route("/runs/{id}/destroy", post(pages::destroy_run))
+        .route("/runs/{id}/restart", post(tasks_page::restart_run))
+        .route("/runs/{id}/tasks/{task}/input", post(tasks_page::answer))
         .route("/dashboard", get(pages::dashboard))
         .route(
             "/admin/users",
@@ -89,7 +92,7 @@ pub async fn admin_login_link(db: &crate::db::Db, base_url: &str) -> anyhow::Res
 
 static TEMPLATES: LazyLock<Environment<'static>> = LazyLock::new(|| {
     let mut env = Environment::new();
-    let templates: [(&str, &str); 8] = [
+    let templates: [(&str, &str); 9] = [
         ("layout.html", include_str!("../../templates/layout.html")),
         ("login.html", include_str!("../../templates/login.html")),
         ("catalog.html", include_str!("../../templates/catalog.html")),
@@ -104,6 +107,7 @@ static TEMPLATES: LazyLock<Environment<'static>> = LazyLock::new(|| {
         ),
         ("error.html", include_str!("../../templates/error.html")),
         ("macros.html", include_str!("../../templates/macros.html")),
+        ("tasks.html", include_str!("../../templates/tasks.html")),
     ];
     for (name, source) in templates {
         if let Err(e) = env.add_template(name, source) {

@@ -404,6 +404,7 @@ pub async fn run_page(
     let run = runs::get_for(&ctx.db, &s.user, &id).await?;
     let tabs = terminal_tabs(&ctx, &s, &run).await;
     let expires_at = expiry::expires_at(&ctx.db, &run).await?;
+    let checklist = super::tasks_page::checklist(&ctx, &run).await;
     let view = run.view();
     let time_left = if is_active(run.state) {
         format!("{} left", human_duration(expires_at - db::now_ms()))
@@ -418,7 +419,7 @@ pub async fn run_page(
             state => run.state.as_str(),
             transient => matches!(run.state, RunState::Pending | RunState::Starting | RunState::Destroying),
             active => is_active(run.state),
-            tabs, time_left, expires_at,
+            tabs, time_left, expires_at, checklist,
         },
     )?))
 }
