@@ -200,11 +200,12 @@ async fn measure(
                     let v: Value = serde_json::from_str(d)?;
                     let n = v["name"].as_str().unwrap_or("").to_string();
                     let s = v["state"].as_str().unwrap_or("").to_string();
-                    if n == name && s == "completed" {
-                        if let Some(t0) = created.take() {
-                            lat.push(now.duration_since(t0).as_secs_f64() * 1000.0);
-                            trial += 1;
-                        }
+                    if n == name
+                        && s == "completed"
+                        && let Some(t0) = created.take()
+                    {
+                        lat.push(now.duration_since(t0).as_secs_f64() * 1000.0);
+                        trial += 1;
                     }
                     states.insert(n, s);
                 }
