@@ -336,3 +336,79 @@ playground:
     p.destroy(&id);
     p.assert_clean(&id);
 }
+
+/// A task on one machine needs a task on another: the worker feeds the need (`SetExternal`) with
+/// the other task's stdout, so the dependent task unblocks and sees `$NEEDS_<name>_STDOUT`.
+#[test]
+fn a_task_can_need_a_task_of_another_machine() {
+    let _serial = serial();
+    let Some(env) = preflight(
+        "a_task_can_need_a_task_of_another_machine",
+        Needs {
+            test_image: true,
+            ..Needs::default()
+        },
+    ) else {
+        return;
+    };
+    let layout = env.test_image.clone().expect("preflight checked the image");
+    let registry = Registry::start();
+    let image = registry.push(&layout, "test/busybox", "1");
+    let mut p = Platform::start(&env);
+    let manifest = format!(
+        r#"kind: playground
+name: two-machines
+title: Two machines
+playground:
+  machines:
+    - name: alpha
+      runtime: container
+      resources: {{memory: 64MiB}}
+      drives: [{{source: "{image}", mount: /, size: 128MiB}}]
+    - name: beta
+      runtime: container
+      resources: {{memory: 64MiB}}
+      drives: [{{source: "{image}", mount: /, size: 128MiB}}]
+  tasks:
+    on_alpha:
+      machine: alpha
+      run: test -f /tmp/go && echo hello-from-alpha
+      interval: 200ms
+    on_beta:
+      machine: beta
+      needs: [on_alpha]
+      run: test "$NEEDS_on_alpha_STDOUT" = hello-from-alpha
+      hintcheck: echo "saw '$NEEDS_on_alpha_STDOUT'"
+      interval: 200ms
+"#
+    );
+    let out = p.create_playground(&manifest);
+    assert!(
+        out.status.success(),
+        "create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = p.start_run("two-machines");
+    let id = run["id"].as_str().expect("id").to_string();
+    let v = wait_tasks(&p, &id, "on_alpha runs", |v| {
+        state(v, "on_alpha") == "running"
+    });
+    assert_eq!(
+        state(&v, "on_beta"),
+        "blocked",
+        "waits for the other machine"
+    );
+    assert_eq!(task(&v, "on_beta")["machine"], "beta");
+    // Nothing on beta can unblock it: only alpha's task.
+    p.cli_ok(&["ssh", &id, "--machine", "beta", "--", "touch", "/tmp/go"]);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(state(&tasks(&p, &id), "on_beta"), "blocked");
+    p.cli_ok(&["ssh", &id, "--machine", "alpha", "--", "touch", "/tmp/go"]);
+    let v = wait_tasks(&p, &id, "on_beta completes with alpha's stdout", |v| {
+        state(v, "on_beta") == "completed" || task(v, "on_beta")["hint"] != ""
+    });
+    assert_eq!(state(&v, "on_alpha"), "completed");
+    assert_eq!(state(&v, "on_beta"), "completed", "{v}");
+    p.destroy(&id);
+    p.assert_clean(&id);
+}
