@@ -236,7 +236,13 @@ pub async fn test(
         .await?;
     eprintln!("run {} of {name}: starting", run.id);
     let started = Instant::now();
-    let result = play(api, &run.id, &manifest, &sol.steps, timeout, started).await;
+    let result = tokio::select! {
+        r = play(api, &run.id, &manifest, &sol.steps, timeout, started) => r,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("interrupted: destroying run {}", run.id);
+            Ok(130)
+        }
+    };
     // Always destroy the run, whatever happened.
     match api
         .call::<RunView>(Method::DELETE, &format!("/runs/{}", run.id), None)
