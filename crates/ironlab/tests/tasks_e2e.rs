@@ -131,6 +131,13 @@ playground:
     );
     let run = p.start_run("tasks-e2e");
     let id = run["id"].as_str().expect("id").to_string();
+    // `playground start` returns once the init tasks passed.
+    let v = tasks(&p, &id);
+    assert_eq!(
+        v["ready"], true,
+        "start returned before setup finished: {v}"
+    );
+    assert_eq!(state(&v, "setup"), "completed");
 
     // Init passes, the first check runs with its hint, its dependent waits.
     let v = wait_tasks(&p, &id, "the first check runs", |v| {

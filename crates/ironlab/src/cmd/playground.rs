@@ -1,11 +1,13 @@
-//! `ironlab playground catalog|create|remove|start|list|destroy`.
+//! `ironlab playground catalog|create|remove|start|list|destroy` (`tasks` and `test` live in
+//! `tasks.rs` and `solution.rs`). `start` returns once the run is running and its init tasks
+//! passed (the playground is set up).
 
 use std::io::IsTerminal;
 use std::time::Duration;
 
 use anyhow::Context;
 use chrono::Utc;
-use ironlab_api::v1::{PlaygroundView, RunState, RunView};
+use ironlab_api::v1::{PlaygroundView, RunState, RunTasksView, RunView, TaskState};
 use reqwest::Method;
 use serde_json::json;
 
@@ -179,6 +181,12 @@ async fn start(
     } else {
         let pb = spinner(format!("starting run {} of {name}", run.id));
         let r = wait_settled(api, &run.id, &pb, "starting").await;
+        let r = match r {
+            Ok(run) if run.state == RunState::Running => {
+                wait_init_tasks(api, &run.id, &pb).await.map(|()| run)
+            }
+            other => other,
+        };
         pb.finish_and_clear();
         r?
     };
@@ -199,6 +207,42 @@ async fn start(
         return Ok(1);
     }
     Ok(0)
+}
+
+/// How long `start` waits for the init tasks of a running run.
+const INIT_WAIT: Duration = Duration::from_secs(300);
+
+/// Waits until the run's init tasks passed (the playground is set up), if it has any.
+async fn wait_init_tasks(api: &Api, id: &str, pb: &indicatif::ProgressBar) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + INIT_WAIT;
+    loop {
+        let v: RunTasksView = api
+            .call(Method::GET, &format!("/runs/{id}/tasks"), None)
+            .await?;
+        if v.ready {
+            return Ok(());
+        }
+        if let Some(t) = v
+            .tasks
+            .iter()
+            .find(|t| t.init && t.state == TaskState::Failed)
+        {
+            anyhow::bail!(
+                "run {id} is running but its setup task {} failed: {}",
+                t.name,
+                t.hint
+            );
+        }
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "run {id} is running but its setup tasks did not pass within {} s \
+                 (`ironlab playground tasks {id}` shows them)",
+                INIT_WAIT.as_secs()
+            );
+        }
+        pb.set_message(format!("setting up run {id} (init tasks)"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// `3s`, `5m`, `2h`, `4d`.
