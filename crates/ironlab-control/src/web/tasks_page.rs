@@ -135,9 +135,183 @@ pub async fn answer(
 
 #[cfg(test)]
 mod tests {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode, header};
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use crate::{Control, ControlConfig};
+
+    const ORIGIN: &str = "http://127.0.0.1:8080";
+
     #[test]
     fn labels() {
         assert_eq!(super::label("made_file"), "Made file");
         assert_eq!(super::label("x"), "X");
+    }
+
+    async fn send(
+        control: &Control,
+        method: &str,
+        path: &str,
+        cookie: &str,
+        form: Option<&str>,
+    ) -> (StatusCode, String, String) {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "127.0.0.1:8080")
+            .header(header::ORIGIN, ORIGIN);
+        if !cookie.is_empty() {
+            b = b.header(header::COOKIE, cookie);
+        }
+        let req = match form {
+            Some(f) => b
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(Body::from(f.to_string())),
+            None => b.body(Body::empty()),
+        }
+        .expect("request");
+        let resp = control.router().oneshot(req).await.expect("answer");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let cookie = headers
+            .get(header::SET_COOKIE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .unwrap_or_default()
+            .to_string();
+        let location = headers
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        let text = String::from_utf8_lossy(&body).into_owned();
+        (
+            status,
+            if location.is_empty() { text } else { location },
+            cookie,
+        )
+    }
+
+    /// No worker (runs stay pending): the page renders the checklist from the plan, Restart
+    /// needs the CSRF token and replaces the run, answering needs a running run.
+    #[tokio::test]
+    async fn checklist_renders_and_restart_replaces_the_run() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let control = Control::open(ControlConfig {
+            data_dir: dir.path().to_path_buf(),
+            worker_url: "http://127.0.0.1:9".into(),
+            worker_token: "unused".into(),
+        })
+        .await
+        .expect("opens");
+        let manifest = serde_json::json!({
+            "kind": "playground", "name": "page-tasks", "title": "Page tasks",
+            "playground": {
+                "machines": [{"name": "box", "drives": [{"source": "debian", "mount": "/", "size": "1GiB"}]}],
+                "tasks": {
+                    "setup": {"init": true, "run": "true"},
+                    "made_file": {"run": "test -f /x", "hintcheck": "echo hint"},
+                    "answer": {"input": true, "run": "test \"$INPUT\" = 42"},
+                    "bg": {"helper": true, "run": "sleep 1"}
+                }
+            }
+        });
+        let req = Request::post("/api/v1/playgrounds")
+            .header(
+                header::AUTHORIZATION,
+                format!("Bearer {}", control.admin_token()),
+            )
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(manifest.to_string()))
+            .expect("request");
+        let resp = control.router().oneshot(req).await.expect("answer");
+        assert_eq!(resp.status(), StatusCode::CREATED);
+
+        let link = control.admin_login_link(ORIGIN).await.expect("link");
+        let path = link.strip_prefix(ORIGIN).expect("path");
+        let (_, _, cookie) = send(&control, "GET", path, "", None).await;
+        let (_, page, _) = send(&control, "GET", "/", &cookie, None).await;
+        let at = page
+            .find("name=\"csrf-token\" content=\"")
+            .expect("csrf meta")
+            + "name=\"csrf-token\" content=\"".len();
+        let csrf = page[at..at + page[at..].find('"').expect("end")].to_string();
+
+        let (status, to, _) = send(
+            &control,
+            "POST",
+            "/runs",
+            &cookie,
+            Some(&format!("csrf={csrf}&playground=page-tasks")),
+        )
+        .await;
+        assert_eq!(status, StatusCode::SEE_OTHER);
+        let id = to.trim_start_matches("/runs/").to_string();
+        let (status, page, _) = send(&control, "GET", &to, &cookie, None).await;
+        assert_eq!(status, StatusCode::OK);
+        for needle in [
+            "id=\"tasks\"",
+            "data-task=\"setup\" data-state=\"blocked\"",
+            "data-task=\"made_file\"",
+            ">Made file<",
+            "Setting up the playground",
+            "id=\"tasks-count\">0/3<",
+            &format!("action=\"/runs/{id}/tasks/answer/input\""),
+            &format!("action=\"/runs/{id}/restart\""),
+        ] {
+            assert!(page.contains(needle), "run page lacks {needle}");
+        }
+        assert!(!page.contains("data-task=\"bg\""), "helpers are not shown");
+        let order: Vec<usize> = ["\"setup\"", "\"answer\"", "\"made_file\""]
+            .iter()
+            .map(|n| page.find(&format!("data-task={n}")).expect("row"))
+            .collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "checklist order");
+
+        // Answering needs a running run (409 page), and the CSRF token.
+        let (status, _, _) = send(
+            &control,
+            "POST",
+            &format!("/runs/{id}/tasks/answer/input"),
+            &cookie,
+            Some(&format!("csrf={csrf}&value=42")),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        let (status, _, _) = send(
+            &control,
+            "POST",
+            &format!("/runs/{id}/restart"),
+            &cookie,
+            Some("csrf=wrong"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        let (status, to2, _) = send(
+            &control,
+            "POST",
+            &format!("/runs/{id}/restart"),
+            &cookie,
+            Some(&format!("csrf={csrf}")),
+        )
+        .await;
+        assert_eq!(status, StatusCode::SEE_OTHER);
+        assert!(to2.starts_with("/runs/") && to2 != to, "{to2}");
+        let old = crate::runs::load(&control.ctx().db, &id)
+            .await
+            .expect("load")
+            .expect("kept");
+        assert_eq!(old.state.as_str(), "destroyed");
+        let new = crate::runs::load(&control.ctx().db, to2.trim_start_matches("/runs/"))
+            .await
+            .expect("load")
+            .expect("new");
+        assert_eq!(
+            (new.playground.as_str(), new.title.as_str()),
+            ("page-tasks", "Page tasks")
+        );
     }
 }

@@ -505,6 +505,7 @@ fn every_template_compiles() {
         "admin_users.html",
         "error.html",
         "macros.html",
+        "tasks.html",
     ] {
         if let Err(e) = super::TEMPLATES.get_template(name) {
             panic!("template {name}: {e:#}");
