@@ -16,11 +16,13 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use chrono::Utc;
 use futures::{SinkExt, StreamExt};
 use ironlab_api::ErrorBody;
-use ironlab_api::worker::{RunPlan, RunStatus, TokenGrant, WorkerStatus};
+use ironlab_api::worker::{
+    CloneRun, RunPlan, RunStatus, SaveRun, SavedDrives, TokenGrant, WorkerStatus,
+};
 use serde::Deserialize;
 
 use crate::relay::{self, Frame};
@@ -171,6 +173,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
             "/v1/runs/{run}",
             put(create_run).get(get_run).delete(delete_run),
         )
+        .route("/v1/runs/{run}/stop", post(stop_run))
+        .route("/v1/runs/{run}/restart", post(restart_run))
+        .route("/v1/runs/{run}/clone", post(clone_run))
+        .route("/v1/runs/{run}/save", post(save_run))
+        .route("/v1/saved/{id}", delete(delete_saved))
         .route("/v1/tokens", post(grant_token))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -271,6 +278,57 @@ async fn delete_run(
         .sessions
         .end_run(&run, &format!("run {run} was destroyed"));
     state.runs.destroy(&run).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Ends the run's terminal sessions and forgets its tokens (its machines are going away).
+fn end_terminals(state: &ApiState, run: &str, why: &str) {
+    state.tokens().retain(|_, g| g.grant.run != run);
+    state.sessions.end_run(run, why);
+}
+
+async fn stop_run(
+    State(state): State<Arc<ApiState>>,
+    Path(run): Path<String>,
+) -> Result<(StatusCode, Json<RunStatus>), ApiError> {
+    end_terminals(&state, &run, &format!("run {run} was stopped"));
+    let st = state.runs.stop(&run).await?;
+    Ok((StatusCode::ACCEPTED, Json(st)))
+}
+
+async fn restart_run(
+    State(state): State<Arc<ApiState>>,
+    Path(run): Path<String>,
+) -> Result<(StatusCode, Json<RunStatus>), ApiError> {
+    let st = state.runs.restart(&run).await?;
+    Ok((StatusCode::ACCEPTED, Json(st)))
+}
+
+async fn clone_run(
+    State(state): State<Arc<ApiState>>,
+    Path(run): Path<String>,
+    body: Result<Json<CloneRun>, JsonRejection>,
+) -> Result<(StatusCode, Json<RunStatus>), ApiError> {
+    let Json(req) = body?;
+    let st = state.runs.clone_run(&run, &req.new_run_id).await?;
+    Ok((StatusCode::CREATED, Json(st)))
+}
+
+async fn save_run(
+    State(state): State<Arc<ApiState>>,
+    Path(run): Path<String>,
+    body: Result<Json<SaveRun>, JsonRejection>,
+) -> Result<(StatusCode, Json<SavedDrives>), ApiError> {
+    let Json(req) = body?;
+    let saved = state.runs.save(&run, &req.saved_id).await?;
+    Ok((StatusCode::CREATED, Json(saved)))
+}
+
+async fn delete_saved(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.runs.delete_saved(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
