@@ -468,6 +468,9 @@ mod tests {
         async fn stop(&self, _: &MachineHandle, _: Duration) -> Result<(), RuntimeError> {
             Ok(())
         }
+        async fn release(&self, _: &MachineHandle) -> Result<(), RuntimeError> {
+            Ok(())
+        }
         async fn destroy(&self, _: &MachineHandle) -> Result<(), RuntimeError> {
             Ok(())
         }
@@ -534,6 +537,111 @@ mod tests {
             "image":{{"kind":"stock","name":"nope"}},"root_size_bytes":134217728,"cpus":1,
             "memory_bytes":134217728,"pids_limit":100,"default_user":"root"}}]}}"#
         )
+    }
+
+    #[tokio::test]
+    async fn lifecycle_endpoints_refuse_bad_input_and_wrong_states() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path());
+        let t = Some("secret-token");
+        let (s, _) = call(&app, "POST", "/v1/runs/nope/stop", None, None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        for op in ["stop", "restart"] {
+            let (s, v) = call(&app, "POST", &format!("/v1/runs/zzz/{op}"), t, None).await;
+            assert_eq!(s, StatusCode::NOT_FOUND, "{op}: {v}");
+        }
+        let (s, v) = call(&app, "POST", "/v1/runs/BAD!/stop", t, None).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        // A failed run (its image does not exist) cannot be stopped, cloned or saved.
+        let (s, _) = call(
+            &app,
+            "PUT",
+            "/v1/runs/abc",
+            t,
+            Some(&plan_json("abc", "container")),
+        )
+        .await;
+        assert_eq!(s, StatusCode::ACCEPTED);
+        let (_, v) = call(&app, "GET", "/v1/runs/abc?wait=10", t, None).await;
+        assert_eq!(v["state"], "failed");
+        let (s, v) = call(&app, "POST", "/v1/runs/abc/stop", t, None).await;
+        assert_eq!(s, StatusCode::CONFLICT, "{v}");
+        assert!(
+            v["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("only a running run"),
+            "{v}"
+        );
+        let (s, v) = call(&app, "POST", "/v1/runs/abc/restart", t, None).await;
+        assert_eq!(s, StatusCode::CONFLICT, "{v}");
+        let (s, v) = call(
+            &app,
+            "POST",
+            "/v1/runs/abc/clone",
+            t,
+            Some(r#"{"new_run_id":"xyz"}"#),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CONFLICT, "{v}");
+        assert!(
+            v["detail"].as_str().unwrap_or("").contains("stop it first"),
+            "{v}"
+        );
+        let (s, v) = call(
+            &app,
+            "POST",
+            "/v1/runs/abc/clone",
+            t,
+            Some(r#"{"new_run_id":"../x"}"#),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(
+            v["detail"].as_str().unwrap_or("").contains("new_run_id"),
+            "{v}"
+        );
+        let (s, v) = call(
+            &app,
+            "POST",
+            "/v1/runs/abc/clone",
+            t,
+            Some(r#"{"new_id":"x"}"#),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        let (s, v) = call(
+            &app,
+            "POST",
+            "/v1/runs/abc/save",
+            t,
+            Some(r#"{"saved_id":"s1"}"#),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CONFLICT, "{v}");
+        let (s, v) = call(
+            &app,
+            "POST",
+            "/v1/runs/abc/save",
+            t,
+            Some(r#"{"saved_id":"S 1"}"#),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(
+            v["detail"].as_str().unwrap_or("").contains("saved_id"),
+            "{v}"
+        );
+        // Nothing was made.
+        assert!(!dir.path().join("xyz").exists());
+        let (s, _) = call(&app, "DELETE", "/v1/saved/s1", t, None).await;
+        assert_eq!(
+            s,
+            StatusCode::NO_CONTENT,
+            "removing missing saved drives is a no-op"
+        );
+        let (s, _) = call(&app, "DELETE", "/v1/saved/..", t, None).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
     }
 
     #[tokio::test]
