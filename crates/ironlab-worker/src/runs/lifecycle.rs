@@ -514,11 +514,14 @@ impl RunManager {
             ));
         }
         let new = Run::new(plan, ObservedState::Stopped, self.runtime.name());
+        // A fresh clone shares every extent with its source: it holds nothing of its own yet
+        // (measured again once it diverges, see `refresh_storage`).
+        *new.storage_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+        new.status.send_modify(|s| s.storage_bytes = Some(0));
         {
             let mut runs = self.lock();
             runs.insert(new_id.to_string(), new.clone());
         }
-        self.set_stopped(&new, None).await;
         tracing::info!(run = %src, clone = %new_id, elapsed_ms = t0.elapsed().as_millis() as u64, "run cloned");
         Ok(new.status.borrow().clone())
     }
