@@ -503,3 +503,156 @@ fn killing_the_worker_during_stop_clone_and_save_stays_consistent() {
     }
     assert_eq!(entries(&pool(&p).join("saved")), Vec::<String>::new());
 }
+
+/// Restarts the worker so that it kills itself (SIGKILL) at `point`, runs `action` in a thread,
+/// waits for the worker to die there, starts it again normally; returns what `action` returned.
+fn crash_at<T: Send + 'static>(
+    p: &mut Platform,
+    point: &str,
+    action: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    p.stop_worker();
+    p.worker_env = vec![("IRONLAB_TEST_CRASH_AT".into(), point.into())];
+    p.start_worker();
+    let h = std::thread::spawn(action);
+    let died = p.wait_worker_exit(Duration::from_secs(60));
+    assert!(
+        died.is_some(),
+        "the worker did not reach crash point {point}\n{}",
+        p.logs()
+    );
+    p.worker_env.clear();
+    p.start_worker();
+    h.join().expect("the request thread")
+}
+
+fn no_temporaries(p: &Platform) {
+    for dir in ["runs", "saved"] {
+        let left: Vec<String> = entries(&pool(p).join(dir))
+            .into_iter()
+            .filter(|e| e.starts_with('.'))
+            .collect();
+        assert!(
+            left.is_empty(),
+            "pool/{dir} holds half-made copies: {left:?}"
+        );
+    }
+}
+
+#[test]
+fn a_worker_killed_at_each_step_ends_in_the_old_or_the_new_state() {
+    let _serial = serial();
+    let Some((mut p, _registry, image)) =
+        start_busybox_platform("a_worker_killed_at_each_step_ends_in_the_old_or_the_new_state")
+    else {
+        return;
+    };
+    assert!(
+        p.create_playground(&busybox_manifest("persist-points", &image))
+            .status
+            .success(),
+        "create\n{}",
+        p.logs()
+    );
+    let id = p.start_run("persist-points")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    p.ssh_ok(&id, &["sh", "-c", "echo kept > /home/laborant/kept"]);
+
+    // Stop, killed before and after the machines went down: the stop is finished at recovery.
+    for point in ["stop:stopping", "stop:halted"] {
+        let (url, token) = (p.api(&format!("/runs/{id}/stop")), p.token());
+        let r = crash_at(&mut p, point, move || {
+            http("POST", &url, Some(&token), None)
+        });
+        assert_eq!(r.status, 202, "{}", r.body);
+        p.wait_state(&id, &["stopped"], Duration::from_secs(90));
+        let left = p.leftovers(&id);
+        assert!(
+            left.iter().all(|l| l.starts_with("run directory")),
+            "{point}: a stopped run holds nothing but its files: {left:?}"
+        );
+        no_temporaries(&p);
+        restart(&p, &id);
+        assert_eq!(
+            p.ssh_ok(&id, &["cat", "/home/laborant/kept"]),
+            "kept\n",
+            "{point}"
+        );
+    }
+    stop(&p, &id);
+
+    // Restart, killed once the machines are up: undone at recovery (stopped, with the reason).
+    let (url, token) = (p.api(&format!("/runs/{id}/restart")), p.token());
+    let r = crash_at(&mut p, "restart:booted", move || {
+        http("POST", &url, Some(&token), None)
+    });
+    assert_eq!(r.status, 202, "{}", r.body);
+    let v = p.wait_state(&id, &["stopped"], Duration::from_secs(90));
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("worker restarted"),
+        "the run says why it is stopped: {v}"
+    );
+    let left = p.leftovers(&id);
+    assert!(
+        left.iter().all(|l| l.starts_with("run directory")),
+        "{left:?}"
+    );
+    restart(&p, &id);
+    assert_eq!(p.ssh_ok(&id, &["cat", "/home/laborant/kept"]), "kept\n");
+    stop(&p, &id);
+
+    // Clone and save, killed before and after the rename: the request still succeeds (the
+    // control plane asks again; the worker's clone and save are idempotent by id).
+    let mut made = Vec::new();
+    for point in ["clone:assembled", "clone:renamed"] {
+        let (url, token) = (p.api(&format!("/runs/{id}/clone")), p.token());
+        let r = crash_at(&mut p, point, move || {
+            http("POST", &url, Some(&token), Some("{}"))
+        });
+        assert_eq!(r.status, 201, "{point}: {}", r.body);
+        let c = r.json()["id"].as_str().expect("id").to_string();
+        p.track(&c);
+        no_temporaries(&p);
+        restart(&p, &c);
+        assert_eq!(
+            p.ssh_ok(&c, &["cat", "/home/laborant/kept"]),
+            "kept\n",
+            "{point}"
+        );
+        made.push(c);
+    }
+    let mut saves = Vec::new();
+    for (i, point) in ["save:assembled", "save:renamed"].into_iter().enumerate() {
+        let (url, token) = (p.api(&format!("/runs/{id}/save")), p.token());
+        let name = format!("persist-point-save{i}");
+        let body = format!(r#"{{"name":"{name}"}}"#);
+        let r = crash_at(&mut p, point, move || {
+            http("POST", &url, Some(&token), Some(&body))
+        });
+        assert_eq!(r.status, 201, "{point}: {}", r.body);
+        no_temporaries(&p);
+        let s = p.start_run(&name)["id"].as_str().expect("id").to_string();
+        assert_eq!(
+            p.ssh_ok(&s, &["cat", "/home/laborant/kept"]),
+            "kept\n",
+            "{point}"
+        );
+        made.push(s);
+        saves.push(name);
+    }
+    assert_eq!(entries(&pool(&p).join("saved")).len(), saves.len());
+
+    for r in made.iter().chain([&id]) {
+        p.destroy(r);
+        p.assert_clean(r);
+    }
+    for name in &saves {
+        p.cli_ok(&["playground", "remove", name]);
+    }
+    assert_eq!(entries(&pool(&p).join("saved")), Vec::<String>::new());
+}

@@ -40,6 +40,17 @@ const STORAGE_TTL: Duration = Duration::from_secs(30);
 /// Prefix of directories being assembled (removed by recovery).
 pub const TMP_PREFIX: &str = ".tmp-";
 
+/// Test hook for crash tests: when `IRONLAB_TEST_CRASH_AT` names `point`, the worker kills
+/// itself there with SIGKILL (no destructor, no flush: the state a `kill -9` leaves).
+/// Points: `stop:stopping`, `stop:halted`, `restart:booted`, `clone:assembled`,
+/// `clone:renamed`, `save:assembled`, `save:renamed`.
+pub fn crash_point(point: &str) {
+    if std::env::var("IRONLAB_TEST_CRASH_AT").is_ok_and(|p| p == point) {
+        tracing::error!(point, "IRONLAB_TEST_CRASH_AT: killing the worker here");
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
 /// The persistent part of a run's state, in `pool/runs/<run>/lifecycle`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lifecycle {
@@ -264,7 +275,9 @@ impl RunManager {
         });
         run.agents.lock().unwrap_or_else(|p| p.into_inner()).clear();
         let t0 = std::time::Instant::now();
+        crash_point("stop:stopping");
         self.halt(run_id, &run.plan).await?;
+        crash_point("stop:halted");
         write_lifecycle(&dir, Some(Lifecycle::Stopped))?;
         self.set_stopped(&run, None).await;
         tracing::info!(run = %run_id, elapsed_ms = t0.elapsed().as_millis() as u64, "run stopped");
@@ -398,6 +411,9 @@ impl RunManager {
             tracing::info!(run = %run_id, "restart cancelled");
             return;
         }
+        if result.is_ok() {
+            crash_point("restart:booted");
+        }
         match result.and_then(|()| write_lifecycle(&dir, None)) {
             Ok(()) => {
                 run.status.send_modify(|s| {
@@ -505,8 +521,11 @@ impl RunManager {
         let tmp = self.runs_dir.join(format!("{TMP_PREFIX}{new_id}"));
         let built = self.assemble_clone(src, &plan, &tmp);
         if let Err(e) = built.and_then(|()| {
+            crash_point("clone:assembled");
             fs_err::rename(&tmp, &dst)?;
-            fsync_dir(&self.runs_dir)
+            fsync_dir(&self.runs_dir)?;
+            crash_point("clone:renamed");
+            Ok(())
         }) {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(RunError::Internal(
@@ -585,8 +604,10 @@ impl RunManager {
         let result = self
             .assemble_save(src, saved_id, &run.plan, &tmp)
             .and_then(|meta| {
+                crash_point("save:assembled");
                 fs_err::rename(&tmp, &dst)?;
                 fsync_dir(&saved)?;
+                crash_point("save:renamed");
                 Ok(meta)
             });
         match result {
