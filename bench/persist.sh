@@ -153,11 +153,20 @@ for i in $(seq 1 "$R"); do
     printf '  %2d: start %s ms, restart %s ms\n' "$i" "$(tail -n1 "$WORK/start.ms")" "$(tail -n1 "$WORK/restart.ms")"
 done
 
+# The worker's own start→ready and restart→ready times of the same runs.
+sed 's/\x1b\[[0-9;]*m//g' "$WORK/data/worker.log" |
+    awk '/run ready/ && match($0, /elapsed_ms=[0-9]+/) { print substr($0, RSTART + 11, RLENGTH - 11) }' |
+    awk -v n="$R" '{ v[NR] = $0 } END { for (i = NR - n + 1; i <= NR; i++) if (i > 0) print v[i] }' >"$WORK/start-worker.ms"
+sed 's/\x1b\[[0-9;]*m//g' "$WORK/data/worker.log" |
+    awk '/run restarted/ && match($0, /elapsed_ms=[0-9]+/) { print substr($0, RSTART + 11, RLENGTH - 11) }' >"$WORK/restart-worker.ms"
 read -r c_med c_p90 c_min c_max < <(stats "$WORK/clone.ms")
+read -r sw_med sw_p90 sw_min sw_max < <(stats "$WORK/start-worker.ms")
+read -r rw_med rw_p90 rw_min rw_max < <(stats "$WORK/restart-worker.ms")
 read -r w_med w_p90 w_min w_max < <(stats "$WORK/clone-worker.ms")
 read -r s_med s_p90 s_min s_max < <(stats "$WORK/start.ms")
 read -r r_med r_p90 r_min r_max < <(stats "$WORK/restart.ms")
 ratio=$(awk -v a="$r_med" -v b="$s_med" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }')
+wratio=$(awk -v a="$rw_med" -v b="$sw_med" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }')
 table=$(
     cat <<TABLE
 | measurement (3 debian machines) | n | median ms | p90 ms | min ms | max ms | note |
@@ -166,6 +175,8 @@ table=$(
 | worker's clone (reflinks, fsyncs, rename; from its log) | $N | $w_med | $w_p90 | $w_min | $w_max | |
 | \`ironlab playground start bench-trio\` (fresh, start→ready) | $R | $s_med | $s_p90 | $s_min | $s_max | |
 | \`ironlab playground restart RUN\` (stopped→ready) | $R | $r_med | $r_p90 | $r_min | $r_max | $ratio of a fresh start |
+| worker's fresh start→ready (from its log) | $R | $sw_med | $sw_p90 | $sw_min | $sw_max | |
+| worker's restart→ready (from its log) | $R | $rw_med | $rw_p90 | $rw_min | $rw_max | $wratio of a fresh start |
 TABLE
 )
 echo
