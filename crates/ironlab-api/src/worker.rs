@@ -9,6 +9,7 @@
 //! POST   /v1/runs/{run}/restart                          202 RunStatus (starting → running; idempotent)
 //! POST   /v1/runs/{run}/clone  CloneRun                  201 RunStatus of the new, stopped run
 //! POST   /v1/runs/{run}/save   SaveRun                   201 SavedDrives (the run must be stopped)
+//! GET    /v1/saved                                       [SavedDrives]
 //! DELETE /v1/saved/{id}                                  204 (idempotent)
 //! POST   /v1/tokens            TokenGrant                204
 //! GET    /v1/runs/{run}/machines/{m}/terminal?token=T    WebSocket (see `relay`), no bearer

@@ -225,6 +225,19 @@ async fn fake_worker(fake: Fake, listener: tokio::net::TcpListener) {
             ))
         })
     }
+    async fn list_saved(State(fake): State<Fake>) -> Json<Vec<SavedDrives>> {
+        Json(fake.with(|s| {
+            s.saves
+                .iter()
+                .map(|(id, run)| SavedDrives {
+                    id: id.clone(),
+                    run_id: run.clone(),
+                    machines: vec![],
+                    allocated_bytes: 0,
+                })
+                .collect()
+        }))
+    }
     async fn delete_saved(State(fake): State<Fake>, Path(id): Path<String>) -> StatusCode {
         fake.with(|s| s.saves.remove(&id));
         StatusCode::NO_CONTENT
@@ -234,6 +247,7 @@ async fn fake_worker(fake: Fake, listener: tokio::net::TcpListener) {
         .route("/v1/runs/{id}/restart", post(restart_run))
         .route("/v1/runs/{id}/clone", post(clone_run))
         .route("/v1/runs/{id}/save", post(save_run))
+        .route("/v1/saved", get(list_saved))
         .route("/v1/saved/{id}", axum::routing::delete(delete_saved))
         .route("/v1/status", get(status))
         .route(
@@ -1292,6 +1306,14 @@ async fn stop_restart_clone_save_and_the_storage_quota() {
         .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     assert_eq!(h.settle(&alice, &id).await["state"], "running");
+
+    // Saved drives no playground names (a lost save) are collected; named ones are kept.
+    h.fake.with(|s| s.saves.insert("orphan".into(), id.clone()));
+    let removed = crate::runs::persist::gc_saved(h.control.ctx())
+        .await
+        .expect("gc");
+    assert_eq!(removed, vec!["orphan".to_string()]);
+    assert!(h.fake.with(|s| s.saves.contains_key(&saved_id)));
 
     // Removing the saved playground removes its drives from the worker.
     let (s, _) = h

@@ -243,6 +243,14 @@ impl WorkerClient {
         self.json(resp).await
     }
 
+    /// `GET /v1/saved`: every save the worker holds.
+    pub async fn list_saved(&self) -> Result<Vec<SavedDrives>, WorkerError> {
+        let resp = self
+            .send(self.http.get(format!("{}/v1/saved", self.base)))
+            .await?;
+        self.json(resp).await
+    }
+
     /// `DELETE /v1/saved/{id}` (idempotent).
     pub async fn delete_saved(&self, id: &str) -> Result<(), WorkerError> {
         let resp = self

@@ -177,6 +177,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/runs/{run}/restart", post(restart_run))
         .route("/v1/runs/{run}/clone", post(clone_run))
         .route("/v1/runs/{run}/save", post(save_run))
+        .route("/v1/saved", get(list_saved))
         .route("/v1/saved/{id}", delete(delete_saved))
         .route("/v1/tokens", post(grant_token))
         .route_layer(middleware::from_fn_with_state(
@@ -322,6 +323,10 @@ async fn save_run(
     let Json(req) = body?;
     let saved = state.runs.save(&run, &req.saved_id).await?;
     Ok((StatusCode::CREATED, Json(saved)))
+}
+
+async fn list_saved(State(state): State<Arc<ApiState>>) -> Json<Vec<SavedDrives>> {
+    Json(state.runs.list_saved())
 }
 
 async fn delete_saved(

@@ -195,13 +195,12 @@ pub async fn clone(ctx: &Ctx, user: &User, id: &str, req: CloneRequest) -> ApiRe
     sqlx::query(
         "INSERT INTO runs (id, owner, playground, title, state, reason, plan, worker_attempts, \
          created_at, updated_at, expires_at, storage_bytes, cloned_from) \
-         VALUES ($1, $2, $3, $4, 'stopped', $5, $6, 0, $7, $7, NULL, 0, $8)",
+         VALUES ($1, $2, $3, $4, 'stopped', NULL, $5, 0, $6, $6, NULL, 0, $7)",
     )
     .bind(&new_id)
     .bind(&src.owner)
     .bind(&src.playground)
     .bind(&title)
-    .bind(&reason)
     .bind(&plan_text)
     .bind(now)
     .bind(&src.id)
@@ -339,6 +338,47 @@ pub async fn save(ctx: &Ctx, user: &User, id: &str, req: SaveRequest) -> ApiResu
     }
     tracing::info!(run = %run.id, playground = %view.name, saved = %saved_id, "run saved as a playground");
     Ok(view)
+}
+
+/// How often saved drives no playground names are looked for.
+pub const SAVED_GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Removes saved drives on the worker that no playground names (a save whose playground row
+/// was dropped after the worker call was lost, or whose removal did not reach the worker).
+/// Safe against saves in flight: the playground row is written before the worker is asked.
+/// Returns the ids removed.
+pub async fn gc_saved(ctx: &Ctx) -> ApiResult<Vec<String>> {
+    let on_worker = ctx.worker.list_saved().await.map_err(worker_unavailable)?;
+    let known: Vec<String> =
+        sqlx::query_scalar("SELECT saved_id FROM playgrounds WHERE saved_id IS NOT NULL")
+            .fetch_all(&ctx.db)
+            .await?;
+    let mut removed = Vec::new();
+    for s in on_worker {
+        if known.contains(&s.id) {
+            continue;
+        }
+        match ctx.worker.delete_saved(&s.id).await {
+            Ok(()) => {
+                tracing::info!(saved = %s.id, run = %s.run_id, "removed saved drives no playground names");
+                removed.push(s.id);
+            }
+            Err(e) => {
+                tracing::warn!(saved = %s.id, error = %e, "cannot remove orphaned saved drives")
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// Runs [`gc_saved`] every [`SAVED_GC_INTERVAL`] until the task is aborted.
+pub async fn gc_loop(ctx: Ctx) {
+    loop {
+        tokio::time::sleep(SAVED_GC_INTERVAL).await;
+        if let Err(e) = gc_saved(&ctx).await {
+            tracing::warn!(error = %e, "saved-drive clean-up failed; retrying later");
+        }
+    }
 }
 
 /// Removes a playground; a saved one's drives are removed from the worker too.

@@ -657,6 +657,22 @@ impl RunManager {
         Ok(meta)
     }
 
+    /// Every complete save in the pool (half-made ones are not listed).
+    pub fn list_saved(&self) -> Vec<SavedDrives> {
+        let Ok(rd) = std::fs::read_dir(self.saved_dir()) else {
+            return Vec::new();
+        };
+        let mut out: Vec<SavedDrives> = rd
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .filter_map(|e| std::fs::read(e.path().join("saved.json")).ok())
+            .filter_map(|b| serde_json::from_slice::<SavedMeta>(&b).ok())
+            .map(Into::into)
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
     /// Removes saved drives (idempotent). Runs started from them keep their own reflinks.
     pub async fn delete_saved(&self, saved_id: &str) -> Result<(), RunError> {
         if !valid_run_id(saved_id) {
