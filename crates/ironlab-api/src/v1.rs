@@ -20,6 +20,7 @@
 //! POST   /api/v1/runs/{id}/clone    CloneRequest   201 RunView (a new stopped run)
 //! POST   /api/v1/runs/{id}/save     SaveRequest    201 PlaygroundView (parent = the run's playground)
 //! GET    /api/v1/storage                           StorageView (the caller's use and quota)
+//! PUT    /api/v1/users/{name}/storage-quota  SetQuota  StorageView of that user (admins only)
 //! ```
 //! Errors: [`crate::ErrorBody`] with 400/401/403/404/409/5xx.
 
@@ -216,6 +217,14 @@ pub struct SaveRequest {
     /// Description; default: the source playground's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+}
+
+/// Set a user's storage quota (admins only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetQuota {
+    /// Bytes, or `null` for the platform default.
+    pub bytes: Option<u64>,
 }
 
 /// One thing that holds storage.

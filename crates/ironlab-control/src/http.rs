@@ -14,7 +14,7 @@ use bytes::Bytes;
 use ironlab_api::ErrorBody;
 use ironlab_api::v1::{
     CloneRequest, Connect, ConnectResponse, CreateUser, CreatedUser, PlaygroundView, RunView,
-    SaveRequest, StartRun, StorageView, UpdateRun, UserView,
+    SaveRequest, SetQuota, StartRun, StorageView, UpdateRun, UserView,
 };
 use serde::Deserialize;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
@@ -122,6 +122,7 @@ fn api_router() -> OpenApiRouter<Ctx> {
         .routes(routes!(clone_run))
         .routes(routes!(save_run))
         .routes(routes!(storage))
+        .routes(routes!(set_quota))
         .routes(routes!(crate::web::sse::events))
 }
 
@@ -480,4 +481,21 @@ async fn save_run(
     responses((status = 200, body = StorageView), (status = 401, body = ErrorBody)))]
 async fn storage(State(ctx): State<Ctx>, Auth(user): Auth) -> ApiResult<Json<StorageView>> {
     Ok(Json(runs::persist::storage(&ctx.db, &user).await?))
+}
+
+/// Sets a user's storage quota for stopped runs and saved playgrounds (admins only;
+/// `{"bytes": null}` = the platform default).
+#[utoipa::path(put, path = "/api/v1/users/{name}/storage-quota", request_body = SetQuota,
+    params(("name" = String, Path, description = "User name")),
+    responses((status = 200, body = StorageView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn set_quota(
+    State(ctx): State<Ctx>,
+    Auth(user): Auth,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<SetQuota>,
+) -> ApiResult<Json<StorageView>> {
+    Ok(Json(
+        runs::persist::set_quota(&ctx.db, &user, &name, req.bytes).await?,
+    ))
 }

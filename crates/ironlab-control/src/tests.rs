@@ -1060,6 +1060,7 @@ async fn openapi_documents_every_route() {
         ("post", "/api/v1/runs/{id}/clone"),
         ("post", "/api/v1/runs/{id}/save"),
         ("get", "/api/v1/storage"),
+        ("put", "/api/v1/users/{name}/storage-quota"),
     ];
     let paths = doc["paths"].as_object().expect("paths");
     let documented: usize = paths
@@ -1279,11 +1280,40 @@ async fn stop_restart_clone_save_and_the_storage_quota() {
     assert_eq!(st["quota_bytes"], 10u64 << 30);
 
     // Over quota: stop, clone and save are refused with a clear 409; nothing is made.
-    sqlx::query("UPDATE users SET storage_quota_bytes = $1 WHERE name = 'alice'")
-        .bind(8i64 << 20)
-        .execute(&h.control.ctx().db)
-        .await
-        .expect("set quota");
+    let (s, _) = h
+        .call(
+            "PUT",
+            "/api/v1/users/alice/storage-quota",
+            a,
+            Some(json!({"bytes": 1})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "only admins set quotas");
+    let (s, v) = h
+        .admin(
+            "PUT",
+            "/api/v1/users/nobody/storage-quota",
+            Some(json!({"bytes": 1})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    let (s, v) = h
+        .admin(
+            "PUT",
+            "/api/v1/users/alice/storage-quota",
+            Some(json!({"bytes": "8MiB"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (s, v) = h
+        .admin(
+            "PUT",
+            "/api/v1/users/alice/storage-quota",
+            Some(json!({"bytes": 8u64 << 20})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["quota_bytes"], 8u64 << 20);
     let runs_before = h.fake.with(|s| s.runs.len());
     let (s, v) = h
         .call("POST", &format!("/api/v1/runs/{id}/clone"), a, None)

@@ -250,4 +250,12 @@ pub enum UserCommand {
         #[arg(long)]
         admin: bool,
     },
+    /// Set a user's storage quota for stopped runs and saved playgrounds (`20GiB`, or
+    /// `default`).
+    Quota {
+        /// Login name.
+        name: String,
+        /// Size (`512MiB`, `20GiB`) or `default`.
+        size: String,
+    },
 }

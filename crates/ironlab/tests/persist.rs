@@ -351,6 +351,18 @@ fn saved_playgrounds_start_from_the_saved_state_across_a_chain() {
         "{storage}"
     );
 
+    // The quota: over it, stopping (which keeps drives) is refused with a clear message.
+    let out = p.cli_ok(&["user", "quota", "admin", "1MiB"]);
+    assert!(out.contains("of 1.0 MiB used"), "{out}");
+    let refused = p.cli(&["playground", "stop", &a]);
+    assert!(!refused.status.success(), "stop over quota succeeded");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("storage quota"), "{err}");
+    assert_eq!(p.run_view(&a)["state"], "running", "nothing changed");
+    let out = p.cli_ok(&["user", "quota", "admin", "default"]);
+    assert!(out.contains("of 10.0 GiB used"), "{out}");
+    stop(&p, &a);
+
     for id in all_runs.iter().chain([&a, &b]) {
         p.destroy(id);
         p.assert_clean(id);

@@ -72,6 +72,36 @@ pub async fn storage(db: &Db, user: &User) -> ApiResult<StorageView> {
     })
 }
 
+/// Sets a user's storage quota (admins only; `None` = the default); returns their storage.
+pub async fn set_quota(
+    db: &Db,
+    admin: &User,
+    name: &str,
+    bytes: Option<u64>,
+) -> ApiResult<StorageView> {
+    if !admin.is_admin() {
+        return Err(ApiError::Forbidden(
+            "only admins may set storage quotas".into(),
+        ));
+    }
+    let user = crate::auth::find_user(db, name)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("user {name} not found")))?;
+    let bytes = bytes
+        .map(|b| {
+            i64::try_from(b)
+                .map_err(|_| ApiError::BadRequest("bytes: larger than 2^63-1".to_string()))
+        })
+        .transpose()?;
+    sqlx::query("UPDATE users SET storage_quota_bytes = $1 WHERE id = $2")
+        .bind(bytes)
+        .bind(&user.id)
+        .execute(db)
+        .await?;
+    tracing::info!(user = %user.name, quota = ?bytes, "storage quota set");
+    storage(db, &user).await
+}
+
 /// Refuses with 409 when the user's storage is at or over the quota.
 async fn check_quota(db: &Db, user: &User, what: &str) -> ApiResult<()> {
     let s = storage(db, user).await?;
