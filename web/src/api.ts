@@ -47,7 +47,16 @@ export interface RunView {
   id: string;
   playground: string;
   title: string;
-  state: 'pending' | 'starting' | 'running' | 'destroying' | 'destroyed' | 'failed';
+  state:
+    | 'pending'
+    | 'starting'
+    | 'running'
+    | 'destroying'
+    | 'destroyed'
+    | 'failed'
+    | 'stopping'
+    | 'stopped'
+    | 'restarting';
   reason?: string;
   machines: string[];
   owner: string;
@@ -72,4 +81,9 @@ export function humanDuration(ms: number): string {
 /** Whether a run still has machines (or will have). */
 export function isActive(state: RunView['state']): boolean {
   return state === 'pending' || state === 'starting' || state === 'running';
+}
+
+/** Whether a run is (being) stopped or restarted: its drives are kept. */
+export function isKept(state: RunView['state']): boolean {
+  return state === 'stopping' || state === 'stopped' || state === 'restarting';
 }

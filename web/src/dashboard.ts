@@ -30,6 +30,17 @@ async function watch(tr: HTMLTableRowElement, id: string): Promise<void> {
   }
 }
 
+/** A stop or restart in progress: once it settles, reload so the row gets its new actions. */
+async function settleThenReload(id: string): Promise<void> {
+  for (let i = 0; i < 10; i++) {
+    const view = await api<RunView>('GET', `/api/v1/runs/${encodeURIComponent(id)}?wait=30`);
+    if (view.state !== 'stopping' && view.state !== 'restarting') {
+      window.location.reload();
+      return;
+    }
+  }
+}
+
 function enhanceRename(tr: HTMLTableRowElement, id: string): void {
   const form = tr.querySelector<HTMLFormElement>('form.rename');
   const input = form?.querySelector<HTMLInputElement>('input[name=title]');
@@ -101,5 +112,6 @@ for (const tr of document.querySelectorAll<HTMLTableRowElement>('tr[data-run-id]
   enhanceRename(tr, id);
   enhanceDestroy(tr, id);
   if (tr.dataset.state === 'destroying') void watch(tr, id);
+  if (tr.dataset.state === 'stopping' || tr.dataset.state === 'restarting') void settleThenReload(id);
 }
 window.setInterval(tick, 30_000);

@@ -2,7 +2,7 @@
 // updates the page without a reload; other islands hear about changes through the
 // `ironlab:run` DOM event.
 
-import { api, humanDuration, isActive, RunView } from './api';
+import { api, humanDuration, isActive, isKept, RunView } from './api';
 
 function show(el: HTMLElement | null, visible: boolean): void {
   if (el) el.hidden = !visible;
@@ -25,10 +25,15 @@ function apply(root: HTMLElement, view: RunView): void {
     reason.textContent = view.reason ?? '';
     show(reason, Boolean(view.reason));
   }
-  show(document.getElementById('run-progress'), view.state === 'pending' || view.state === 'starting');
+  show(
+    document.getElementById('run-progress'),
+    view.state === 'pending' || view.state === 'starting' || view.state === 'restarting',
+  );
   show(document.getElementById('terminals'), view.state === 'running');
-  show(document.getElementById('run-ended'), !isActive(view.state));
-  show(document.getElementById('destroy-form'), isActive(view.state));
+  show(document.getElementById('run-ended'), !isActive(view.state) && !isKept(view.state));
+  show(document.getElementById('run-stopped'), isKept(view.state));
+  show(document.getElementById('stop-form'), view.state === 'running');
+  show(document.getElementById('destroy-form'), isActive(view.state) || isKept(view.state));
   if (!isActive(view.state)) {
     const left = document.getElementById('run-left');
     if (left) left.textContent = '';

@@ -259,6 +259,47 @@ test('web UI in a real browser: sign in, start, terminal, reconnect, dashboard',
       await other.close();
     });
 
+    await t.test('stop from the run page, clone and restart from the dashboard; files survive', async () => {
+      await page.goto(`${p.base}/runs/${runId}`);
+      await page.waitForFunction(() => window.ironlab?.terminals?.[0]?.phase === 'open', null, { timeout: 30_000 });
+      await page.locator('.xterm-helper-textarea').first().focus();
+      await type(page, 'echo persisted > ~/kept.txt; echo saved-$((20+1))');
+      await waitForLine(page, /^saved-21$/);
+      await page.locator('#stop-form button').click();
+      await page.waitForURL(`${p.base}/runs/${runId}`);
+      await page.waitForFunction(() => document.getElementById('run-state')?.textContent === 'stopped', null, {
+        timeout: 60_000,
+      });
+      assert.equal(await page.locator('#run-stopped').isVisible(), true, 'the stopped notice shows');
+      assert.equal(await page.locator('#terminals').isHidden(), true);
+      await shot(page, '12-run-stopped');
+
+      await page.goto(`${p.base}/dashboard`);
+      const first = page.locator('#runs tbody tr').first();
+      assert.equal(await first.getAttribute('data-run-id'), runId, 'stopped runs come first');
+      assert.match(await page.locator('#storage').textContent(), /of 10\.0 GiB/);
+      await first.locator('form.clone button').click();
+      await page.waitForURL(`${p.base}/dashboard`);
+      const { json: runs } = await p.api('GET', '/runs');
+      const clone = runs.find((r) => r.cloned_from === runId);
+      assert.ok(clone, 'the clone is listed');
+      p.track(clone.id);
+      assert.equal(clone.state, 'stopped');
+      await shot(page, '13-dashboard-stopped-and-clone');
+      assert.equal(await noHorizontalScroll(page), true);
+
+      await page.locator(`tr[data-run-id="${runId}"] form.restart button`).click();
+      await page.waitForURL(`${p.base}/runs/${runId}`);
+      await page.waitForFunction(() => document.getElementById('run-state')?.textContent === 'running', null, {
+        timeout: RUN_READY_MS,
+      });
+      await page.waitForFunction(() => window.ironlab?.terminals?.[0]?.phase === 'open', null, { timeout: 30_000 });
+      await page.locator('.xterm-helper-textarea').first().focus();
+      await type(page, 'cat ~/kept.txt');
+      await waitForLine(page, /^persisted$/);
+      await p.api('DELETE', `/runs/${clone.id}`);
+    });
+
     await t.test('dashboard: rename in place, then destroy', async () => {
       await page.goto(`${p.base}/dashboard`);
       const row = page.locator(`tr[data-run-id="${runId}"]`);

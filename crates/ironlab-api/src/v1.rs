@@ -18,6 +18,12 @@
 //! GET    /api/v1/runs/{id}/events                  SSE: `run` (RunView) and `task` (TaskView) events
 //! GET    /api/v1/runs/{id}/tasks                   RunTasksView
 //! POST   /api/v1/runs/{id}/tasks/{name}/input  TaskInput  TaskInputResult
+//! POST   /api/v1/runs/{id}/stop                    202 RunView (stopping → stopped)
+//! POST   /api/v1/runs/{id}/restart                 202 RunView (restarting → running)
+//! POST   /api/v1/runs/{id}/clone    CloneRequest   201 RunView (a new stopped run)
+//! POST   /api/v1/runs/{id}/save     SaveRequest    201 PlaygroundView (parent = the run's playground)
+//! GET    /api/v1/storage                           StorageView (the caller's use and quota)
+//! PUT    /api/v1/users/{name}/storage-quota  SetQuota  StorageView of that user (admins only)
 //! ```
 //! Errors: [`crate::ErrorBody`] with 400/401/403/404/409/5xx.
 
@@ -121,6 +127,12 @@ pub enum RunState {
     Destroyed,
     /// Could not start or broke; see `reason`.
     Failed,
+    /// Its machines are shutting down; the drives are kept.
+    Stopping,
+    /// No machine runs; the drives are kept until it is destroyed (restart, clone or save it).
+    Stopped,
+    /// A stopped run booting again on its drives.
+    Restarting,
 }
 
 impl RunState {
@@ -133,6 +145,9 @@ impl RunState {
             RunState::Destroying => "destroying",
             RunState::Destroyed => "destroyed",
             RunState::Failed => "failed",
+            RunState::Stopping => "stopping",
+            RunState::Stopped => "stopped",
+            RunState::Restarting => "restarting",
         }
     }
 
@@ -145,6 +160,9 @@ impl RunState {
             "destroying" => RunState::Destroying,
             "destroyed" => RunState::Destroyed,
             "failed" => RunState::Failed,
+            "stopping" => RunState::Stopping,
+            "stopped" => RunState::Stopped,
+            "restarting" => RunState::Restarting,
             _ => return None,
         })
     }
@@ -172,6 +190,68 @@ pub struct RunView {
     pub created_at: DateTime<Utc>,
     /// Last state change.
     pub updated_at: DateTime<Utc>,
+    /// Bytes of storage only this run holds (measured while it is stopped; extents shared with
+    /// its image, clones or saves are not counted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_bytes: Option<u64>,
+    /// The run this one was cloned from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloned_from: Option<String>,
+}
+
+/// Clone a stopped run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloneRequest {
+    /// Title of the clone; default: the source's title + " (clone)".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+}
+
+/// Save a stopped run as a new playground.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SaveRequest {
+    /// Name of the new playground (`[a-z0-9-]`, 3–40 characters).
+    pub name: String,
+    /// Title; default: the run's title.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// Description; default: the source playground's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// Set a user's storage quota (admins only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetQuota {
+    /// Bytes, or `null` for the platform default.
+    pub bytes: Option<u64>,
+}
+
+/// One thing that holds storage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct StorageItem {
+    /// `run` or `playground`.
+    pub kind: String,
+    /// Run id or playground name.
+    pub id: String,
+    /// Title.
+    pub title: String,
+    /// Bytes it holds.
+    pub bytes: u64,
+}
+
+/// A user's storage: stopped runs and saved playgrounds against their quota.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct StorageView {
+    /// Bytes used.
+    pub used_bytes: u64,
+    /// The user's quota in bytes.
+    pub quota_bytes: u64,
+    /// What holds it.
+    pub items: Vec<StorageItem>,
 }
 
 /// Ask for a terminal connection.

@@ -5,6 +5,12 @@
 //! PUT    /v1/runs/{run}        RunPlan                   202 RunStatus (idempotent: same plan, same run)
 //! GET    /v1/runs/{run}                                  RunStatus | 404
 //! DELETE /v1/runs/{run}                                  204 (idempotent; removes everything)
+//! POST   /v1/runs/{run}/stop                             202 RunStatus (stopping → stopped; idempotent)
+//! POST   /v1/runs/{run}/restart                          202 RunStatus (starting → running; idempotent)
+//! POST   /v1/runs/{run}/clone  CloneRun                  201 RunStatus of the new, stopped run
+//! POST   /v1/runs/{run}/save   SaveRun                   201 SavedDrives (the run must be stopped)
+//! GET    /v1/saved                                       [SavedDrives]
+//! DELETE /v1/saved/{id}                                  204 (idempotent)
 //! POST   /v1/tokens            TokenGrant                204
 //! GET    /v1/runs/{run}/tasks                            RunTasks (what the agents reported so far)
 //! GET    /v1/runs/{run}/tasks/watch                      NDJSON: one TaskStatus per line (snapshot, then changes)
@@ -51,6 +57,14 @@ pub enum ImageRef {
     Oci {
         /// The reference without the `oci://` scheme.
         reference: String,
+    },
+    /// A drive saved from a stopped run (`POST /v1/runs/{run}/save`): read-only, in the
+    /// worker's pool as `saved/<id>/<machine>.ext4`.
+    Saved {
+        /// The save's id.
+        id: String,
+        /// The machine of the saved run whose drive this is.
+        machine: String,
     },
 }
 
@@ -224,6 +238,10 @@ pub enum ObservedState {
     Running,
     /// Something failed; see `error`. The worker has cleaned up what it could.
     Failed,
+    /// Machines are shutting down; their drives are kept.
+    Stopping,
+    /// No machine runs; the drives are kept (restart, clone or save it).
+    Stopped,
 }
 
 /// Observed state of one machine.
@@ -249,9 +267,41 @@ pub struct RunStatus {
     pub state: ObservedState,
     /// Per machine.
     pub machines: Vec<MachineStatus>,
-    /// Failure reason, if any.
+    /// Failure reason, if any (for a stopped run: why the last restart failed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Bytes of the pool only this run's drives hold (extents shared with images, clones or
+    /// saves are not counted); measured while the run is stopped, `None` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_bytes: Option<u64>,
+}
+
+/// Body of `POST /v1/runs/{run}/clone`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneRun {
+    /// Id of the new run (idempotency key: the same clone again returns the same run).
+    pub new_run_id: String,
+}
+
+/// Body of `POST /v1/runs/{run}/save`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SaveRun {
+    /// Id of the save (`[a-z0-9]`, 1–12 characters; idempotency key). New runs name its drives
+    /// with [`ImageRef::Saved`].
+    pub saved_id: String,
+}
+
+/// Drives saved from a stopped run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedDrives {
+    /// The save's id.
+    pub id: String,
+    /// The run they were saved from.
+    pub run_id: String,
+    /// Machine names (one drive each).
+    pub machines: Vec<String>,
+    /// Allocated bytes of the saved drives (shared extents included).
+    pub allocated_bytes: u64,
 }
 
 /// A single-use connection token the control plane registers with the worker.

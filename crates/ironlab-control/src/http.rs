@@ -13,8 +13,8 @@ use axum::{Extension, Json, Router};
 use bytes::Bytes;
 use ironlab_api::ErrorBody;
 use ironlab_api::v1::{
-    Connect, ConnectResponse, CreateUser, CreatedUser, PlaygroundView, RunView, StartRun,
-    UpdateRun, UserView,
+    CloneRequest, Connect, ConnectResponse, CreateUser, CreatedUser, PlaygroundView, RunView,
+    SaveRequest, SetQuota, StartRun, StorageView, UpdateRun, UserView,
 };
 use serde::Deserialize;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
@@ -117,6 +117,12 @@ fn api_router() -> OpenApiRouter<Ctx> {
         .routes(routes!(list_runs, start_run))
         .routes(routes!(get_run, update_run, destroy_run))
         .routes(routes!(connect))
+        .routes(routes!(stop_run))
+        .routes(routes!(restart_run))
+        .routes(routes!(clone_run))
+        .routes(routes!(save_run))
+        .routes(routes!(storage))
+        .routes(routes!(set_quota))
         .routes(routes!(crate::web::sse::events))
         .routes(routes!(crate::tasks::api::list_tasks))
         .routes(routes!(crate::tasks::api::task_input))
@@ -282,7 +288,7 @@ async fn remove_playground(
     Auth(user): Auth,
     ApiPath(name): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
-    playgrounds::remove(&ctx.db, &user, &name).await?;
+    runs::persist::remove_playground(&ctx, &user, &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -394,4 +400,104 @@ async fn connect(
             .machine
     };
     Ok(Json(runs::connect(&ctx, &user, &id, machine).await?))
+}
+
+/// Stops a running run: its machines shut down, its drives are kept (`stopping`, then
+/// `stopped`). A stopped run is kept until destroyed and counts against the storage quota.
+#[utoipa::path(post, path = "/api/v1/runs/{id}/stop",
+    params(("id" = String, Path, description = "Run id")),
+    responses((status = 202, body = RunView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn stop_run(
+    State(ctx): State<Ctx>,
+    Auth(user): Auth,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<(StatusCode, Json<RunView>)> {
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(runs::persist::stop(&ctx, &user, &id).await?),
+    ))
+}
+
+/// Boots a stopped run's machines again on the same drives (`restarting`, then `running`;
+/// back to `stopped` with a reason if it fails).
+#[utoipa::path(post, path = "/api/v1/runs/{id}/restart",
+    params(("id" = String, Path, description = "Run id")),
+    responses((status = 202, body = RunView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn restart_run(
+    State(ctx): State<Ctx>,
+    Auth(user): Auth,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<(StatusCode, Json<RunView>)> {
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(runs::persist::restart(&ctx, &user, &id).await?),
+    ))
+}
+
+/// Clones a stopped run into a new stopped run (reflinked drives: instant, no extra space until
+/// they diverge). The body is optional.
+#[utoipa::path(post, path = "/api/v1/runs/{id}/clone", request_body = CloneRequest,
+    params(("id" = String, Path, description = "Run id")),
+    responses((status = 201, body = RunView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn clone_run(
+    State(ctx): State<Ctx>,
+    Auth(user): Auth,
+    ApiPath(id): ApiPath<String>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<RunView>)> {
+    let req = if body.iter().all(u8::is_ascii_whitespace) {
+        CloneRequest::default()
+    } else {
+        serde_json::from_slice::<CloneRequest>(&body)
+            .map_err(|e| ApiError::BadRequest(format!("not a valid clone request: {e}")))?
+    };
+    Ok((
+        StatusCode::CREATED,
+        Json(runs::persist::clone(&ctx, &user, &id, req).await?),
+    ))
+}
+
+/// Saves a stopped run as a new playground whose machines start from the run's drives; its
+/// `parent` is the playground the run came from.
+#[utoipa::path(post, path = "/api/v1/runs/{id}/save", request_body = SaveRequest,
+    params(("id" = String, Path, description = "Run id")),
+    responses((status = 201, body = PlaygroundView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn save_run(
+    State(ctx): State<Ctx>,
+    Auth(user): Auth,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<SaveRequest>,
+) -> ApiResult<(StatusCode, Json<PlaygroundView>)> {
+    Ok((
+        StatusCode::CREATED,
+        Json(runs::persist::save(&ctx, &user, &id, req).await?),
+    ))
+}
+
+/// The caller's storage: stopped runs and saved playgrounds against their quota.
+#[utoipa::path(get, path = "/api/v1/storage",
+    responses((status = 200, body = StorageView), (status = 401, body = ErrorBody)))]
+async fn storage(State(ctx): State<Ctx>, Auth(user): Auth) -> ApiResult<Json<StorageView>> {
+    Ok(Json(runs::persist::storage(&ctx.db, &user).await?))
+}
+
+/// Sets a user's storage quota for stopped runs and saved playgrounds (admins only;
+/// `{"bytes": null}` = the platform default).
+#[utoipa::path(put, path = "/api/v1/users/{name}/storage-quota", request_body = SetQuota,
+    params(("name" = String, Path, description = "User name")),
+    responses((status = 200, body = StorageView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn set_quota(
+    State(ctx): State<Ctx>,
+    Auth(user): Auth,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<SetQuota>,
+) -> ApiResult<Json<StorageView>> {
+    Ok(Json(
+        runs::persist::set_quota(&ctx.db, &user, &name, req.bytes).await?,
+    ))
 }

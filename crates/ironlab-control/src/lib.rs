@@ -145,6 +145,7 @@ impl Control {
         let addr = listener.local_addr().context("listener has no address")?;
         let reconciler = self.spawn_reconciler();
         let expiry = tokio::spawn(web::expiry::run(self.ctx.clone()));
+        let saved_gc = tokio::spawn(runs::persist::gc_loop(self.ctx.clone()));
         tracing::info!(%addr, "control plane listening");
         let signals = self.ctx.signals.clone();
         let web_state = self.ctx.web.clone();
@@ -160,6 +161,7 @@ impl Control {
             .with_context(|| format!("control plane server on {addr} failed"));
         reconciler.abort();
         expiry.abort();
+        saved_gc.abort();
         let _ = reconciler.await;
         let _ = expiry.await;
         self.ctx.db.close().await;

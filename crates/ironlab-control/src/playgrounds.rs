@@ -152,17 +152,69 @@ pub async fn get(db: &Db, user: &User, name: &str) -> ApiResult<Playground> {
     }
 }
 
-/// Parses, validates and registers a custom playground owned by `user`.
+/// Parses, validates and registers a custom playground owned by `user`. Drives saved from
+/// runs (`saved://…`) are refused here: only `playground save` makes those.
 pub async fn create(db: &Db, user: &User, value: serde_json::Value) -> ApiResult<PlaygroundView> {
-    let manifest = ironlab_spec::from_value(value).map_err(|e| {
+    let manifest = parse(value)?;
+    for (i, m) in manifest.playground.machines.iter().enumerate() {
+        for (j, d) in m.drives.iter().enumerate() {
+            if d.source
+                .as_deref()
+                .is_some_and(|s| s.starts_with("saved://"))
+            {
+                return Err(ApiError::BadRequest(format!(
+                    "playground.machines[{i}].drives[{j}].source: saved:// drives are made by \
+                     `ironlab playground save RUN`, not written in a manifest"
+                )));
+            }
+        }
+    }
+    insert(db, user, &manifest, None, None).await
+}
+
+fn parse(value: serde_json::Value) -> ApiResult<Manifest> {
+    ironlab_spec::from_value(value).map_err(|e| {
         let lines: Vec<String> = e.errors.iter().map(ToString::to_string).collect();
         ApiError::BadRequest(lines.join("\n"))
-    })?;
+    })
+}
+
+/// Registers a playground saved from run `source_run` whose machines start from the saved
+/// drives `saved_id` (the manifest's `parent` names the playground it was saved from).
+pub async fn create_saved(
+    db: &Db,
+    user: &User,
+    value: serde_json::Value,
+    saved_id: &str,
+    source_run: &str,
+) -> ApiResult<PlaygroundView> {
+    let manifest = parse(value)?;
+    insert(db, user, &manifest, Some(saved_id), Some(source_run)).await
+}
+
+/// The saved drives a playground starts from, if it was saved from a run.
+pub async fn saved_id_of(db: &Db, name: &str) -> ApiResult<Option<String>> {
+    let v: Option<Option<String>> =
+        sqlx::query_scalar("SELECT saved_id FROM playgrounds WHERE name = $1")
+            .bind(name)
+            .fetch_optional(db)
+            .await?;
+    Ok(v.flatten())
+}
+
+async fn insert(
+    db: &Db,
+    user: &User,
+    manifest: &Manifest,
+    saved_id: Option<&str>,
+    source_run: Option<&str>,
+) -> ApiResult<PlaygroundView> {
     let text = serde_json::to_string(&manifest)
         .map_err(|e| anyhow::anyhow!("failed to serialize manifest {}: {e}", manifest.name))?;
     let result = sqlx::query(
-        "INSERT INTO playgrounds (name, owner, title, description, manifest, stock, parent, created_at) \
-         VALUES ($1, $2, $3, $4, $5, FALSE, $6, $7) ON CONFLICT (name) DO NOTHING",
+        "INSERT INTO playgrounds (name, owner, title, description, manifest, stock, parent, created_at, \
+         saved_id, source_run) \
+         VALUES ($1, $2, $3, $4, $5, FALSE, $6, $7, $8, $9) ON CONFLICT (name) DO NOTHING",
     )
     .bind(&manifest.name)
     .bind(&user.id)
@@ -171,6 +223,8 @@ pub async fn create(db: &Db, user: &User, value: serde_json::Value) -> ApiResult
     .bind(&text)
     .bind(&manifest.parent)
     .bind(db::now_ms())
+    .bind(saved_id)
+    .bind(source_run)
     .execute(db)
     .await?;
     if result.rows_affected() == 0 {

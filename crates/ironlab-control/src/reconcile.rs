@@ -11,6 +11,15 @@
 //!   [`MAX_WORKER_ATTEMPTS`] times; older than [`START_TIMEOUT`] → `failed` + `DELETE`.
 //! - `running`: every [`RUNNING_CHECK_INTERVAL`], `GET`: 404 → `failed` ("the worker lost this run").
 //! - `destroying`: `DELETE` (204 or 404) → `destroyed`.
+//! - `stopping`: `POST …/stop` (returns once the machines are down) → `stopped` with its storage
+//!   use; 404 → `failed`.
+//! - `restarting`: `POST …/restart` once, then `GET ?wait=5` → `running`, or `stopped` with the
+//!   reason when the restart failed (the drives are kept).
+//! - `stopped`: every [`STOPPED_CHECK_INTERVAL`], `GET` refreshes its storage use; a clone the
+//!   worker never made (the control plane died before asking) is asked for again; otherwise 404
+//!   → `failed` (this is where restoring from the off-host store will go).
+//! - `running` whose worker reports it `stopped` (its machines died while the worker was away)
+//!   → `stopped`, keeping the drives.
 //!
 //! An unreachable worker leaves the run as it is; the step is retried with exponential backoff.
 
@@ -35,6 +44,8 @@ pub const MAX_WORKER_ATTEMPTS: i64 = 3;
 pub const START_TIMEOUT: Duration = Duration::from_secs(300);
 /// How often a running run is checked on its worker.
 pub const RUNNING_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+/// How often a stopped run is checked on its worker.
+pub const STOPPED_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 /// Long-poll of a starting run on the worker, seconds.
 const START_POLL_SECS: u64 = 5;
 /// Longest retry delay when the worker is unreachable.
@@ -73,6 +84,9 @@ pub async fn run(ctx: Ctx) {
                 RunState::Starting,
                 RunState::Running,
                 RunState::Destroying,
+                RunState::Stopping,
+                RunState::Stopped,
+                RunState::Restarting,
             ],
         )
         .await
@@ -94,10 +108,15 @@ pub async fn run(ctx: Ctx) {
                     {
                         continue;
                     }
-                    if run.state == RunState::Running {
+                    let interval = match run.state {
+                        RunState::Running => Some(RUNNING_CHECK_INTERVAL),
+                        RunState::Stopped => Some(STOPPED_CHECK_INTERVAL),
+                        _ => None,
+                    };
+                    if let Some(interval) = interval {
                         if last_check
                             .get(&run.id)
-                            .is_some_and(|t| now.duration_since(*t) < RUNNING_CHECK_INTERVAL)
+                            .is_some_and(|t| now.duration_since(*t) < interval)
                         {
                             continue;
                         }
@@ -164,6 +183,9 @@ async fn step(ctx: &Ctx, run: Run) -> Result<(), StepError> {
                 .ok();
             Ok(())
         }
+        RunState::Stopping => stop_on_worker(ctx, &run).await,
+        RunState::Restarting => watch_restart(ctx, &run).await,
+        RunState::Stopped => check_stopped(ctx, &run).await,
         RunState::Destroyed | RunState::Failed => Ok(()),
     }
 }
@@ -246,7 +268,11 @@ async fn watch_start(ctx: &Ctx, run: &Run) -> Result<(), StepError> {
                     .ok();
             }
             ObservedState::Failed => fail(ctx, run, &failure_reason(&s)).await?,
-            ObservedState::Starting => {}
+            ObservedState::Stopped => {
+                // Ready on the worker, then its machines died before this loop saw it running.
+                fail(ctx, run, &failure_reason(&s)).await?
+            }
+            ObservedState::Starting | ObservedState::Stopping => {}
         },
         None => {
             if run.worker_attempts >= MAX_WORKER_ATTEMPTS {
@@ -276,6 +302,128 @@ async fn check_running(ctx: &Ctx, run: &Run) -> Result<(), StepError> {
     match ctx.worker.get_run(&run.id, None).await? {
         None => fail(ctx, run, "the worker lost this run").await,
         Some(s) if s.state == ObservedState::Failed => fail(ctx, run, &failure_reason(&s)).await,
+        Some(s) if s.state == ObservedState::Stopped => {
+            let reason = s
+                .error
+                .clone()
+                .unwrap_or_else(|| "its machines stopped".to_string());
+            mark_stopped(ctx, run, &s, Some(&reason)).await
+        }
         Some(_) => Ok(()),
+    }
+}
+
+async fn mark_stopped(
+    ctx: &Ctx,
+    run: &Run,
+    s: &RunStatus,
+    reason: Option<&str>,
+) -> Result<(), StepError> {
+    if let Some(b) = s.storage_bytes {
+        runs::persist::record_storage(&ctx.db, &run.id, b).await?;
+    }
+    runs::apply(&ctx.db, &ctx.signals, &run.id, RunEvent::Stopped, reason)
+        .await?
+        .ok();
+    Ok(())
+}
+
+async fn stop_on_worker(ctx: &Ctx, run: &Run) -> Result<(), StepError> {
+    match ctx.worker.stop_run(&run.id).await {
+        Ok(s) if s.state == ObservedState::Stopped => mark_stopped(ctx, run, &s, None).await,
+        Ok(_) => Ok(()),
+        Err(WorkerError::Status { status, .. }) if status == reqwest::StatusCode::NOT_FOUND => {
+            fail(ctx, run, "the worker lost this run").await
+        }
+        Err(e) if e.is_client_error() => {
+            fail(
+                ctx,
+                run,
+                &format!("the worker could not stop the run: {}", detail_of(&e)),
+            )
+            .await
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn watch_restart(ctx: &Ctx, run: &Run) -> Result<(), StepError> {
+    if run.worker_attempts == 0 {
+        match ctx.worker.restart_run(&run.id).await {
+            Ok(_) => {
+                runs::count_attempt(&ctx.db, &run.id).await?;
+                return Ok(());
+            }
+            Err(WorkerError::Status { status, .. }) if status == reqwest::StatusCode::NOT_FOUND => {
+                return fail(ctx, run, "the worker lost this run").await;
+            }
+            Err(e) if e.is_client_error() => {
+                let reason = format!("restart refused: {}", detail_of(&e));
+                runs::apply(
+                    &ctx.db,
+                    &ctx.signals,
+                    &run.id,
+                    RunEvent::Stopped,
+                    Some(&reason),
+                )
+                .await?
+                .ok();
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    match ctx.worker.get_run(&run.id, Some(START_POLL_SECS)).await? {
+        None => fail(ctx, run, "the worker lost this run").await,
+        Some(s) => match s.state {
+            ObservedState::Running => {
+                runs::apply(&ctx.db, &ctx.signals, &run.id, RunEvent::Ready, None)
+                    .await?
+                    .ok();
+                Ok(())
+            }
+            ObservedState::Stopped => {
+                let reason = s
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| "the restart did not finish".to_string());
+                mark_stopped(ctx, run, &s, Some(&reason)).await
+            }
+            ObservedState::Failed => fail(ctx, run, &failure_reason(&s)).await,
+            ObservedState::Starting | ObservedState::Stopping => Ok(()),
+        },
+    }
+}
+
+async fn check_stopped(ctx: &Ctx, run: &Run) -> Result<(), StepError> {
+    match ctx.worker.get_run(&run.id, None).await? {
+        Some(s) => {
+            if let Some(b) = s.storage_bytes
+                && run.storage_bytes != i64::try_from(b).ok()
+            {
+                runs::persist::record_storage(&ctx.db, &run.id, b).await?;
+                ctx.signals.notify_changed();
+            }
+            Ok(())
+        }
+        None => {
+            // A clone recorded here but never made on the worker: ask again (idempotent).
+            if let Some(src) = &run.cloned_from {
+                match ctx.worker.clone_run(src, &run.id).await {
+                    Ok(s) => {
+                        if let Some(b) = s.storage_bytes {
+                            runs::persist::record_storage(&ctx.db, &run.id, b).await?;
+                        }
+                        return Ok(());
+                    }
+                    Err(e) if e.is_client_error() => {
+                        tracing::warn!(run = %run.id, source = %src, error = %e, "cannot redo a lost clone");
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            // Seam for off-host snapshots: restore the run's drives from the object store here.
+            fail(ctx, run, "the worker lost this stopped run and its drives").await
+        }
     }
 }

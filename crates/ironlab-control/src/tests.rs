@@ -13,7 +13,8 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use http_body_util::BodyExt;
 use ironlab_api::worker::{
-    MachineStatus, ObservedState, RunPlan, RunStatus, TokenGrant, WorkerStatus,
+    CloneRun, MachineStatus, ObservedState, RunPlan, RunStatus, SaveRun, SavedDrives, TokenGrant,
+    WorkerStatus,
 };
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -40,6 +41,8 @@ struct FakeState {
     deletes: Vec<String>,
     tokens: Vec<TokenGrant>,
     mode: Option<Mode>,
+    /// Saved drives: id → run.
+    saves: HashMap<String, String>,
 }
 
 #[derive(Clone, Default)]
@@ -69,6 +72,7 @@ fn status_of(id: &str, plan: &RunPlan, state: ObservedState, error: Option<Strin
             })
             .collect(),
         error,
+        storage_bytes: (state == ObservedState::Stopped).then_some(3 << 20),
     }
 }
 
@@ -156,7 +160,95 @@ async fn fake_worker(fake: Fake, listener: tokio::net::TcpListener) {
         fake.with(|s| s.tokens.push(g));
         StatusCode::NO_CONTENT
     }
+    async fn stop_run(
+        State(fake): State<Fake>,
+        Path(id): Path<String>,
+    ) -> Result<(StatusCode, Json<RunStatus>), StatusCode> {
+        fake.with(|s| match s.runs.get_mut(&id) {
+            Some(r) => {
+                r.1 = ObservedState::Stopped;
+                Ok((StatusCode::ACCEPTED, Json(status_of(&id, &r.0, r.1, None))))
+            }
+            None => Err(StatusCode::NOT_FOUND),
+        })
+    }
+    async fn restart_run(
+        State(fake): State<Fake>,
+        Path(id): Path<String>,
+    ) -> Result<(StatusCode, Json<RunStatus>), StatusCode> {
+        fake.with(|s| match s.runs.get_mut(&id) {
+            Some(r) => {
+                let st = status_of(&id, &r.0, ObservedState::Starting, None);
+                r.1 = ObservedState::Running;
+                Ok((StatusCode::ACCEPTED, Json(st)))
+            }
+            None => Err(StatusCode::NOT_FOUND),
+        })
+    }
+    async fn clone_run(
+        State(fake): State<Fake>,
+        Path(id): Path<String>,
+        Json(req): Json<CloneRun>,
+    ) -> Result<(StatusCode, Json<RunStatus>), StatusCode> {
+        fake.with(|s| {
+            let (plan, state, _) = s.runs.get(&id).cloned().ok_or(StatusCode::NOT_FOUND)?;
+            if state != ObservedState::Stopped {
+                return Err(StatusCode::CONFLICT);
+            }
+            let mut plan = plan;
+            plan.run_id = req.new_run_id.clone();
+            let st = status_of(&req.new_run_id, &plan, ObservedState::Stopped, None);
+            s.runs
+                .insert(req.new_run_id, (plan, ObservedState::Stopped, None));
+            Ok((StatusCode::CREATED, Json(st)))
+        })
+    }
+    async fn save_run(
+        State(fake): State<Fake>,
+        Path(id): Path<String>,
+        Json(req): Json<SaveRun>,
+    ) -> Result<(StatusCode, Json<SavedDrives>), StatusCode> {
+        fake.with(|s| {
+            let (plan, state, _) = s.runs.get(&id).cloned().ok_or(StatusCode::NOT_FOUND)?;
+            if state != ObservedState::Stopped {
+                return Err(StatusCode::CONFLICT);
+            }
+            s.saves.insert(req.saved_id.clone(), id.clone());
+            Ok((
+                StatusCode::CREATED,
+                Json(SavedDrives {
+                    id: req.saved_id,
+                    run_id: id,
+                    machines: plan.machines.iter().map(|m| m.name.clone()).collect(),
+                    allocated_bytes: 5 << 20,
+                }),
+            ))
+        })
+    }
+    async fn list_saved(State(fake): State<Fake>) -> Json<Vec<SavedDrives>> {
+        Json(fake.with(|s| {
+            s.saves
+                .iter()
+                .map(|(id, run)| SavedDrives {
+                    id: id.clone(),
+                    run_id: run.clone(),
+                    machines: vec![],
+                    allocated_bytes: 0,
+                })
+                .collect()
+        }))
+    }
+    async fn delete_saved(State(fake): State<Fake>, Path(id): Path<String>) -> StatusCode {
+        fake.with(|s| s.saves.remove(&id));
+        StatusCode::NO_CONTENT
+    }
     let app = Router::new()
+        .route("/v1/runs/{id}/stop", post(stop_run))
+        .route("/v1/runs/{id}/restart", post(restart_run))
+        .route("/v1/runs/{id}/clone", post(clone_run))
+        .route("/v1/runs/{id}/save", post(save_run))
+        .route("/v1/saved", get(list_saved))
+        .route("/v1/saved/{id}", axum::routing::delete(delete_saved))
         .route("/v1/status", get(status))
         .route(
             "/v1/runs/{id}",
@@ -281,6 +373,7 @@ impl Harness {
 
     /// Waits (long-poll) until the run is settled; returns its view.
     async fn settle(&self, token: &str, id: &str) -> Value {
+        let mut last = Value::Null;
         for _ in 0..20 {
             let (s, v) = self
                 .call(
@@ -293,12 +386,13 @@ impl Harness {
             assert_eq!(s, StatusCode::OK, "{v}");
             if !matches!(
                 v["state"].as_str(),
-                Some("pending" | "starting" | "destroying")
+                Some("pending" | "starting" | "destroying" | "stopping" | "restarting")
             ) {
                 return v;
             }
+            last = v;
         }
-        panic!("run {id} never settled");
+        panic!("run {id} never settled: {last}");
     }
 }
 
@@ -963,6 +1057,12 @@ async fn openapi_documents_every_route() {
         ("get", "/api/v1/runs/{id}/events"),
         ("get", "/api/v1/runs/{id}/tasks"),
         ("post", "/api/v1/runs/{id}/tasks/{task}/input"),
+        ("post", "/api/v1/runs/{id}/stop"),
+        ("post", "/api/v1/runs/{id}/restart"),
+        ("post", "/api/v1/runs/{id}/clone"),
+        ("post", "/api/v1/runs/{id}/save"),
+        ("get", "/api/v1/storage"),
+        ("put", "/api/v1/users/{name}/storage-quota"),
     ];
     let paths = doc["paths"].as_object().expect("paths");
     let documented: usize = paths
@@ -1016,4 +1116,293 @@ fn checked_in_openapi_is_current() {
         "{} is out of date; run IRONLAB_UPDATE_OPENAPI=1 cargo test -p ironlab-control openapi",
         path.display()
     );
+}
+
+#[tokio::test]
+async fn stop_restart_clone_save_and_the_storage_quota() {
+    let mut h = Harness::new().await;
+    h.reconcile();
+    let (s, v) = h
+        .admin(
+            "POST",
+            "/api/v1/playgrounds",
+            Some(custom_manifest("base-lab")),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let alice = h.new_user("alice").await;
+    let a = Some(alice.as_str());
+    let (s, v) = h
+        .call(
+            "POST",
+            "/api/v1/runs",
+            a,
+            Some(json!({"playground": "debian"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let id = v["id"].as_str().expect("id").to_string();
+    assert_eq!(h.settle(&alice, &id).await["state"], "running");
+
+    // Clone and save need a stopped run; restarting a running run is a no-op.
+    let (s, v) = h
+        .call("POST", &format!("/api/v1/runs/{id}/restart"), a, None)
+        .await;
+    assert_eq!(
+        (s, v["state"].as_str()),
+        (StatusCode::ACCEPTED, Some("running")),
+        "{v}"
+    );
+    for (op, body) in [("clone", None), ("save", Some(json!({"name": "mine"})))] {
+        let (s, v) = h
+            .call("POST", &format!("/api/v1/runs/{id}/{op}"), a, body)
+            .await;
+        assert_eq!(s, StatusCode::CONFLICT, "{op}: {v}");
+        assert!(
+            v["detail"].as_str().unwrap_or("").contains("running"),
+            "{v}"
+        );
+    }
+    let (s, v) = h
+        .call("POST", &format!("/api/v1/runs/{id}/stop"), a, None)
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let v = h.settle(&alice, &id).await;
+    assert_eq!(v["state"], "stopped", "{v}");
+    assert_eq!(v["storage_bytes"], 3 << 20);
+    // Stopping again is a no-op; a stopped run does not count as active.
+    let (s, _) = h
+        .call("POST", &format!("/api/v1/runs/{id}/stop"), a, None)
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let history: Vec<&str> = crate::runs::events(&h.control.ctx().db, &id)
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|(s, _, _)| s.as_str())
+        .collect();
+    assert_eq!(
+        history,
+        ["pending", "starting", "running", "stopping", "stopped"]
+    );
+
+    // Clone: a new stopped run, titled, recorded with its source.
+    let (s, c) = h
+        .call(
+            "POST",
+            &format!("/api/v1/runs/{id}/clone"),
+            a,
+            Some(json!({"title": "try 1"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{c}");
+    assert_eq!(c["state"], "stopped");
+    assert_eq!(c["title"], "try 1");
+    assert_eq!(c["cloned_from"], id.as_str());
+    let clone_id = c["id"].as_str().expect("id").to_string();
+    assert!(h.fake.with(|s| s.runs.contains_key(&clone_id)));
+    let (s, v) = h
+        .call(
+            "POST",
+            &format!("/api/v1/runs/{id}/clone"),
+            a,
+            Some(json!({"title": ""})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["detail"].as_str().unwrap_or("").starts_with("title"),
+        "{v}"
+    );
+
+    // Save: a playground whose root drives come from the saved drives; parent = the source.
+    let (s, v) = h
+        .call(
+            "POST",
+            &format!("/api/v1/runs/{id}/save"),
+            a,
+            Some(json!({"name": "x"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "a 1-character name: {v}");
+    assert!(v["detail"].as_str().unwrap_or("").contains("name"), "{v}");
+    let (s, pg) = h
+        .call(
+            "POST",
+            &format!("/api/v1/runs/{id}/save"),
+            a,
+            Some(json!({"name": "my-state", "title": "My state"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{pg}");
+    assert_eq!(pg["parent"], "debian");
+    assert_eq!(pg["title"], "My state");
+    let source = pg["manifest"]["playground"]["machines"][0]["drives"][0]["source"]
+        .as_str()
+        .expect("source")
+        .to_string();
+    let saved_id = source
+        .strip_prefix("saved://")
+        .expect("saved:// source")
+        .to_string();
+    assert!(h.fake.with(|s| s.saves.contains_key(&saved_id)));
+    let (s, v) = h
+        .call(
+            "POST",
+            &format!("/api/v1/runs/{id}/save"),
+            a,
+            Some(json!({"name": "my-state"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "name taken: {v}");
+    // A run of the saved playground asks the worker for the saved drive of each machine.
+    let (s, v) = h
+        .call(
+            "POST",
+            "/api/v1/runs",
+            a,
+            Some(json!({"playground": "my-state"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let from_saved = v["id"].as_str().expect("id").to_string();
+    h.settle(&alice, &from_saved).await;
+    let plan = h
+        .fake
+        .with(|s| s.runs.get(&from_saved).map(|r| r.0.clone()))
+        .expect("on the worker");
+    assert_eq!(
+        serde_json::to_value(&plan.machines[0].image).expect("json"),
+        json!({"kind": "saved", "id": saved_id, "machine": "debian"})
+    );
+
+    // Storage: two stopped runs (3 MiB each as measured) and the save (5 MiB).
+    let (s, st) = h.call("GET", "/api/v1/storage", a, None).await;
+    assert_eq!(s, StatusCode::OK, "{st}");
+    assert_eq!(st["used_bytes"], (3 << 20) + (3 << 20) + (5 << 20), "{st}");
+    assert_eq!(st["quota_bytes"], 10u64 << 30);
+
+    // Over quota: stop, clone and save are refused with a clear 409; nothing is made.
+    let (s, _) = h
+        .call(
+            "PUT",
+            "/api/v1/users/alice/storage-quota",
+            a,
+            Some(json!({"bytes": 1})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "only admins set quotas");
+    let (s, v) = h
+        .admin(
+            "PUT",
+            "/api/v1/users/nobody/storage-quota",
+            Some(json!({"bytes": 1})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    let (s, v) = h
+        .admin(
+            "PUT",
+            "/api/v1/users/alice/storage-quota",
+            Some(json!({"bytes": "8MiB"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (s, v) = h
+        .admin(
+            "PUT",
+            "/api/v1/users/alice/storage-quota",
+            Some(json!({"bytes": 8u64 << 20})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["quota_bytes"], 8u64 << 20);
+    let runs_before = h.fake.with(|s| s.runs.len());
+    let (s, v) = h
+        .call("POST", &format!("/api/v1/runs/{id}/clone"), a, None)
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    let detail = v["detail"].as_str().unwrap_or("");
+    assert!(
+        detail.contains("11.0 MiB of your 8.0 MiB storage quota"),
+        "{detail}"
+    );
+    let (s, _) = h
+        .call("POST", &format!("/api/v1/runs/{from_saved}/stop"), a, None)
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert_eq!(h.fake.with(|s| s.runs.len()), runs_before);
+
+    // Restart: back to running, expiry renewed.
+    let (s, v) = h
+        .call("POST", &format!("/api/v1/runs/{id}/restart"), a, None)
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(h.settle(&alice, &id).await["state"], "running");
+
+    // Saved drives no playground names (a lost save) are collected; named ones are kept.
+    h.fake.with(|s| s.saves.insert("orphan".into(), id.clone()));
+    let removed = crate::runs::persist::gc_saved(h.control.ctx())
+        .await
+        .expect("gc");
+    assert_eq!(removed, vec!["orphan".to_string()]);
+    assert!(h.fake.with(|s| s.saves.contains_key(&saved_id)));
+
+    // Removing the saved playground removes its drives from the worker.
+    let (s, _) = h
+        .call("DELETE", "/api/v1/playgrounds/my-state", a, None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert!(!h.fake.with(|s| s.saves.contains_key(&saved_id)));
+    // A manifest may not name saved drives.
+    let mut forged = custom_manifest("forged");
+    forged["playground"]["machines"][0]["drives"][0]["source"] = json!("saved://abc");
+    let (s, v) = h.call("POST", "/api/v1/playgrounds", a, Some(forged)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("playground.machines[0].drives[0].source"),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn a_running_run_whose_worker_stopped_it_becomes_stopped() {
+    let mut h = Harness::new().await;
+    h.reconcile();
+    let (s, v) = h
+        .admin(
+            "POST",
+            "/api/v1/runs",
+            Some(json!({"playground": "debian"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let id = v["id"].as_str().expect("id").to_string();
+    let admin = h.admin.clone();
+    assert_eq!(h.settle(&admin, &id).await["state"], "running");
+    h.fake.with(|s| {
+        if let Some(r) = s.runs.get_mut(&id) {
+            r.1 = ObservedState::Stopped;
+            r.2 = Some("its machines stopped while the worker was away".into());
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, v) = h.admin("GET", &format!("/api/v1/runs/{id}"), None).await;
+        if v["state"] == "stopped" {
+            assert!(
+                v["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("worker was away"),
+                "{v}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

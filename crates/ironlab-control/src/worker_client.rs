@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use ironlab_api::ErrorBody;
 use ironlab_api::worker::{
-    RunPlan, RunStatus, TaskInput, TaskInputResult, TokenGrant, WorkerStatus,
+    CloneRun, RunPlan, RunStatus, SaveRun, SavedDrives, TaskInput, TaskInputResult, TokenGrant,
+    WorkerStatus,
 };
 use reqwest::StatusCode;
 use tokio::sync::Mutex;
@@ -225,5 +226,78 @@ impl WorkerClient {
             )
             .await?;
         self.json(resp).await
+    }
+
+    /// `POST /v1/runs/{run}/stop`: returns once the machines are down (idempotent).
+    pub async fn stop_run(&self, run: &str) -> Result<RunStatus, WorkerError> {
+        let resp = self
+            .send(
+                self.http
+                    .post(format!("{}/v1/runs/{run}/stop", self.base))
+                    .timeout(Duration::from_secs(120)),
+            )
+            .await?;
+        self.json(resp).await
+    }
+
+    /// `POST /v1/runs/{run}/restart`: the run is `starting` on return (idempotent).
+    pub async fn restart_run(&self, run: &str) -> Result<RunStatus, WorkerError> {
+        let resp = self
+            .send(
+                self.http
+                    .post(format!("{}/v1/runs/{run}/restart", self.base)),
+            )
+            .await?;
+        self.json(resp).await
+    }
+
+    /// `POST /v1/runs/{run}/clone`: a new stopped run whose drives are reflinks (idempotent by
+    /// `new_run_id`).
+    pub async fn clone_run(&self, run: &str, new_run_id: &str) -> Result<RunStatus, WorkerError> {
+        let resp = self
+            .send(
+                self.http
+                    .post(format!("{}/v1/runs/{run}/clone", self.base))
+                    .json(&CloneRun {
+                        new_run_id: new_run_id.to_string(),
+                    }),
+            )
+            .await?;
+        self.json(resp).await
+    }
+
+    /// `POST /v1/runs/{run}/save`: the stopped run's drives become saved drives `saved_id`
+    /// (idempotent).
+    pub async fn save_run(&self, run: &str, saved_id: &str) -> Result<SavedDrives, WorkerError> {
+        let resp = self
+            .send(
+                self.http
+                    .post(format!("{}/v1/runs/{run}/save", self.base))
+                    .json(&SaveRun {
+                        saved_id: saved_id.to_string(),
+                    }),
+            )
+            .await?;
+        self.json(resp).await
+    }
+
+    /// `GET /v1/saved`: every save the worker holds.
+    pub async fn list_saved(&self) -> Result<Vec<SavedDrives>, WorkerError> {
+        let resp = self
+            .send(self.http.get(format!("{}/v1/saved", self.base)))
+            .await?;
+        self.json(resp).await
+    }
+
+    /// `DELETE /v1/saved/{id}` (idempotent).
+    pub async fn delete_saved(&self, id: &str) -> Result<(), WorkerError> {
+        let resp = self
+            .send(self.http.delete(format!("{}/v1/saved/{id}", self.base)))
+            .await?;
+        if resp.status().is_success() || resp.status() == StatusCode::NOT_FOUND {
+            Ok(())
+        } else {
+            Err(self.error_of(resp).await)
+        }
     }
 }

@@ -102,11 +102,27 @@ pub enum ImageSource {
     Stock(String),
     /// An OCI reference `REGISTRY/REPO:TAG` or `REGISTRY/REPO@sha256:…` (written `oci://…`).
     Oci(String),
+    /// Drives saved from a stopped run (`saved://ID`, 1–12 characters `[a-z0-9]`); the platform
+    /// writes these when a run is saved as a playground.
+    Saved(String),
 }
 
 impl ImageSource {
-    /// Parses `debian` or `oci://REGISTRY/REPO(:TAG|@sha256:HEX)`.
+    /// Parses `debian`, `oci://REGISTRY/REPO(:TAG|@sha256:HEX)` or `saved://ID`.
     pub fn parse(s: &str) -> Result<Self, String> {
+        if let Some(id) = s.strip_prefix("saved://") {
+            if id.is_empty()
+                || id.len() > 12
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            {
+                return Err(format!(
+                    "{s:?}: a saved drive is saved://ID with 1-12 characters [a-z0-9]"
+                ));
+            }
+            return Ok(ImageSource::Saved(id.to_string()));
+        }
         if let Some(r) = s.strip_prefix("oci://") {
             let (repo_part, has_ref) = if let Some((repo, digest)) = r.split_once('@') {
                 let hex = digest.strip_prefix("sha256:").ok_or_else(|| {

@@ -166,4 +166,11 @@ fn image_sources() {
     );
     assert!(ImageSource::parse("oci://reg/repo@sha256:abc").is_err());
     assert!(ImageSource::parse("Debian!").is_err());
+    assert_eq!(
+        ImageSource::parse("saved://abc123"),
+        Ok(ImageSource::Saved("abc123".into()))
+    );
+    assert!(ImageSource::parse("saved://").is_err());
+    assert!(ImageSource::parse("saved://ABC").is_err());
+    assert!(ImageSource::parse("saved://abc/../x").is_err());
 }

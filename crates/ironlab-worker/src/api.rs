@@ -16,11 +16,13 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use chrono::Utc;
 use futures::{SinkExt, StreamExt};
 use ironlab_api::ErrorBody;
-use ironlab_api::worker::{RunPlan, RunStatus, TokenGrant, WorkerStatus};
+use ironlab_api::worker::{
+    CloneRun, RunPlan, RunStatus, SaveRun, SavedDrives, TokenGrant, WorkerStatus,
+};
 use serde::Deserialize;
 
 use crate::relay::{self, Frame};
@@ -171,6 +173,12 @@ pub fn router(state: Arc<ApiState>) -> Router {
             "/v1/runs/{run}",
             put(create_run).get(get_run).delete(delete_run),
         )
+        .route("/v1/runs/{run}/stop", post(stop_run))
+        .route("/v1/runs/{run}/restart", post(restart_run))
+        .route("/v1/runs/{run}/clone", post(clone_run))
+        .route("/v1/runs/{run}/save", post(save_run))
+        .route("/v1/saved", get(list_saved))
+        .route("/v1/saved/{id}", delete(delete_saved))
         .route("/v1/tokens", post(grant_token))
         .merge(crate::api_tasks::routes())
         .route_layer(middleware::from_fn_with_state(
@@ -272,6 +280,61 @@ async fn delete_run(
         .sessions
         .end_run(&run, &format!("run {run} was destroyed"));
     state.runs.destroy(&run).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Ends the run's terminal sessions and forgets its tokens (its machines are going away).
+fn end_terminals(state: &ApiState, run: &str, why: &str) {
+    state.tokens().retain(|_, g| g.grant.run != run);
+    state.sessions.end_run(run, why);
+}
+
+async fn stop_run(
+    State(state): State<Arc<ApiState>>,
+    Path(run): Path<String>,
+) -> Result<(StatusCode, Json<RunStatus>), ApiError> {
+    end_terminals(&state, &run, &format!("run {run} was stopped"));
+    let st = state.runs.stop(&run).await?;
+    Ok((StatusCode::ACCEPTED, Json(st)))
+}
+
+async fn restart_run(
+    State(state): State<Arc<ApiState>>,
+    Path(run): Path<String>,
+) -> Result<(StatusCode, Json<RunStatus>), ApiError> {
+    let st = state.runs.restart(&run).await?;
+    Ok((StatusCode::ACCEPTED, Json(st)))
+}
+
+async fn clone_run(
+    State(state): State<Arc<ApiState>>,
+    Path(run): Path<String>,
+    body: Result<Json<CloneRun>, JsonRejection>,
+) -> Result<(StatusCode, Json<RunStatus>), ApiError> {
+    let Json(req) = body?;
+    let st = state.runs.clone_run(&run, &req.new_run_id).await?;
+    Ok((StatusCode::CREATED, Json(st)))
+}
+
+async fn save_run(
+    State(state): State<Arc<ApiState>>,
+    Path(run): Path<String>,
+    body: Result<Json<SaveRun>, JsonRejection>,
+) -> Result<(StatusCode, Json<SavedDrives>), ApiError> {
+    let Json(req) = body?;
+    let saved = state.runs.save(&run, &req.saved_id).await?;
+    Ok((StatusCode::CREATED, Json(saved)))
+}
+
+async fn list_saved(State(state): State<Arc<ApiState>>) -> Json<Vec<SavedDrives>> {
+    Json(state.runs.list_saved())
+}
+
+async fn delete_saved(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.runs.delete_saved(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -411,6 +474,9 @@ mod tests {
         async fn stop(&self, _: &MachineHandle, _: Duration) -> Result<(), RuntimeError> {
             Ok(())
         }
+        async fn release(&self, _: &MachineHandle) -> Result<(), RuntimeError> {
+            Ok(())
+        }
         async fn destroy(&self, _: &MachineHandle) -> Result<(), RuntimeError> {
             Ok(())
         }
@@ -477,6 +543,111 @@ mod tests {
             "image":{{"kind":"stock","name":"nope"}},"root_size_bytes":134217728,"cpus":1,
             "memory_bytes":134217728,"pids_limit":100,"default_user":"root"}}]}}"#
         )
+    }
+
+    #[tokio::test]
+    async fn lifecycle_endpoints_refuse_bad_input_and_wrong_states() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path());
+        let t = Some("secret-token");
+        let (s, _) = call(&app, "POST", "/v1/runs/nope/stop", None, None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        for op in ["stop", "restart"] {
+            let (s, v) = call(&app, "POST", &format!("/v1/runs/zzz/{op}"), t, None).await;
+            assert_eq!(s, StatusCode::NOT_FOUND, "{op}: {v}");
+        }
+        let (s, v) = call(&app, "POST", "/v1/runs/BAD!/stop", t, None).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        // A failed run (its image does not exist) cannot be stopped, cloned or saved.
+        let (s, _) = call(
+            &app,
+            "PUT",
+            "/v1/runs/abc",
+            t,
+            Some(&plan_json("abc", "container")),
+        )
+        .await;
+        assert_eq!(s, StatusCode::ACCEPTED);
+        let (_, v) = call(&app, "GET", "/v1/runs/abc?wait=10", t, None).await;
+        assert_eq!(v["state"], "failed");
+        let (s, v) = call(&app, "POST", "/v1/runs/abc/stop", t, None).await;
+        assert_eq!(s, StatusCode::CONFLICT, "{v}");
+        assert!(
+            v["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("only a running run"),
+            "{v}"
+        );
+        let (s, v) = call(&app, "POST", "/v1/runs/abc/restart", t, None).await;
+        assert_eq!(s, StatusCode::CONFLICT, "{v}");
+        let (s, v) = call(
+            &app,
+            "POST",
+            "/v1/runs/abc/clone",
+            t,
+            Some(r#"{"new_run_id":"xyz"}"#),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CONFLICT, "{v}");
+        assert!(
+            v["detail"].as_str().unwrap_or("").contains("stop it first"),
+            "{v}"
+        );
+        let (s, v) = call(
+            &app,
+            "POST",
+            "/v1/runs/abc/clone",
+            t,
+            Some(r#"{"new_run_id":"../x"}"#),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(
+            v["detail"].as_str().unwrap_or("").contains("new_run_id"),
+            "{v}"
+        );
+        let (s, v) = call(
+            &app,
+            "POST",
+            "/v1/runs/abc/clone",
+            t,
+            Some(r#"{"new_id":"x"}"#),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        let (s, v) = call(
+            &app,
+            "POST",
+            "/v1/runs/abc/save",
+            t,
+            Some(r#"{"saved_id":"s1"}"#),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CONFLICT, "{v}");
+        let (s, v) = call(
+            &app,
+            "POST",
+            "/v1/runs/abc/save",
+            t,
+            Some(r#"{"saved_id":"S 1"}"#),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(
+            v["detail"].as_str().unwrap_or("").contains("saved_id"),
+            "{v}"
+        );
+        // Nothing was made.
+        assert!(!dir.path().join("xyz").exists());
+        let (s, _) = call(&app, "DELETE", "/v1/saved/s1", t, None).await;
+        assert_eq!(
+            s,
+            StatusCode::NO_CONTENT,
+            "removing missing saved drives is a no-op"
+        );
+        let (s, _) = call(&app, "DELETE", "/v1/saved/..", t, None).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
     }
 
     #[tokio::test]

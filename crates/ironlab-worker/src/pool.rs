@@ -238,6 +238,12 @@ pub fn grow_ext4(path: &Path, size: u64) -> Result<()> {
     Ok(())
 }
 
+/// Reflink-clones `src` to `dst` (created or replaced) with `FICLONE`: O(1), no data copied.
+/// Fails (never falls back to copying) when the filesystem cannot share the extents.
+pub fn reflink(src: &Path, dst: &Path) -> Result<()> {
+    clone_file(src, dst)
+}
+
 fn clone_file(src: &Path, dst: &Path) -> Result<()> {
     let from = fs::File::open(src).map_err(io_err("open", src))?;
     let to = fs::OpenOptions::new()

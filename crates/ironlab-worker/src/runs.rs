@@ -8,7 +8,9 @@
 //!
 //! On disk, per run: `pool/runs/<run>/plan.json`, a `ready` marker once every agent answered, and
 //! one directory per machine. At worker start [`RunManager::recover`] keeps ready runs whose
-//! machines still run and answer, and tears down everything else.
+//! machines still run and answer, keeps stopped runs (see [`lifecycle`]) and ready runs whose
+//! machines died meanwhile (as stopped: their drives hold the user's work), and tears down
+//! everything else.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,7 +19,9 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use ironlab_api::agent::{EnsureUsersRequest, PutFileRequest};
-use ironlab_api::worker::{MachinePlan, MachineStatus, ObservedState, RunPlan, RunStatus};
+use ironlab_api::worker::{
+    ImageRef, MachinePlan, MachineStatus, ObservedState, RunPlan, RunStatus,
+};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -25,6 +29,8 @@ use crate::agent_client::{self, Agent};
 use crate::drives::{DriveProvider, Progress};
 use crate::host;
 use crate::runtime::{MachineHandle, MachineRuntime, MachineSpec, MachineState, tail};
+
+pub mod lifecycle;
 
 /// How long a machine's agent has to answer after the machine started.
 pub const AGENT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -57,6 +63,10 @@ struct Run {
     destroying: std::sync::atomic::AtomicBool,
     destroy_lock: tokio::sync::Mutex<bool>,
     agents: Mutex<HashMap<String, Agent>>,
+    /// Serialises stop, restart, clone, save and destroy of this run.
+    op: Arc<tokio::sync::Mutex<()>>,
+    /// When the storage use of the stopped run was last measured.
+    storage_at: Mutex<Option<std::time::Instant>>,
 }
 
 impl Run {
@@ -75,6 +85,7 @@ impl Run {
                 })
                 .collect(),
             error: None,
+            storage_bytes: None,
         };
         Arc::new(Self {
             plan,
@@ -84,6 +95,8 @@ impl Run {
             destroying: std::sync::atomic::AtomicBool::new(false),
             destroy_lock: tokio::sync::Mutex::new(false),
             agents: Mutex::new(HashMap::new()),
+            op: Arc::new(tokio::sync::Mutex::new(())),
+            storage_at: Mutex::new(None),
         })
     }
 
@@ -438,7 +451,10 @@ impl RunManager {
             Arc::new(move |line: String| tracing::info!(run = %run_id, machine = %name, "{line}"))
         };
         let t0 = std::time::Instant::now();
-        let image = cancellable(cancel, self.drives.image(&m.image, progress)).await?;
+        let image = match &m.image {
+            ImageRef::Saved { id, machine } => self.saved_image(id, machine)?,
+            other => cancellable(cancel, self.drives.image(other, progress)).await?,
+        };
         check_cancel(cancel)?;
         let t_image = t0.elapsed();
         let handle = MachineHandle::new(&self.runs_dir, &run_id, &m.name);
@@ -646,6 +662,8 @@ impl RunManager {
         {
             tracing::warn!(run = %run_id, "start task ended abnormally: {e}");
         }
+        // Wait for a stop, clone or save of this run in progress.
+        let _op = run.op.clone().lock_owned().await;
         run.agents.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.teardown(run_id, Some(&run.plan)).await?;
         *done = true;
@@ -659,6 +677,7 @@ impl RunManager {
         let run = self
             .get_run(run_id)
             .ok_or_else(|| RunError::NotFound(format!("run {run_id} is not on this worker")))?;
+        self.refresh_storage(&run).await;
         if run.status.borrow().state == ObservedState::Running && !run.is_destroying() {
             for m in &run.plan.machines {
                 let h = MachineHandle::new(&self.runs_dir, run_id, &m.name);
@@ -691,8 +710,11 @@ impl RunManager {
             .get_run(run_id)
             .ok_or_else(|| RunError::NotFound(format!("run {run_id} is not on this worker")))?;
         let mut rx = run.status.subscribe();
-        let _ =
-            tokio::time::timeout(wait, rx.wait_for(|s| s.state != ObservedState::Starting)).await;
+        let _ = tokio::time::timeout(
+            wait,
+            rx.wait_for(|s| !matches!(s.state, ObservedState::Starting | ObservedState::Stopping)),
+        )
+        .await;
         drop(rx);
         self.status(run_id).await
     }
@@ -771,9 +793,12 @@ impl RunManager {
     }
 
     /// Rediscovers runs at worker start: keeps ready runs whose machines run and whose agents
-    /// answer; tears down everything else; then removes host objects of no run.
+    /// answer; keeps stopped runs, finishing an interrupted stop or undoing an interrupted
+    /// restart; keeps ready runs whose machines died as stopped; tears down everything else;
+    /// removes interrupted clones and saves; then removes host objects of no run.
     pub async fn recover(self: &Arc<Self>) -> anyhow::Result<()> {
         fs_err::create_dir_all(&self.runs_dir)?;
+        self.clean_temporaries();
         let mut keep = Vec::new();
         for e in fs_err::read_dir(&self.runs_dir)?.flatten() {
             let run_id = e.file_name().to_string_lossy().into_owned();
@@ -781,7 +806,38 @@ impl RunManager {
                 tracing::warn!(path = %e.path().display(), "ignoring unexpected entry in the runs directory");
                 continue;
             }
-            match self.probe(&run_id).await {
+            let dir = self.runs_dir.join(&run_id);
+            let persisted = lifecycle::read_lifecycle(&dir);
+            let probe = match persisted {
+                Some(_) => Err(anyhow::anyhow!("stopped")),
+                None => self.probe(&run_id).await,
+            };
+            let stopped_why = match (&persisted, &probe) {
+                (Some(l), _) => Some((l != &lifecycle::Lifecycle::Stopped).then(|| {
+                    format!(
+                        "the worker restarted during {}",
+                        format!("{l:?}").to_lowercase()
+                    )
+                })),
+                (None, Err(reason)) if dir.join("ready").exists() => Some(Some(format!(
+                    "its machines stopped while the worker was away ({reason:#})"
+                ))),
+                _ => None,
+            };
+            if let Some(why) = stopped_why {
+                match self.recover_stopped(&run_id, why).await {
+                    Ok(run) => {
+                        tracing::info!(run = %run_id, "rediscovered stopped run");
+                        self.lock().insert(run_id.clone(), run);
+                        keep.push(run_id);
+                    }
+                    Err(e) => {
+                        tracing::warn!(run = %run_id, "cannot recover stopped run (its files are kept): {e:#}")
+                    }
+                }
+                continue;
+            }
+            match probe {
                 Ok(plan) => {
                     tracing::info!(run = %run_id, "rediscovered running run");
                     self.relay_tasks(&plan);

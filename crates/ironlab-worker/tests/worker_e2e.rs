@@ -537,7 +537,7 @@ async fn destroy_during_start_wins_and_cleans() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[serial]
-async fn restart_keeps_ready_runs_and_removes_the_rest() {
+async fn restart_keeps_ready_runs_stops_dead_ones_and_removes_the_rest() {
     skip_if_not_root!();
     let mut f = Fixture::new().await;
     let keep = f.new_run_id();
@@ -570,7 +570,26 @@ async fn restart_keeps_ready_runs_and_removes_the_rest() {
     assert_eq!(st.state, ObservedState::Running);
     let (out, _, code) = f.exec(&keep, "m1", &["hostname"]).await;
     assert_eq!((out.trim(), code), ("m1", 0));
-    for gone in [&broken, &half] {
+    // `broken` was ready: its drive holds the user's work, so it is kept, stopped, with why.
+    let st = f.wait_run(&broken).await;
+    assert_eq!(st.state, ObservedState::Stopped, "{st:?}");
+    assert!(
+        st.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("while the worker was away"),
+        "{st:?}"
+    );
+    assert!(f.runs_dir.join(&broken).join("m1/root.ext4").is_file());
+    assert!(
+        !Path::new("/run/netns")
+            .join(format!("il-{broken}"))
+            .exists(),
+        "a stopped run holds no network namespace"
+    );
+    assert_eq!(f.delete(&broken).await, 204);
+    assert_clean(&f.runs_dir, &broken);
+    for gone in [&half] {
         let r = f
             .http
             .get(f.url(&format!("/v1/runs/{gone}")))

@@ -211,6 +211,45 @@ pub enum PlaygroundCommand {
         #[arg(long, default_value = "5m", value_parser = parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Stop a run: its machines shut down, its drives are kept (restart, clone or save it).
+    Stop {
+        /// Run id.
+        run: String,
+        /// Return as soon as the stop is requested.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Boot a stopped run again on the same drives; prints the run id once it is ready.
+    Restart {
+        /// Run id.
+        run: String,
+        /// Return as soon as the restart is requested.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Clone a stopped run into a new stopped run (instant; no space until they diverge);
+    /// prints the new run's id.
+    Clone {
+        /// Run id (stopped).
+        run: String,
+        /// Title of the clone.
+        #[arg(long)]
+        title: Option<String>,
+    },
+    /// Save a stopped run as a new playground that starts from its drives; prints its name.
+    Save {
+        /// Run id (stopped).
+        run: String,
+        /// Name of the new playground.
+        #[arg(long)]
+        name: String,
+        /// Title of the new playground [default: the run's title].
+        #[arg(long)]
+        title: Option<String>,
+        /// Description of the new playground.
+        #[arg(long)]
+        description: Option<String>,
+    },
 }
 
 /// `90`, `90s`, `500ms`, `5m`, `1h`.
@@ -242,5 +281,13 @@ pub enum UserCommand {
         /// Make them an admin.
         #[arg(long)]
         admin: bool,
+    },
+    /// Set a user's storage quota for stopped runs and saved playgrounds (`20GiB`, or
+    /// `default`).
+    Quota {
+        /// Login name.
+        name: String,
+        /// Size (`512MiB`, `20GiB`) or `default`.
+        size: String,
     },
 }

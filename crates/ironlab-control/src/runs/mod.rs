@@ -2,6 +2,7 @@
 //! operations the REST handlers call. State only changes through [`apply`], which writes the
 //! new state and a `run_events` row in one transaction and wakes every waiter.
 
+pub mod persist;
 pub mod plan;
 pub mod state;
 
@@ -107,6 +108,10 @@ pub struct Run {
     pub created_at: i64,
     /// Last change, ms since the epoch.
     pub updated_at: i64,
+    /// Bytes only this run holds on its worker (measured while stopped).
+    pub storage_bytes: Option<i64>,
+    /// The run this one was cloned from.
+    pub cloned_from: Option<String>,
 }
 
 impl Run {
@@ -122,6 +127,8 @@ impl Run {
             owner: self.owner.clone(),
             created_at: db::from_ms(self.created_at),
             updated_at: db::from_ms(self.updated_at),
+            storage_bytes: self.storage_bytes.map(|b| b.max(0) as u64),
+            cloned_from: self.cloned_from.clone(),
         }
     }
 }
@@ -137,10 +144,11 @@ type Row = (
     i64,
     i64,
     i64,
+    Option<i64>,
+    Option<String>,
 );
 
-const COLUMNS: &str =
-    "id, owner, playground, title, state, reason, plan, worker_attempts, created_at, updated_at";
+const COLUMNS: &str = "id, owner, playground, title, state, reason, plan, worker_attempts, created_at, updated_at, storage_bytes, cloned_from";
 
 fn from_row(row: Row) -> ApiResult<Run> {
     let (
@@ -154,6 +162,8 @@ fn from_row(row: Row) -> ApiResult<Run> {
         worker_attempts,
         created_at,
         updated_at,
+        storage_bytes,
+        cloned_from,
     ) = row;
     let state = RunState::parse(&state)
         .ok_or_else(|| anyhow::anyhow!("run {id} has an unknown state {state:?}"))?;
@@ -170,6 +180,8 @@ fn from_row(row: Row) -> ApiResult<Run> {
         worker_attempts,
         created_at,
         updated_at,
+        storage_bytes,
+        cloned_from,
     })
 }
 
@@ -322,18 +334,7 @@ pub async fn create(ctx: &Ctx, user: &User, req: StartRun) -> ApiResult<RunView>
         Some(t) => check_title(&t)?,
         None => pg.view.title.clone(),
     };
-    let active: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM runs WHERE owner = $1 AND state IN ('pending', 'starting', 'running')",
-    )
-    .bind(&user.id)
-    .fetch_one(&ctx.db)
-    .await?;
-    if active >= MAX_ACTIVE_RUNS_PER_USER {
-        return Err(ApiError::Conflict(format!(
-            "you already have {active} active runs (the limit is {MAX_ACTIVE_RUNS_PER_USER}); \
-             destroy one with `ironlab playground destroy RUN`"
-        )));
-    }
+    check_active_limit(ctx, user).await?;
     let runtimes = match ctx.worker.cached_status().await {
         Ok(s) => s.runtimes,
         Err(e) => {
@@ -374,7 +375,25 @@ pub async fn create(ctx: &Ctx, user: &User, req: StartRun) -> ApiResult<RunView>
     Ok(get_for(&ctx.db, user, &id).await?.view())
 }
 
-fn check_title(t: &str) -> ApiResult<String> {
+/// Refuses a new active run when the user already has [`MAX_ACTIVE_RUNS_PER_USER`].
+pub(crate) async fn check_active_limit(ctx: &Ctx, user: &User) -> ApiResult<()> {
+    let active: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM runs WHERE owner = $1 \
+         AND state IN ('pending', 'starting', 'running', 'stopping', 'restarting')",
+    )
+    .bind(&user.id)
+    .fetch_one(&ctx.db)
+    .await?;
+    if active >= MAX_ACTIVE_RUNS_PER_USER {
+        return Err(ApiError::Conflict(format!(
+            "you already have {active} active runs (the limit is {MAX_ACTIVE_RUNS_PER_USER}); \
+             stop or destroy one with `ironlab playground stop|destroy RUN`"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_title(t: &str) -> ApiResult<String> {
     let t = t.trim();
     if t.is_empty() || t.chars().count() > 200 {
         return Err(ApiError::BadRequest(
@@ -502,7 +521,7 @@ pub async fn connect(
     })
 }
 
-fn worker_unavailable(e: WorkerError) -> ApiError {
+pub(crate) fn worker_unavailable(e: WorkerError) -> ApiError {
     tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "worker call failed");
     ApiError::Unavailable(format!("{e}; try again in a moment"))
 }

@@ -51,6 +51,10 @@ pub fn resolve(
         {
             ImageSource::Stock(name) => ImageRef::Stock { name },
             ImageSource::Oci(reference) => ImageRef::Oci { reference },
+            ImageSource::Saved(id) => ImageRef::Saved {
+                id,
+                machine: m.name.clone(),
+            },
         };
         let mut files = Vec::new();
         for (j, f) in m.startup_files.iter().enumerate() {

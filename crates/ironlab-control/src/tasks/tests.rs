@@ -82,6 +82,7 @@ fn running(id: &str, plan: &RunPlan) -> RunStatus {
             })
             .collect(),
         error: None,
+        storage_bytes: None,
     }
 }
 

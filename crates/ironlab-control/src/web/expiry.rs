@@ -63,7 +63,8 @@ pub async fn sweep_once(ctx: &Ctx) -> ApiResult<Vec<String>> {
         .execute(&ctx.db)
         .await?;
     let expired: Vec<String> = sqlx::query_scalar(
-        "SELECT id FROM runs WHERE expires_at <= $1 AND state IN ('pending', 'starting', 'running')",
+        "SELECT id FROM runs WHERE expires_at <= $1 \
+         AND state IN ('pending', 'starting', 'running', 'restarting')",
     )
     .bind(db::now_ms())
     .fetch_all(&ctx.db)

@@ -69,8 +69,12 @@ pub fn router(ctx: Ctx) -> Router {
         .route("/runs/{id}", get(pages::run_page))
         .route("/runs/{id}/title", post(pages::rename_run))
         .route("/runs/{id}/destroy", post(pages::destroy_run))
-        .route("/runs/{id}/restart", post(tasks_page::restart_run))
+        .route("/runs/{id}/start-over", post(tasks_page::start_over))
         .route("/runs/{id}/tasks/{task}/input", post(tasks_page::answer))
+        .route("/runs/{id}/stop", post(pages::stop_run))
+        .route("/runs/{id}/restart", post(pages::restart_run))
+        .route("/runs/{id}/clone", post(pages::clone_run))
+        .route("/runs/{id}/save", post(pages::save_run))
         .route("/dashboard", get(pages::dashboard))
         .route(
             "/admin/users",

@@ -406,6 +406,7 @@ pub async fn run_page(
     let expires_at = expiry::expires_at(&ctx.db, &run).await?;
     let checklist = super::tasks_page::checklist(&ctx, &run).await;
     let view = run.view();
+    let kept = runs::state::holds_storage(run.state);
     let time_left = if is_active(run.state) {
         format!("{} left", human_duration(expires_at - db::now_ms()))
     } else {
@@ -417,8 +418,9 @@ pub async fn run_page(
             base => base(&s, "run"),
             run => view,
             state => run.state.as_str(),
-            transient => matches!(run.state, RunState::Pending | RunState::Starting | RunState::Destroying),
+            transient => runs::state::is_transient(run.state),
             active => is_active(run.state),
+            kept,
             tabs, time_left, expires_at, checklist,
         },
     )?))
@@ -457,13 +459,93 @@ pub async fn destroy_run(
     Ok(Redirect::to("/dashboard").into_response())
 }
 
+/// `POST /runs/{id}/stop`: back to the page the form was on (the run page or the dashboard).
+pub async fn stop_run(
+    State(ctx): State<Ctx>,
+    PageSession(s): PageSession,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> PageResult<Response> {
+    session::check_csrf(&s, &headers, form.csrf.as_deref())?;
+    runs::persist::stop(&ctx, &s.user, &id).await?;
+    Ok(Redirect::to(&back(&headers, "/dashboard")).into_response())
+}
+
+/// `POST /runs/{id}/restart`: to the run page, which follows it to running.
+pub async fn restart_run(
+    State(ctx): State<Ctx>,
+    PageSession(s): PageSession,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> PageResult<Response> {
+    session::check_csrf(&s, &headers, form.csrf.as_deref())?;
+    runs::persist::restart(&ctx, &s.user, &id).await?;
+    Ok(Redirect::to(&format!("/runs/{}", encode_component(&id))).into_response())
+}
+
+/// `POST /runs/{id}/clone`: the clone appears (stopped) on the dashboard.
+pub async fn clone_run(
+    State(ctx): State<Ctx>,
+    PageSession(s): PageSession,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> PageResult<Response> {
+    session::check_csrf(&s, &headers, form.csrf.as_deref())?;
+    runs::persist::clone(&ctx, &s.user, &id, Default::default()).await?;
+    Ok(Redirect::to("/dashboard").into_response())
+}
+
+/// Form of `POST /runs/{id}/save`.
+#[derive(Debug, Deserialize)]
+pub struct SaveForm {
+    csrf: Option<String>,
+    name: String,
+}
+
+/// `POST /runs/{id}/save`: the new playground appears in the catalog.
+pub async fn save_run(
+    State(ctx): State<Ctx>,
+    PageSession(s): PageSession,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(form): Form<SaveForm>,
+) -> PageResult<Response> {
+    session::check_csrf(&s, &headers, form.csrf.as_deref())?;
+    let req = ironlab_api::v1::SaveRequest {
+        name: form.name.trim().to_string(),
+        title: None,
+        description: None,
+    };
+    runs::persist::save(&ctx, &s.user, &id, req).await?;
+    Ok(Redirect::to("/").into_response())
+}
+
+/// The same-origin page a form was posted from (`Referer`), else `default`.
+fn back(headers: &HeaderMap, default: &str) -> String {
+    headers
+        .get(header::REFERER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|r| {
+            let host = headers.get(header::HOST)?.to_str().ok()?;
+            let rest = r.split_once("://")?.1.strip_prefix(host)?;
+            Some(safe_next(Some(rest)))
+        })
+        .unwrap_or_else(|| default.to_string())
+}
+
 /// `GET /dashboard`: the user's runs.
 pub async fn dashboard(
     State(ctx): State<Ctx>,
     PageSession(s): PageSession,
 ) -> PageResult<Response> {
-    let list = runs::list(&ctx.db, &s.user, false).await?;
+    let mut list = runs::list(&ctx.db, &s.user, false).await?;
+    // Stopped runs first (they wait for the user); otherwise newest first, as listed.
+    list.sort_by_key(|r| !runs::state::holds_storage(r.state));
     let expiries = expiry::expiries_of(&ctx.db, &s.user.id).await?;
+    let storage = runs::persist::storage(&ctx.db, &s.user).await?;
     let now = db::now_ms();
     let rows: Vec<_> = list
         .iter()
@@ -474,19 +556,28 @@ pub async fn dashboard(
                 .copied()
                 .unwrap_or(created + expiry::DEFAULT_RUN_TTL.as_millis() as i64);
             let active = is_active(r.state);
+            let kept = runs::state::holds_storage(r.state);
             context! {
                 id => r.id, title => r.title, state => r.state.as_str(), reason => r.reason,
-                playground => r.playground, active,
+                playground => r.playground, active, kept,
+                storage => r.storage_bytes.filter(|_| kept).map(runs::persist::human_bytes).unwrap_or_else(|| "—".to_string()),
                 created => r.created_at.to_rfc3339(), created_ms => created,
                 age => human_duration(now - created),
                 expires_ms => if active { Some(expires) } else { None },
-                time_left => if active { human_duration(expires - now) } else { "—".to_string() },
+                time_left => if active { human_duration(expires - now) } else if kept { "kept".to_string() } else { "—".to_string() },
             }
         })
         .collect();
     Ok(page(render(
         "dashboard.html",
-        context! { base => base(&s, "dashboard"), runs => rows },
+        context! {
+            base => base(&s, "dashboard"), runs => rows,
+            storage => context! {
+                used => runs::persist::human_bytes(storage.used_bytes),
+                quota => runs::persist::human_bytes(storage.quota_bytes),
+                over => storage.used_bytes >= storage.quota_bytes,
+            },
+        },
     )?))
 }
 

@@ -81,14 +81,14 @@ pub async fn checklist(ctx: &Ctx, run: &Run) -> Checklist {
     }
 }
 
-/// Form of `POST /runs/{id}/restart`.
+/// Form of `POST /runs/{id}/start-over`.
 #[derive(Debug, Deserialize)]
 pub struct RestartForm {
     csrf: Option<String>,
 }
 
-/// `POST /runs/{id}/restart`: destroy this run, start a fresh one of the same playground.
-pub async fn restart_run(
+/// `POST /runs/{id}/start-over`: destroy this run, start a fresh one of the same playground.
+pub async fn start_over(
     State(ctx): State<Ctx>,
     PageSession(s): PageSession,
     headers: HeaderMap,
@@ -260,7 +260,7 @@ mod tests {
             "Setting up the playground",
             "id=\"tasks-count\">0/3<",
             &format!("action=\"/runs/{id}/tasks/answer/input\""),
-            &format!("action=\"/runs/{id}/restart\""),
+            &format!("action=\"/runs/{id}/start-over\""),
         ] {
             assert!(page.contains(needle), "run page lacks {needle}");
         }
@@ -284,7 +284,7 @@ mod tests {
         let (status, _, _) = send(
             &control,
             "POST",
-            &format!("/runs/{id}/restart"),
+            &format!("/runs/{id}/start-over"),
             &cookie,
             Some("csrf=wrong"),
         )
@@ -293,7 +293,7 @@ mod tests {
         let (status, to2, _) = send(
             &control,
             "POST",
-            &format!("/runs/{id}/restart"),
+            &format!("/runs/{id}/start-over"),
             &cookie,
             Some(&format!("csrf={csrf}")),
         )

@@ -494,6 +494,114 @@ async fn expiry_destroys_runs_whose_time_is_up() {
     assert!(page.contains("its time ran out"), "the reason is shown");
 }
 
+#[tokio::test]
+async fn dashboard_lists_stopped_runs_first_with_their_actions_and_storage() {
+    let h = H::new().await;
+    let (cookie, csrf) = h.sign_in_admin().await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (_, resp) = h
+            .post_form(
+                "/runs",
+                Some(&cookie),
+                &format!("csrf={csrf}&playground=debian"),
+            )
+            .await;
+        ids.push(location(&resp).trim_start_matches("/runs/").to_string());
+    }
+    // No worker here: put the runs where a worker would have (the older one stopped).
+    let db = &h.control.ctx().db;
+    for (id, state, bytes) in [
+        (&ids[0], "stopped", Some(3i64 << 20)),
+        (&ids[1], "running", None),
+    ] {
+        sqlx::query("UPDATE runs SET state = $1, storage_bytes = $2, expires_at = 1 WHERE id = $3")
+            .bind(state)
+            .bind(bytes)
+            .bind(id)
+            .execute(db)
+            .await
+            .expect("set state");
+    }
+    // A stopped run does not expire; the running one does.
+    let gone = super::expiry::sweep_once(h.control.ctx())
+        .await
+        .expect("sweep");
+    assert_eq!(gone, vec![ids[1].clone()]);
+    sqlx::query("UPDATE runs SET state = 'running' WHERE id = $1")
+        .bind(&ids[1])
+        .execute(db)
+        .await
+        .expect("running again");
+
+    let (_, dash, _) = h.get("/dashboard", Some(&cookie)).await;
+    let stopped_at = dash
+        .find(&format!("data-run-id=\"{}\"", ids[0]))
+        .expect("stopped row");
+    let running_at = dash
+        .find(&format!("data-run-id=\"{}\"", ids[1]))
+        .expect("running row");
+    assert!(stopped_at < running_at, "stopped runs come first");
+    let stopped_row = &dash[stopped_at..running_at];
+    for needle in [
+        "action=\"/runs/{}/restart\"",
+        "action=\"/runs/{}/clone\"",
+        "action=\"/runs/{}/save\"",
+        "action=\"/runs/{}/destroy\"",
+        "3.0 MiB",
+        ">kept<",
+    ] {
+        let needle = needle.replace("{}", &ids[0]);
+        assert!(stopped_row.contains(&needle), "stopped row lacks {needle}");
+    }
+    let running_row = &dash[running_at..];
+    assert!(running_row.contains(&format!("action=\"/runs/{}/stop\"", ids[1])));
+    assert!(
+        !running_row.contains("/clone\""),
+        "a running run cannot be cloned"
+    );
+    assert!(
+        dash.contains("Storage: <strong>3.0 MiB</strong> of 10.0 GiB"),
+        "{dash}"
+    );
+
+    // The run page has a Stop button while running; plain form POSTs work.
+    let (_, page, _) = h.get(&format!("/runs/{}", ids[1]), Some(&cookie)).await;
+    assert!(page.contains("id=\"stop-form\">"), "visible Stop form");
+    let (status, resp) = h
+        .post_form_from(
+            &format!("/runs/{}/stop", ids[1]),
+            Some(&cookie),
+            &format!("csrf={csrf}"),
+            Some(ORIGIN),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert_eq!(location(&resp), "/dashboard");
+    let (_, page, _) = h.get(&format!("/runs/{}", ids[1]), Some(&cookie)).await;
+    assert!(page.contains(">stopping<"), "stop recorded");
+    assert!(
+        page.contains("id=\"run-stopped\" class=\"hint\">"),
+        "the stopped hint shows"
+    );
+    let (status, resp) = h
+        .post_form(
+            &format!("/runs/{}/restart", ids[0]),
+            Some(&cookie),
+            &format!("csrf={csrf}"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert_eq!(location(&resp), format!("/runs/{}", ids[0]));
+    let (_, page, _) = h.get(&format!("/runs/{}", ids[0]), Some(&cookie)).await;
+    assert!(page.contains(">restarting<"), "restart recorded");
+    // Without the CSRF token nothing happens.
+    let (status, _) = h
+        .post_form(&format!("/runs/{}/clone", ids[0]), Some(&cookie), "")
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+}
+
 #[test]
 fn every_template_compiles() {
     for name in [

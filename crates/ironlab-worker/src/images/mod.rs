@@ -91,6 +91,9 @@ pub enum ImageError {
         /// The stock images directory.
         dir: PathBuf,
     },
+    /// Asked to build an image from something that is not one.
+    #[error("{0} is not an image")]
+    NotAnImage(String),
     /// A stock name that cannot be a directory name.
     #[error("invalid stock image name {0:?}")]
     InvalidStockName(String),
@@ -275,6 +278,9 @@ impl ImageStore {
         match image {
             ImageRef::Oci { reference } => self.ensure_oci(reference, progress).await,
             ImageRef::Stock { name } => self.ensure_stock(name, progress).await,
+            ImageRef::Saved { id, machine } => Err(ImageError::NotAnImage(format!(
+                "saved drive {id}/{machine} (the run manager takes it from the pool's saved/)"
+            ))),
         }
     }
 

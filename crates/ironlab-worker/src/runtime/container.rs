@@ -189,6 +189,39 @@ impl ContainerRuntime {
         }
     }
 
+    /// Removes the container, unmounts the root drive, detaches its loop device and removes the
+    /// cgroup; keeps `m.dir` (drive, image env, console log). Waits until the drive file is no
+    /// longer bound to a loop device (a lazily unmounted filesystem may take a moment).
+    async fn release_inner(&self, m: &MachineHandle) -> anyhow::Result<()> {
+        let id = container_id(&m.run_id, &m.machine);
+        self.remove_container(&id).await?;
+        host::release_mounts_and_loops(&m.dir).await?;
+        remove_cgroup_retrying(&cgroup_path(&m.run_id, &m.machine)).await?;
+        let drive = m.dir.join("root.ext4");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let bound = host::loops_for(&drive).await?;
+            if bound.is_empty() {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!(
+                    "{} is still attached to {bound:?} after unmounting",
+                    drive.display()
+                );
+            }
+            for dev in &bound {
+                let _ = host::detach_loop(dev).await;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let sock = m.agent_socket();
+        if sock.exists() {
+            let _ = fs_err::remove_file(&sock);
+        }
+        Ok(())
+    }
+
     async fn start_inner(&self, spec: &MachineSpec) -> anyhow::Result<MachineHandle> {
         let m = MachineHandle {
             run_id: spec.run_id.clone(),
@@ -548,6 +581,13 @@ impl MachineRuntime for ContainerRuntime {
             Err(e) if is_missing(e.stderr()) => Ok(()),
             Err(e) => Err(RuntimeError::new("stop", id, e)),
         }
+    }
+
+    async fn release(&self, m: &MachineHandle) -> Result<(), RuntimeError> {
+        let id = container_id(&m.run_id, &m.machine);
+        self.release_inner(m)
+            .await
+            .map_err(|e| RuntimeError::new("release", id, e))
     }
 
     async fn destroy(&self, m: &MachineHandle) -> Result<(), RuntimeError> {

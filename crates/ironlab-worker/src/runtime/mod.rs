@@ -114,6 +114,10 @@ pub trait MachineRuntime: Send + Sync {
     async fn start(&self, spec: &MachineSpec) -> Result<MachineHandle, RuntimeError>;
     /// Stops a machine, keeping its drives: SIGTERM, then SIGKILL after `grace`.
     async fn stop(&self, m: &MachineHandle, grace: Duration) -> Result<(), RuntimeError>;
+    /// Releases what the runtime made for a stopped (or dead) machine — container, mounts,
+    /// loop devices, cgroups — keeping its directory and its drives (idempotent). Returns once
+    /// no drive of the machine is in use, so its files can be reflinked or restarted.
+    async fn release(&self, m: &MachineHandle) -> Result<(), RuntimeError>;
     /// Removes a machine and everything the runtime made for it (idempotent).
     async fn destroy(&self, m: &MachineHandle) -> Result<(), RuntimeError>;
     /// Observes a machine.

@@ -1,13 +1,13 @@
 //! `ironlab playground catalog|create|remove|start|list|destroy` (`tasks` and `test` live in
 //! `tasks.rs` and `solution.rs`). `start` returns once the run is running and its init tasks
-//! passed (the playground is set up).
+//! passed (the playground is set up). `stop|restart|clone|save` manage a run's lifecycle.
 
 use std::io::IsTerminal;
 use std::time::Duration;
 
 use anyhow::Context;
 use chrono::Utc;
-use ironlab_api::v1::{PlaygroundView, RunState, RunTasksView, RunView, TaskState};
+use ironlab_api::v1::{PlaygroundView, RunState, RunTasksView, RunView, StorageView, TaskState};
 use reqwest::Method;
 use serde_json::json;
 
@@ -41,6 +41,44 @@ pub async fn run(cmd: PlaygroundCommand, api: &Api) -> anyhow::Result<i32> {
             solution,
             timeout,
         } => super::solution::test(api, &file, &solution, timeout).await,
+        PlaygroundCommand::Stop { run, no_wait } => stop(api, &run, no_wait).await,
+        PlaygroundCommand::Restart { run, no_wait } => restart(api, &run, no_wait).await,
+        PlaygroundCommand::Clone { run, title } => {
+            let body = match title {
+                Some(t) => json!({ "title": t }),
+                None => json!({}),
+            };
+            let clone: RunView = api
+                .call(Method::POST, &format!("/runs/{run}/clone"), Some(&body))
+                .await?;
+            eprintln!("cloned run {run} into {} ({})", clone.id, clone.title);
+            println!("{}", clone.id);
+            Ok(0)
+        }
+        PlaygroundCommand::Save {
+            run,
+            name,
+            title,
+            description,
+        } => {
+            let mut body = json!({ "name": name });
+            if let Some(t) = title {
+                body["title"] = json!(t);
+            }
+            if let Some(d) = description {
+                body["description"] = json!(d);
+            }
+            let p: PlaygroundView = api
+                .call(Method::POST, &format!("/runs/{run}/save"), Some(&body))
+                .await?;
+            eprintln!(
+                "saved run {run} as playground {} (parent: {})",
+                p.name,
+                p.parent.as_deref().unwrap_or("-")
+            );
+            println!("{}", p.name);
+            Ok(0)
+        }
     }
 }
 
@@ -93,13 +131,36 @@ async fn catalog(api: &Api, output: Output) -> anyhow::Result<i32> {
                         p.title.clone(),
                         p.machines.join(","),
                         if p.stock { "stock" } else { "custom" }.to_string(),
+                        parent_chain(&list, p),
                     ]
                 })
                 .collect();
-            table(&["NAME", "TITLE", "MACHINES", "KIND"], &rows);
+            table(&["NAME", "TITLE", "MACHINES", "KIND", "PARENTS"], &rows);
         }
     }
     Ok(0)
+}
+
+/// `saved-2 < saved-1 < debian`: the playgrounds `p` was saved from, nearest first ("-" when
+/// none). A parent the caller cannot see is shown by name and ends the chain.
+pub fn parent_chain(list: &[PlaygroundView], p: &PlaygroundView) -> String {
+    let mut chain: Vec<String> = Vec::new();
+    let mut next = p.parent.clone();
+    while let Some(name) = next {
+        if chain.contains(&name) || chain.len() > 64 {
+            break;
+        }
+        next = list
+            .iter()
+            .find(|q| q.name == name)
+            .and_then(|q| q.parent.clone());
+        chain.push(name);
+    }
+    if chain.is_empty() {
+        "-".to_string()
+    } else {
+        chain.join(" < ")
+    }
 }
 
 async fn create(api: &Api, file: &std::path::Path) -> anyhow::Result<i32> {
@@ -142,7 +203,11 @@ fn spinner(message: String) -> indicatif::ProgressBar {
 fn is_transient(s: RunState) -> bool {
     matches!(
         s,
-        RunState::Pending | RunState::Starting | RunState::Destroying
+        RunState::Pending
+            | RunState::Starting
+            | RunState::Destroying
+            | RunState::Stopping
+            | RunState::Restarting
     )
 }
 
@@ -271,13 +336,109 @@ async fn list(api: &Api, output: Output, all: bool) -> anyhow::Result<i32> {
                         r.title.clone(),
                         r.state.as_str().to_string(),
                         age(r.created_at),
+                        r.storage_bytes
+                            .map(human_bytes)
+                            .unwrap_or_else(|| "-".into()),
                     ]
                 })
                 .collect();
-            table(&["ID", "PLAYGROUND", "TITLE", "STATE", "AGE"], &rows);
+            table(
+                &["ID", "PLAYGROUND", "TITLE", "STATE", "AGE", "STORAGE"],
+                &rows,
+            );
+            let s: StorageView = api.call(Method::GET, "/storage", None).await?;
+            println!(
+                "storage: {} of {} (stopped runs and saved playgrounds)",
+                human_bytes(s.used_bytes),
+                human_bytes(s.quota_bytes)
+            );
         }
     }
     Ok(0)
+}
+
+/// `1.5 GiB`-style sizes.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+async fn stop(api: &Api, id: &str, no_wait: bool) -> anyhow::Result<i32> {
+    let run: RunView = api
+        .call(Method::POST, &format!("/runs/{id}/stop"), None)
+        .await?;
+    let run = if no_wait {
+        run
+    } else {
+        let pb = spinner(format!("stopping run {id}"));
+        let r = wait_settled(api, id, &pb, "stopping").await;
+        pb.finish_and_clear();
+        r?
+    };
+    match run.state {
+        RunState::Stopped => {
+            eprintln!(
+                "run {id}: stopped, holding {}",
+                run.storage_bytes
+                    .map(human_bytes)
+                    .unwrap_or_else(|| "an unmeasured amount".into())
+            );
+            Ok(0)
+        }
+        RunState::Stopping if no_wait => {
+            eprintln!("run {id}: stopping");
+            Ok(0)
+        }
+        other => {
+            eprintln!(
+                "error: run {id} is {}{}",
+                other.as_str(),
+                run.reason
+                    .as_deref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            );
+            Ok(1)
+        }
+    }
+}
+
+async fn restart(api: &Api, id: &str, no_wait: bool) -> anyhow::Result<i32> {
+    let run: RunView = api
+        .call(Method::POST, &format!("/runs/{id}/restart"), None)
+        .await?;
+    let run = if no_wait {
+        run
+    } else {
+        let pb = spinner(format!("restarting run {id}"));
+        let r = wait_settled(api, id, &pb, "restarting").await;
+        pb.finish_and_clear();
+        r?
+    };
+    match run.state {
+        RunState::Running | RunState::Restarting => {
+            println!("{id}");
+            Ok(0)
+        }
+        other => {
+            eprintln!(
+                "error: run {id} is {} after the restart: {}",
+                other.as_str(),
+                run.reason.as_deref().unwrap_or("no reason given")
+            );
+            Ok(1)
+        }
+    }
 }
 
 async fn destroy(api: &Api, id: &str, no_wait: bool) -> anyhow::Result<i32> {
@@ -315,5 +476,40 @@ mod tests {
         assert_eq!(age(now - chrono::Duration::seconds(125)), "2m");
         assert_eq!(age(now - chrono::Duration::hours(3)), "3h");
         assert_eq!(age(now - chrono::Duration::days(2)), "2d");
+    }
+
+    fn pg(name: &str, parent: Option<&str>) -> PlaygroundView {
+        PlaygroundView {
+            name: name.into(),
+            title: name.into(),
+            description: String::new(),
+            machines: vec![],
+            stock: parent.is_none(),
+            owner: String::new(),
+            parent: parent.map(Into::into),
+            created_at: Utc::now(),
+            manifest: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn parent_chains() {
+        let list = vec![
+            pg("debian", None),
+            pg("s1", Some("debian")),
+            pg("s2", Some("s1")),
+            pg("s3", Some("s2")),
+            pg("orphan", Some("gone")),
+        ];
+        assert_eq!(parent_chain(&list, &list[0]), "-");
+        assert_eq!(parent_chain(&list, &list[3]), "s2 < s1 < debian");
+        assert_eq!(parent_chain(&list, &list[4]), "gone");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(3 << 20), "3.0 MiB");
+        assert_eq!(human_bytes(10 << 30), "10.0 GiB");
     }
 }

@@ -124,8 +124,12 @@ async fn wait_until_running(api: &Api, run: &str) -> anyhow::Result<bool> {
             .await?;
         match view.state {
             RunState::Running => return Ok(true),
-            RunState::Pending | RunState::Starting => continue,
-            RunState::Destroying | RunState::Destroyed | RunState::Failed => return Ok(false),
+            RunState::Pending | RunState::Starting | RunState::Restarting => continue,
+            RunState::Destroying
+            | RunState::Destroyed
+            | RunState::Failed
+            | RunState::Stopping
+            | RunState::Stopped => return Ok(false),
         }
     }
 }

@@ -1,6 +1,6 @@
-//! `ironlab user create` (admins).
+//! `ironlab user create|quota` (admins).
 
-use ironlab_api::v1::CreatedUser;
+use ironlab_api::v1::{CreatedUser, StorageView};
 use reqwest::Method;
 use serde_json::json;
 
@@ -24,6 +24,29 @@ pub async fn run(cmd: UserCommand, api: &Api) -> anyhow::Result<i32> {
                 created.user.role, created.user.name, created.user.id
             );
             println!("{}", created.token);
+        }
+        UserCommand::Quota { name, size } => {
+            let bytes = if size == "default" {
+                None
+            } else {
+                Some(
+                    ironlab_spec::Size::parse(&size)
+                        .map_err(|e| anyhow::anyhow!("{e}, or default"))?
+                        .bytes(),
+                )
+            };
+            let s: StorageView = api
+                .call(
+                    Method::PUT,
+                    &format!("/users/{name}/storage-quota"),
+                    Some(&json!({ "bytes": bytes })),
+                )
+                .await?;
+            println!(
+                "{name}: {} of {} used",
+                crate::cmd::playground::human_bytes(s.used_bytes),
+                crate::cmd::playground::human_bytes(s.quota_bytes)
+            );
         }
     }
     Ok(0)

@@ -790,6 +790,8 @@ pub struct Platform {
     runs: Vec<String>,
     /// `ironlab up` (control plane + supervised worker in one process tree) instead of two.
     up: bool,
+    /// Extra environment of the next worker start (e.g. `IRONLAB_TEST_CRASH_AT`).
+    pub worker_env: Vec<(String, String)>,
 }
 
 impl Platform {
@@ -811,6 +813,7 @@ impl Platform {
             token: None,
             runs: Vec::new(),
             up: false,
+            worker_env: Vec::new(),
         };
         p.start_worker();
         p.start_control();
@@ -838,6 +841,7 @@ impl Platform {
             token: None,
             runs: Vec::new(),
             up: true,
+            worker_env: Vec::new(),
         };
         p.start_control();
         p
@@ -890,6 +894,9 @@ impl Platform {
             .stderr(logf);
         if let Some(s) = &self.env.stock_images {
             cmd.env("IRONLAB_STOCK_IMAGES", s);
+        }
+        if args.first().is_some_and(|a| a == "worker") {
+            cmd.envs(self.worker_env.iter().map(|(k, v)| (k, v)));
         }
         cmd.spawn()
             .unwrap_or_else(|e| panic!("start {} {args:?}: {e}", bin().display()))
@@ -1032,6 +1039,22 @@ impl Platform {
         if let Some(mut c) = self.worker.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Waits (up to `timeout`) for the worker to exit on its own; returns its status.
+    pub fn wait_worker_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let c = self.worker.as_mut()?;
+            if let Ok(Some(st)) = c.try_wait() {
+                self.worker = None;
+                return Some(st);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
