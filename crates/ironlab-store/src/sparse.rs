@@ -134,6 +134,7 @@ pub fn reflink(src: &File, dest: &File) -> io::Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -60,7 +60,7 @@ pub enum StoreError {
         key: String,
         /// The client's error.
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
     /// The store configuration is unusable.
     #[error("object store configuration: {0}")]
@@ -535,7 +535,7 @@ impl S3Store {
             store,
             op,
             key,
-            source,
+            source: Box::new(source),
         }
     }
 }
@@ -724,6 +724,7 @@ pub fn open_store(location: &str) -> Result<Arc<dyn ObjectStore>, StoreError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -77,6 +77,10 @@ pub struct UploadReport {
     pub elapsed: Duration,
 }
 
+/// A chunk's outcome: `None` when it is all zeros, else the chunk and the bytes uploaded for
+/// it (`None` when the store had it).
+type ChunkOutcome = Option<(ChunkRef, Option<u64>)>;
+
 struct Shared {
     /// Hashes already handled by this upload (a repeated chunk is uploaded once).
     seen: Mutex<HashSet<ChunkHash>>,
@@ -133,7 +137,7 @@ pub async fn upload_drive(
     if let Some(p) = &opts.progress {
         p(Progress { done: 0, total });
     }
-    let results: Vec<Result<Option<(ChunkRef, Option<u64>)>, SnapshotError>> =
+    let results: Vec<Result<ChunkOutcome, SnapshotError>> =
         futures::stream::iter(indexes.iter().copied())
             .map(|index| {
                 let file = Arc::clone(&file);
@@ -237,7 +241,7 @@ async fn upload_chunk(
     len: usize,
     level: Option<i32>,
     shared: &Shared,
-) -> Result<Option<(ChunkRef, Option<u64>)>, SnapshotError> {
+) -> Result<ChunkOutcome, SnapshotError> {
     let read = tokio::task::spawn_blocking(move || {
         let buf = sparse::read_at(&file, offset, len)?;
         if sparse::is_zero(&buf) {
