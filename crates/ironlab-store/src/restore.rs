@@ -361,8 +361,9 @@ pub async fn restore_drive(
 
 type PlanError = (&'static str, PathBuf, std::io::Error);
 
-/// Decides, per manifest chunk, where its bytes come from; punches holes in a reflinked
-/// temporary file where the manifest has none.
+/// Decides, per manifest chunk, where its bytes come from. Scans what is at hand once: in a
+/// reflinked temporary file it punches out chunks that differ from the manifest; without a
+/// reflink it copies the chunks of `have` that match at the same offset.
 fn plan_chunks(
     manifest: &DriveManifest,
     tmp: &File,
@@ -372,8 +373,9 @@ fn plan_chunks(
     let cs = manifest.chunk_size;
     let wanted: HashMap<u64, ChunkHash> =
         manifest.chunks.iter().map(|c| (c.offset, c.hash)).collect();
-    // Hashes of the chunks at hand, by offset: in the reflinked temporary file, else in `have`.
-    let mut at_hand: HashMap<u64, ChunkHash> = HashMap::new();
+    // Offsets whose chunk is already right in the temporary file (kept from the reflink, or
+    // copied from `have` while scanning it).
+    let mut in_place: std::collections::HashSet<u64> = std::collections::HashSet::new();
     let mut by_hash: HashMap<ChunkHash, u64> = HashMap::new();
     if let Some((have, have_path)) = have {
         let src: &File = if reflinked { tmp } else { have };
@@ -392,22 +394,31 @@ fn plan_chunks(
                 continue;
             }
             let h = ChunkHash::of(&buf);
-            if reflinked && wanted.get(&offset) != Some(&h) {
+            // Equal hashes mean equal bytes, hence equal lengths.
+            let matches = wanted.get(&offset) == Some(&h);
+            if reflinked && !matches {
                 // Stale data where the manifest has zeros or other data.
                 sparse::punch_hole(tmp, offset, len as u64)
                     .map_err(|e| ("write", have_path.clone(), e))?;
             }
+            if !reflinked && matches {
+                // Read and checked already: write it now rather than read it again later.
+                sparse::write_sparse(tmp, offset, &buf)
+                    .map_err(|e| ("write", have_path.clone(), e))?;
+            }
+            if matches {
+                in_place.insert(offset);
+            }
             if offset < have_size && len as u64 == cs.min(have_size - offset) {
                 by_hash.entry(h).or_insert(offset);
             }
-            at_hand.insert(offset, h);
         }
     }
     Ok(manifest
         .chunks
         .iter()
         .map(|c| {
-            if reflinked && at_hand.get(&c.offset) == Some(&c.hash) {
+            if in_place.contains(&c.offset) {
                 Plan::Keep
             } else if let Some(&from) = by_hash.get(&c.hash)
                 && manifest.chunk_len(from) == manifest.chunk_len(c.offset)
