@@ -6,8 +6,9 @@
 //! ```
 //!
 //! Makes a drive of N MiB in DIR (every chunk new to the store), then measures: the first
-//! upload (all data changed), a second upload of the same drive (nothing changed: read + hash
-//! + exists checks), a restore to a fresh file, and a restore over an identical copy (`have`).
+//! upload (all data changed), a second upload of the same drive (nothing changed: read, hash
+//! and exists checks), a restore to a fresh file, and a restore over an identical copy
+//! (`have`).
 //! Prints one result line per step: `step MiB seconds MiB/s stored-MiB`.
 
 use std::path::{Path, PathBuf};
