@@ -61,11 +61,36 @@ fn make_drive(path: &Path, size_mib: usize, data: &str) -> std::io::Result<()> {
     f.get_ref().sync_all()
 }
 
-fn report(step: &str, bytes: u64, secs: f64, stored: u64) {
+/// This process's CPU time (user + system) in seconds, from /proc/self/stat (100 Hz ticks).
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 of the line are 12 and 13 after the command name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+struct Step {
+    wall: Instant,
+    cpu: f64,
+}
+
+fn start() -> Step {
+    Step {
+        wall: Instant::now(),
+        cpu: cpu_secs(),
+    }
+}
+
+fn report(step: &str, s: Step, bytes: u64, stored: u64) {
+    let secs = s.wall.elapsed().as_secs_f64();
+    let cpu = cpu_secs() - s.cpu;
     let mib = bytes as f64 / (1 << 20) as f64;
     println!(
-        "{step:<16} {mib:>8.1} MiB {secs:>7.3} s {:>8.1} MiB/s  stored {:>8.1} MiB",
+        "{step:<14} {mib:>6.0} MiB {secs:>6.2} s {:>7.1} MiB/s  cpu {cpu:>5.2} s ({:>6.0} MiB per cpu-s)  stored {:>6.1} MiB",
         mib / secs,
+        if cpu > 0.0 { mib / cpu } else { f64::INFINITY },
         stored as f64 / (1 << 20) as f64
     );
 }
@@ -105,26 +130,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "# store={location} size={size_mib}MiB data={data} chunk={chunk_kib}KiB zstd={zstd:?} parallelism={parallelism}"
     );
 
-    let t = Instant::now();
+    let t = start();
     let up = upload_drive(&store, &drive, &opts).await?;
-    report(
-        "upload-new",
-        up.bytes_read,
-        t.elapsed().as_secs_f64(),
-        up.bytes_uploaded,
-    );
+    report("upload-new", t, up.bytes_read, up.bytes_uploaded);
 
-    let t = Instant::now();
+    let t = start();
     let again = upload_drive(&store, &drive, &opts).await?;
-    report(
-        "upload-same",
-        again.bytes_read,
-        t.elapsed().as_secs_f64(),
-        again.bytes_uploaded,
-    );
+    report("upload-same", t, again.bytes_read, again.bytes_uploaded);
 
     let out = work.join("restored.img");
-    let t = Instant::now();
+    let t = start();
     let r = restore_drive(
         &store,
         &up.manifest.id,
@@ -135,14 +150,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
     )
     .await?;
-    report(
-        "restore-fresh",
-        r.manifest.data_bytes(),
-        t.elapsed().as_secs_f64(),
-        r.bytes_fetched,
-    );
+    report("restore-fresh", t, r.manifest.data_bytes(), r.bytes_fetched);
 
-    let t = Instant::now();
+    let t = start();
     let r = restore_drive(
         &store,
         &up.manifest.id,
@@ -154,12 +164,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
     )
     .await?;
-    report(
-        "restore-have",
-        r.manifest.data_bytes(),
-        t.elapsed().as_secs_f64(),
-        r.bytes_fetched,
-    );
+    report("restore-have", t, r.manifest.data_bytes(), r.bytes_fetched);
     std::fs::remove_file(&drive)?;
     std::fs::remove_file(&out)?;
     Ok(())

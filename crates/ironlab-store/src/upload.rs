@@ -29,7 +29,8 @@ pub struct UploadOptions {
     /// Called after each chunk with the bytes done so far; `total` is the data (non-hole)
     /// bytes of the drive.
     pub progress: Option<ProgressFn>,
-    /// How long to wait for a running GC sweep to finish before giving up (default 10 min).
+    /// How long to wait for a running GC sweep to finish before giving up (default 11 min:
+    /// longer than a dead GC's marker takes to go stale).
     pub gc_wait: Duration,
     /// Lock markers older than this are a dead process's (default 10 min; keep it equal to
     /// [`crate::GcOptions::lock_stale_after`]).
@@ -43,7 +44,7 @@ impl Default for UploadOptions {
             parallelism: 4,
             zstd_level: Some(1),
             progress: None,
-            gc_wait: Duration::from_secs(600),
+            gc_wait: locks::STALE_AFTER + Duration::from_secs(60),
             lock_stale_after: locks::STALE_AFTER,
         }
     }
