@@ -53,6 +53,7 @@ both_backends!(
     gc_removes_garbage_and_keeps_live_and_in_flight,
     killed_upload_leaves_no_manifest,
     dropped_upload_leaves_no_manifest,
+    upload_waits_for_a_running_gc,
 );
 
 /// A 256 MiB sparse ext4 drive with 20 MiB of random data and 6 MiB of text.
@@ -346,6 +347,74 @@ async fn gc_removes_garbage_and_keeps_live_and_in_flight(backend: Backend) -> Re
     assert_eq!(r.manifests_deleted, 1);
     assert!(keys(store.as_ref(), "chunks/").await?.is_empty());
     assert!(keys(store.as_ref(), "locks/").await?.is_empty());
+    Ok(())
+}
+
+async fn upload_waits_for_a_running_gc(backend: Backend) -> Result<()> {
+    let work = tempfile::tempdir()?;
+    let drive = work.path().join("small.img");
+    std::fs::write(&drive, random_bytes(3 * MIB as usize))?;
+    let store = backend.store()?;
+
+    // Bad options are refused before anything is written.
+    let err = upload_drive(
+        &store,
+        &drive,
+        &UploadOptions {
+            chunk_size: 1000,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect_err("a chunk size of 1000 was accepted");
+    assert!(err.to_string().contains("chunk_size"), "{err}");
+    let err = upload_drive(
+        &store,
+        &work.path().join("missing.img"),
+        &UploadOptions::default(),
+    )
+    .await
+    .expect_err("a missing drive was accepted");
+    assert!(err.to_string().contains("missing.img"), "{err}");
+    assert!(keys(store.as_ref(), "").await?.is_empty());
+
+    // A GC sweep holds the store: the upload waits, then gives up with a clear error.
+    let sweep = Lock::acquire(&store, LockKind::Gc).await?;
+    let opts = UploadOptions {
+        gc_wait: Duration::from_millis(600),
+        ..Default::default()
+    };
+    let err = upload_drive(&store, &drive, &opts)
+        .await
+        .expect_err("uploaded during a GC sweep");
+    assert!(matches!(err, SnapshotError::GcBusy { .. }), "{err}");
+    assert!(keys(store.as_ref(), "chunks/").await?.is_empty());
+    // Once the sweep is over (here: released while the upload waits), it goes through.
+    let waiting = tokio::spawn({
+        let store = store.clone();
+        let drive = drive.clone();
+        async move {
+            upload_drive(
+                &store,
+                &drive,
+                &UploadOptions {
+                    gc_wait: Duration::from_secs(30),
+                    ..Default::default()
+                },
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the upload did not wait for the sweep"
+    );
+    sweep.release().await?;
+    let m = waiting.await??.manifest;
+    let out = work.path().join("out.img");
+    restore_drive(&store, &m.id, &out, &RestoreOptions::default()).await?;
+    assert_eq!(file_hash(&out)?, file_hash(&drive)?);
     Ok(())
 }
 
