@@ -257,38 +257,87 @@ pub fn check_chunk_size(size: u64) -> Result<(), String> {
     Ok(())
 }
 
+thread_local! {
+    /// One zstd context per (blocking-pool) thread: making one per chunk costs more than
+    /// compressing a chunk of incompressible data.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn zstd_compress(data: &[u8], level: i32, out: &mut [u8]) -> Option<usize> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.try_borrow_mut().ok()?;
+        if c.as_ref().is_none_or(|(l, _)| *l != level) {
+            *c = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+        }
+        let (_, comp) = c.as_mut()?;
+        comp.compress_to_buffer(data, out).ok()
+    })
+}
+
 /// Encodes a chunk's plain bytes as a stored object (see the module docs). `level` is the zstd
 /// level; `None` stores it plain.
 pub fn encode_chunk(data: &[u8], level: Option<i32>) -> Bytes {
-    if let Some(level) = level
-        && let Ok(z) = zstd::bulk::compress(data, level)
-        && z.len() + z.len() / 15 < data.len()
-    {
-        let mut out = Vec::with_capacity(z.len() + 1);
-        out.push(CODEC_ZSTD);
-        out.extend_from_slice(&z);
-        return Bytes::from(out);
+    let mut framed = Vec::with_capacity(data.len() + 1);
+    framed.push(0);
+    framed.extend_from_slice(data);
+    encode_framed(framed, level)
+}
+
+/// [`encode_chunk`] for a chunk read with one spare byte in front (`framed[0]`, overwritten
+/// with the codec byte): a chunk stored plain is not copied.
+pub fn encode_framed(mut framed: Vec<u8>, level: Option<i32>) -> Bytes {
+    let data_len = framed.len().saturating_sub(1);
+    if let Some(level) = level {
+        // Worth it only when it saves 1/16; a frame that would not fit is not worth it.
+        let limit = data_len - data_len / 16;
+        let mut out = vec![0u8; 1 + zstd::zstd_safe::compress_bound(data_len)];
+        if let Some(n) = zstd_compress(&framed[1..], level, &mut out[1..])
+            && n < limit
+        {
+            out.truncate(1 + n);
+            out[0] = CODEC_ZSTD;
+            return Bytes::from(out);
+        }
     }
-    let mut out = Vec::with_capacity(data.len() + 1);
-    out.push(CODEC_PLAIN);
-    out.extend_from_slice(data);
-    Bytes::from(out)
+    if let Some(b) = framed.first_mut() {
+        *b = CODEC_PLAIN;
+    }
+    Bytes::from(framed)
 }
 
 /// Decodes a stored chunk object and checks it: its plain bytes must be `expected_len` long
 /// and hash to `expected`. The error says what is wrong.
 pub fn decode_chunk(
-    obj: &[u8],
+    obj: &Bytes,
     expected: &ChunkHash,
     expected_len: usize,
-) -> Result<Vec<u8>, String> {
-    let (codec, payload) = obj
-        .split_first()
-        .ok_or_else(|| "the object is empty".to_owned())?;
-    let data = match *codec {
-        CODEC_PLAIN => payload.to_vec(),
-        CODEC_ZSTD => zstd::bulk::decompress(payload, expected_len)
-            .map_err(|e| format!("its zstd data does not decompress ({e})"))?,
+) -> Result<Bytes, String> {
+    let Some(&codec) = obj.first() else {
+        return Err("the object is empty".to_owned());
+    };
+    let data = match codec {
+        CODEC_PLAIN => obj.slice(1..),
+        CODEC_ZSTD => {
+            let mut out = vec![0u8; expected_len];
+            let n = DECOMPRESSOR
+                .with(|d| -> Result<usize, String> {
+                    let mut d = d.try_borrow_mut().map_err(|e| e.to_string())?;
+                    if d.is_none() {
+                        *d = Some(zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?);
+                    }
+                    let dec = d.as_mut().ok_or("no zstd context")?;
+                    dec.decompress_to_buffer(&obj[1..], &mut out[..])
+                        .map_err(|e| e.to_string())
+                })
+                .map_err(|e| {
+                    format!("its zstd data does not decompress to {expected_len} bytes ({e})")
+                })?;
+            out.truncate(n);
+            Bytes::from(out)
+        }
         other => return Err(format!("unknown codec byte {other}")),
     };
     if data.len() != expected_len {
@@ -325,14 +374,16 @@ mod tests {
                 let mut bad = obj.to_vec();
                 let last = bad.len() - 1;
                 bad[last] ^= 1;
-                assert!(decode_chunk(&bad, &h, data.len()).is_err());
+                assert!(decode_chunk(&Bytes::from(bad), &h, data.len()).is_err());
+                // A frame that decompresses to more than the chunk is refused.
+                assert!(decode_chunk(&obj, &h, data.len() - 1).is_err());
             }
         }
         // Text compresses, random data is stored plain.
         assert_eq!(encode_chunk(&text, Some(1))[0], CODEC_ZSTD);
         assert_eq!(encode_chunk(&random, Some(1))[0], CODEC_PLAIN);
         assert!(
-            decode_chunk(&[9, 1, 2], &ChunkHash::of(b""), 2)
+            decode_chunk(&Bytes::from_static(&[9, 1, 2]), &ChunkHash::of(b""), 2)
                 .unwrap_err()
                 .contains("codec")
         );

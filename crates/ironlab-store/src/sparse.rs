@@ -66,6 +66,13 @@ pub fn is_zero(buf: &[u8]) -> bool {
 /// Reads `len` bytes at `offset`; bytes past the end of the file read as zeros.
 pub fn read_at(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; len];
+    read_into(file, offset, &mut buf)?;
+    Ok(buf)
+}
+
+/// Fills `buf` from `offset`; bytes past the end of the file read as zeros.
+pub fn read_into(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    let len = buf.len();
     let mut done = 0;
     while done < len {
         match file.read_at(&mut buf[done..], offset + done as u64) {
@@ -75,7 +82,7 @@ pub fn read_at(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
             Err(e) => return Err(e),
         }
     }
-    Ok(buf)
+    Ok(())
 }
 
 /// Deallocates `[offset, offset + len)`, keeping the file size; the range then reads as zeros.

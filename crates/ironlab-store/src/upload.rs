@@ -244,12 +244,14 @@ async fn upload_chunk(
     shared: &Shared,
 ) -> Result<ChunkOutcome, SnapshotError> {
     let read = tokio::task::spawn_blocking(move || {
-        let buf = sparse::read_at(&file, offset, len)?;
-        if sparse::is_zero(&buf) {
+        // One spare byte in front for the codec byte (see `manifest::encode_framed`).
+        let mut framed = vec![0u8; len + 1];
+        sparse::read_into(&file, offset, &mut framed[1..])?;
+        if sparse::is_zero(&framed[1..]) {
             return Ok(None);
         }
-        let hash = ChunkHash::of(&buf);
-        Ok(Some((hash, buf)))
+        let hash = ChunkHash::of(&framed[1..]);
+        Ok(Some((hash, framed)))
     })
     .await
     .map_err(|e| SnapshotError::Io {
@@ -278,7 +280,7 @@ async fn upload_chunk(
     if store.head(&key).await?.is_some() {
         return Ok(Some((chunk, None)));
     }
-    let obj = tokio::task::spawn_blocking(move || manifest::encode_chunk(&buf, level))
+    let obj = tokio::task::spawn_blocking(move || manifest::encode_framed(buf, level))
         .await
         .map_err(|e| SnapshotError::Io {
             op: "compress a chunk of",
