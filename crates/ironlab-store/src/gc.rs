@@ -3,9 +3,11 @@
 //! The rule (safe while uploads run, on one or many hosts):
 //! 1. A manifest is kept when it is live (the caller's list) or younger than `grace` (an
 //!    upload that just finished may not be recorded as live yet). Others are deleted.
-//! 2. GC then takes its lock marker and lists upload markers (see [`crate::locks`]). If any
-//!    live upload runs, no chunk is deleted this round (`deferred_by_uploads` in the report):
-//!    an upload may be about to reference any chunk it found in the store.
+//! 2. GC then takes its lock marker and lists upload markers (see [`crate::locks`]). Uploads
+//!    that start from then on wait; GC waits up to `wait_for_uploads` (60 s) for the running
+//!    ones to finish. If live uploads remain, no chunk is deleted this round
+//!    (`deferred_by_uploads` in the report): an upload may be about to reference any chunk it
+//!    found in the store.
 //! 3. Otherwise manifests are listed again (under the lock, so every finished upload's
 //!    manifest is seen), and every chunk no kept manifest references is deleted. This is how
 //!    the chunks of a killed upload go: its marker goes stale after `lock_stale_after` and is
@@ -37,6 +39,9 @@ pub struct GcOptions {
     pub now: Option<SystemTime>,
     /// Deletions in flight at once (default 16).
     pub parallelism: usize,
+    /// How long to wait for running uploads to finish before deferring chunk deletion to a
+    /// later round (default 60 s). Uploads that start meanwhile wait for the GC.
+    pub wait_for_uploads: Duration,
 }
 
 impl Default for GcOptions {
@@ -46,6 +51,7 @@ impl Default for GcOptions {
             lock_stale_after: locks::STALE_AFTER,
             now: None,
             parallelism: 16,
+            wait_for_uploads: Duration::from_secs(60),
         }
     }
 }
@@ -111,12 +117,25 @@ pub async fn gc(
 
     // 2. Exclusion with uploads.
     let lock = Lock::acquire(store, LockKind::Gc).await?;
-    let (uploads, stale) =
-        locks::list_locks(store.as_ref(), LockKind::Upload, now, opts.lock_stale_after).await?;
-    for m in &stale {
-        store.delete(&m.key).await?;
-    }
-    report.stale_locks_removed = stale.len();
+    // Uploads that start now see the marker and wait, so running ones drain.
+    let waiting = std::time::Instant::now();
+    let uploads = loop {
+        let (uploads, stale) = locks::list_locks(
+            store.as_ref(),
+            LockKind::Upload,
+            now + waiting.elapsed(),
+            opts.lock_stale_after,
+        )
+        .await?;
+        for m in &stale {
+            store.delete(&m.key).await?;
+        }
+        report.stale_locks_removed += stale.len();
+        if uploads.is_empty() || waiting.elapsed() >= opts.wait_for_uploads {
+            break uploads;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
 
     // 3. Referenced chunks (manifests listed again, under the lock).
     let mut referenced: HashSet<ChunkHash> = HashSet::new();

@@ -309,6 +309,7 @@ async fn gc_removes_garbage_and_keeps_live_and_in_flight(backend: Backend) -> Re
         &GcOptions {
             now: Some(SystemTime::now() + Duration::from_secs(7200)),
             lock_stale_after: Duration::from_secs(3 * 3600),
+            wait_for_uploads: Duration::from_millis(300),
             ..Default::default()
         },
     )
@@ -506,7 +507,15 @@ async fn killed_upload_leaves_no_manifest(backend: Backend) -> Result<()> {
 
     // While the dead marker is fresh, GC deletes no chunk; once stale, it is removed. Here
     // every orphan belongs to the finished manifest (same drive), so nothing else goes.
-    let r = gc(&store, &live, &GcOptions::default()).await?;
+    let r = gc(
+        &store,
+        &live,
+        &GcOptions {
+            wait_for_uploads: Duration::from_millis(300),
+            ..Default::default()
+        },
+    )
+    .await?;
     assert!(r.deferred_by_uploads, "{r:?}");
     let r = gc(
         &store,
@@ -522,14 +531,16 @@ async fn killed_upload_leaves_no_manifest(backend: Backend) -> Result<()> {
     assert!(keys(store.as_ref(), "locks/").await?.is_empty());
     assert_eq!(keys(store.as_ref(), "chunks/").await?.len(), m.chunks.len());
 
-    // An upload in flight in another process: GC deletes nothing, the upload completes.
+    // An upload in flight in another process: GC waits for it to finish (the upload is not
+    // held up), then sees its manifest and deletes none of its chunks.
     let drive2 = work.path().join("other.img");
     std::fs::write(&drive2, random_bytes(24 * MIB as usize))?;
     let (mut child, mut lines) = spawn_child(&backend, &drive2)?;
     wait_progress(&mut lines, 8 * MIB)?;
     let before = keys(store.as_ref(), "chunks/").await?;
     let r = gc(&store, &live, &GcOptions::default()).await?;
-    assert!(r.deferred_by_uploads && r.chunks_deleted == 0, "{r:?}");
+    assert!(!r.deferred_by_uploads && r.chunks_deleted == 0, "{r:?}");
+    assert_eq!(r.manifests_kept, 2, "{r:?}");
     let mut id2 = None;
     for line in lines {
         if let Some(id) = line?.strip_prefix("manifest ") {
