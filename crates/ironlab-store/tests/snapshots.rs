@@ -54,6 +54,7 @@ both_backends!(
     killed_upload_leaves_no_manifest,
     dropped_upload_leaves_no_manifest,
     upload_waits_for_a_running_gc,
+    restore_from_the_image_drive_fetches_only_what_the_run_changed,
 );
 
 /// A 256 MiB sparse ext4 drive with 20 MiB of random data and 6 MiB of text.
@@ -417,6 +418,61 @@ async fn upload_waits_for_a_running_gc(backend: Backend) -> Result<()> {
     let out = work.path().join("out.img");
     restore_drive(&store, &m.id, &out, &RestoreOptions::default()).await?;
     assert_eq!(file_hash(&out)?, file_hash(&drive)?);
+    Ok(())
+}
+
+/// The worker grows a run's drive from the image's (reflink + `set_len` + `resize2fs`); when
+/// the run's own copy is lost, the image's drive serves as `have`.
+async fn restore_from_the_image_drive_fetches_only_what_the_run_changed(
+    backend: Backend,
+) -> Result<()> {
+    let work = tempfile::tempdir()?;
+    let image = work.path().join("image.ext4");
+    make_ext4(&image, 64)?;
+    ext4_write(&image, "usr.bin", &random_bytes(20 * MIB as usize))?;
+    let run = work.path().join("run.ext4");
+    std::fs::copy(&image, &run)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&run)?
+        .set_len(256 * MIB)?;
+    let out = Command::new("/usr/sbin/resize2fs")
+        .arg("-f")
+        .arg(&run)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "resize2fs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ext4_write(&run, "home.bin", &random_bytes(5 * MIB as usize))?;
+
+    let store = backend.store()?;
+    let m = upload_drive(&store, &run, &UploadOptions::default())
+        .await?
+        .manifest;
+    let dest = work.path().join("restored.ext4");
+    let r = restore_drive(
+        &store,
+        &m.id,
+        &dest,
+        &RestoreOptions {
+            have: Some(image.clone()),
+            ..Default::default()
+        },
+    )
+    .await?;
+    assert_eq!(file_hash(&dest)?, file_hash(&run)?);
+    eprintln!(
+        "restore from the image drive: {} chunks reused, {} fetched ({} bytes)",
+        r.chunks_reused, r.chunks_fetched, r.bytes_fetched
+    );
+    assert!(r.chunks_reused >= 18, "{r:?}");
+    assert!(
+        r.bytes_fetched < 10 * MIB,
+        "fetched {} bytes ({r:?})",
+        r.bytes_fetched
+    );
     Ok(())
 }
 
