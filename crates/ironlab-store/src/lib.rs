@@ -38,6 +38,10 @@
 //!   `dest` is either untouched or whole. A corrupt or missing chunk fails it with an error
 //!   naming the chunk, its offset and the manifest ([`SnapshotError::CorruptChunk`],
 //!   [`SnapshotError::MissingChunk`]).
+//! - `have` can be any older version of the drive at the same offsets: the run's own old copy,
+//!   or, when that is gone, the image drive it was grown from (`tests/snapshots.rs`:
+//!   `restore_from_the_image_drive_fetches_only_what_the_run_changed`). With a reflink-capable
+//!   file system the result shares `have`'s blocks for every unchanged chunk.
 //! - `gc` keeps the live manifests and any manifest younger than its grace period (1 h):
 //!   record a new manifest as live within that hour. It never deletes a chunk while an upload
 //!   runs (lock markers in the store, see [`locks`]); the format is in [`manifest`].
