@@ -20,7 +20,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use futures::StreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 
 use crate::SnapshotError;
 use crate::locks::{self, Lock, LockKind};
@@ -172,16 +172,16 @@ pub async fn gc(
                 key: lock.key().to_owned(),
             });
         }
-        let results: Vec<Result<u64, SnapshotError>> = futures::stream::iter(batch)
+        let results: Vec<u64> = futures::stream::iter(batch)
             .map(|m| async move {
                 store.delete(&m.key).await?;
-                Ok(m.size)
+                Ok::<u64, SnapshotError>(m.size)
             })
             .buffer_unordered(parallelism)
-            .collect()
-            .await;
-        for r in results {
-            report.bytes_deleted += r?;
+            .try_collect()
+            .await?;
+        for n in results {
+            report.bytes_deleted += n;
             report.chunks_deleted += 1;
         }
     }

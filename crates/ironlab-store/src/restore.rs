@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 
 use crate::manifest::{ChunkHash, DriveManifest};
 use crate::sparse;
@@ -255,7 +255,8 @@ pub async fn restore_drive(
     } else {
         opts.parallelism
     };
-    let results: Vec<Result<u64, SnapshotError>> = futures::stream::iter(fetch)
+    // The first error ends the restore (the fetches in flight are dropped).
+    let results: Vec<u64> = futures::stream::iter(fetch)
         .map(|(hash, offsets)| {
             let store = Arc::clone(store);
             let tmp = Arc::clone(&tmp);
@@ -326,12 +327,12 @@ pub async fn restore_drive(
             }
         })
         .buffer_unordered(parallelism)
-        .collect()
-        .await;
+        .try_collect()
+        .await?;
     let mut chunks_fetched = 0;
     let mut bytes_fetched = 0;
-    for r in results {
-        bytes_fetched += r?;
+    for n in results {
+        bytes_fetched += n;
         chunks_fetched += 1;
     }
 

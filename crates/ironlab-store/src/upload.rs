@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 
 use crate::locks::{self, Lock, LockKind};
 use crate::manifest::{self, ChunkHash, ChunkRef, DriveManifest};
@@ -138,43 +138,41 @@ pub async fn upload_drive(
     if let Some(p) = &opts.progress {
         p(Progress { done: 0, total });
     }
-    let results: Vec<Result<ChunkOutcome, SnapshotError>> =
-        futures::stream::iter(indexes.iter().copied())
-            .map(|index| {
-                let file = Arc::clone(&file);
-                let shared = Arc::clone(&shared);
-                let store = Arc::clone(store);
-                let path = path.to_owned();
-                let level = opts.zstd_level;
-                let progress = opts.progress.clone();
-                async move {
-                    let offset = index * cs;
-                    let len = cs.min(size - offset) as usize;
-                    let r = upload_chunk(&store, file, &path, offset, len, level, &shared).await;
-                    let done = shared
-                        .done
-                        .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed)
-                        + len as u64;
-                    if let Some(p) = &progress {
-                        p(Progress { done, total });
-                    }
-                    r
+    // The first error ends the upload (the chunks in flight are dropped).
+    let results: Vec<ChunkOutcome> = futures::stream::iter(indexes.iter().copied())
+        .map(|index| {
+            let file = Arc::clone(&file);
+            let shared = Arc::clone(&shared);
+            let store = Arc::clone(store);
+            let path = path.to_owned();
+            let level = opts.zstd_level;
+            let progress = opts.progress.clone();
+            async move {
+                let offset = index * cs;
+                let len = cs.min(size - offset) as usize;
+                let r = upload_chunk(&store, file, &path, offset, len, level, &shared).await;
+                let done = shared
+                    .done
+                    .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed)
+                    + len as u64;
+                if let Some(p) = &progress {
+                    p(Progress { done, total });
                 }
-            })
-            .buffer_unordered(opts.parallelism)
-            .collect()
-            .await;
+                r
+            }
+        })
+        .buffer_unordered(opts.parallelism)
+        .try_collect()
+        .await?;
 
     let mut chunks = Vec::with_capacity(results.len());
     let mut uploaded = 0usize;
     let mut bytes_uploaded = 0u64;
-    for r in results {
-        if let Some((c, up)) = r? {
-            chunks.push(c);
-            if let Some(n) = up {
-                uploaded += 1;
-                bytes_uploaded += n;
-            }
+    for (c, up) in results.into_iter().flatten() {
+        chunks.push(c);
+        if let Some(n) = up {
+            uploaded += 1;
+            bytes_uploaded += n;
         }
     }
     chunks.sort_by_key(|c| c.offset);
