@@ -344,11 +344,28 @@ async fn gc_removes_garbage_and_keeps_live_and_in_flight(backend: Backend) -> Re
     let r = gc(&store, &[ma.id.clone(), mb.id.clone()], &later(2)).await?;
     assert_eq!((r.manifests_deleted, r.chunks_deleted), (0, 0), "{r:?}");
     assert_eq!(r.live_missing, vec![mb.id.clone()]);
+    // A local write interrupted by a crash leaves a temporary file: removed once older than
+    // the grace period, never listed as an object.
+    let leftover = backend.object_file("chunks/ab/.abcd.tmp-0123456789abcdef");
+    if let Backend::Local(_) = backend {
+        std::fs::create_dir_all(leftover.parent().context("no parent")?)?;
+        std::fs::write(&leftover, b"half a chunk")?;
+        assert!(
+            !keys(store.as_ref(), "chunks/")
+                .await?
+                .iter()
+                .any(|k| k.contains("tmp"))
+        );
+    }
     // Nothing live: everything goes, and no lock marker is left behind.
     let r = gc(&store, &[], &later(2)).await?;
     assert_eq!(r.manifests_deleted, 1);
     assert!(keys(store.as_ref(), "chunks/").await?.is_empty());
     assert!(keys(store.as_ref(), "locks/").await?.is_empty());
+    if let Backend::Local(_) = backend {
+        assert_eq!(r.temp_files_removed, 1, "{r:?}");
+        assert!(!leftover.exists());
+    }
     Ok(())
 }
 
