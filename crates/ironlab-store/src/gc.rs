@@ -86,6 +86,7 @@ pub async fn gc(
     live: &[String],
     opts: &GcOptions,
 ) -> Result<GcReport, SnapshotError> {
+    locks::check_stale_after(opts.lock_stale_after)?;
     let now = opts.now.unwrap_or_else(SystemTime::now);
     let live: HashSet<&str> = live.iter().map(String::as_str).collect();
     let mut report = GcReport::default();

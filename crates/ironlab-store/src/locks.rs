@@ -23,6 +23,21 @@ pub const HEARTBEAT: Duration = Duration::from_secs(30);
 /// A marker older than this is a dead holder's.
 pub const STALE_AFTER: Duration = Duration::from_secs(600);
 
+/// Checks a `lock_stale_after` option: markers are re-written every [`HEARTBEAT`], so a live
+/// holder's marker must not look stale between two writes.
+pub fn check_stale_after(stale_after: Duration) -> Result<(), crate::SnapshotError> {
+    if stale_after < HEARTBEAT * 4 {
+        return Err(crate::SnapshotError::InvalidOption {
+            field: "lock_stale_after",
+            reason: format!(
+                "{stale_after:?} is shorter than 4 heartbeats ({:?})",
+                HEARTBEAT * 4
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// The two kinds of marker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LockKind {

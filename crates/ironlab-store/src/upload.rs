@@ -103,6 +103,7 @@ pub async fn upload_drive(
         field: "chunk_size",
         reason,
     })?;
+    locks::check_stale_after(opts.lock_stale_after)?;
     if opts.parallelism == 0 {
         return Err(SnapshotError::InvalidOption {
             field: "parallelism",
