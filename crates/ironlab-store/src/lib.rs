@@ -12,9 +12,9 @@
 //! use std::path::Path;
 //! use ironlab_store::{gc, open_store, restore_drive, upload_drive, GcOptions, RestoreOptions, UploadOptions};
 //!
-//! // "/var/lib/ironlab/control/objects" or "s3://bucket/prefix" (endpoint and keys from
+//! // A directory of its own, or "s3://bucket/prefix" (endpoint and keys from
 //! // IRONLAB_S3_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION).
-//! let store = open_store("/var/lib/ironlab/control/objects")?;
+//! let store = open_store("/var/lib/ironlab/objects/snapshots")?;
 //!
 //! // Stop: snapshot a drive (the machine is stopped, the file does not change meanwhile).
 //! let up = upload_drive(&store, Path::new("runs/r1/m1/root.ext4"), &UploadOptions::default()).await?;
