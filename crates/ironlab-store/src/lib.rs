@@ -46,6 +46,9 @@
 //!   record a new manifest as live within that hour. It never deletes a chunk while an upload
 //!   runs (lock markers in the store, see [`locks`]); the format is in [`manifest`].
 //!
+//! - Give the snapshot store a directory or S3 prefix of its own: `gc` deletes every chunk that
+//!   no kept manifest of *this* store references.
+//!
 //! Store layout: `chunks/HH/HASH`, `manifests/ID.json`, `locks/{upload,gc}-RANDOM.json`.
 
 pub mod gc;
