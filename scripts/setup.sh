@@ -9,7 +9,8 @@
 #   2. installs the Debian packages below (skipping `apt-get update` when all are present);
 #   3. adds the Rust musl target for the static in-machine agent (tolerates failure: the agent
 #      build falls back to a static glibc build);
-#   4. installs cargo-nextest when it is missing;
+#   4. installs cargo-nextest and s3s-fs (a real S3 server for the snapshot store's tests) when
+#      missing;
 #   5. checks Node.js and npm for the web build (installs Debian's when missing).
 set -euo pipefail
 
@@ -99,6 +100,16 @@ elif cargo install --locked cargo-nextest >/dev/null 2>&1; then
     say "installed cargo-nextest"
 else
     say "could not install cargo-nextest; scripts/test.sh falls back to cargo test"
+fi
+
+# --- 4b. s3s-fs: the S3 server the snapshot store's tests start on 127.0.0.1 -----------------
+# 0.14 is the last release that builds with Rust < 1.96.
+if command -v s3s-fs >/dev/null 2>&1 || [[ -x ${HOME:-/root}/.cargo/bin/s3s-fs ]]; then
+    say "s3s-fs present"
+elif cargo install --locked s3s-fs --version 0.14.1 --features binary >/dev/null 2>&1; then
+    say "installed s3s-fs 0.14.1"
+else
+    say "could not install s3s-fs; the snapshot store's S3 tests will skip"
 fi
 
 # --- 5. Node.js + npm (web/: esbuild bundles, browser tests) ------------------------------------
