@@ -158,6 +158,46 @@ fn http_host(
     (status, headers, body)
 }
 
+/// Answers one request with `101 Switching Protocols`, then echoes.
+const UPGRADE_SERVER: &str = r#"#!/bin/sh
+cr=$(printf '\r')
+while IFS= read -r line; do
+  [ "$line" = "$cr" ] && break
+  [ -z "$line" ] && break
+done
+printf 'HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n'
+exec cat
+"#;
+
+/// Sends an `Upgrade: echo` request through the port host, then a line over the upgraded
+/// connection; returns what came back (`None` when the upgrade did not happen).
+fn upgrade_echo(addr: &str, host: &str, cookie: &str) -> Option<String> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET /echo HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
+    )
+    .ok()?;
+    let mut r = BufReader::new(s.try_clone().ok()?);
+    let mut status = String::new();
+    r.read_line(&mut status).ok()?;
+    if !status.starts_with("HTTP/1.1 101") {
+        return None;
+    }
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).ok()?;
+        if h.trim().is_empty() {
+            break;
+        }
+    }
+    s.write_all(b"ping through the upgrade\n").ok()?;
+    let mut line = String::new();
+    r.read_line(&mut line).ok()?;
+    Some(line)
+}
+
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
     headers
         .iter()
@@ -358,6 +398,46 @@ fn port_forward_and_http_port_tabs_reach_a_server_in_the_machine() {
     assert_eq!((s, body.as_str()), (200, "hello-from-web\n"));
     let (s, _, body) = http_host(&addr, &port_host, "/nope.html", Some(&cookie));
     assert_eq!(s, 404, "the machine's own 404 comes through: {body}");
+
+    // Upgrades (WebSocket and others) pass through: a tiny server answering 101 and echoing.
+    p.ssh_ok(
+        &id,
+        &[
+            "sh",
+            "-c",
+            "printf '%s' \"$1\" > /tmp/up.sh && chmod +x /tmp/up.sh && \
+             setsid busybox nc -ll -p 8002 -e /tmp/up.sh </dev/null >/dev/null 2>&1 &",
+            "sh",
+            UPGRADE_SERVER,
+        ],
+    );
+    let r = http(
+        "POST",
+        &p.api(&format!("/runs/{id}/http-ports")),
+        Some(&token),
+        Some(r#"{"machine":"web","port":8002}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let link = r.json()["url"].as_str().expect("url").to_string();
+    let echo_host = port_host.replacen("-8000-", "-8002-", 1);
+    let login = link
+        .strip_prefix(&format!("http://{echo_host}"))
+        .unwrap_or_else(|| panic!("link {link} is not on {echo_host}"));
+    let (s, headers, _) = http_host(&addr, &echo_host, login, None);
+    assert_eq!(s, 303);
+    let echo_cookie = header(&headers, "set-cookie")
+        .and_then(|c| c.split(';').next())
+        .expect("a session cookie")
+        .to_string();
+    let upgraded = wait_for(Duration::from_secs(10), Duration::from_millis(200), || {
+        upgrade_echo(&addr, &echo_host, &echo_cookie)
+    });
+    assert_eq!(
+        upgraded.as_deref(),
+        Some("ping through the upgrade\n"),
+        "no echo through an upgraded connection\n{}",
+        p.logs()
+    );
 
     // Another user: no link for this run, and no way in without one.
     let r = http(
