@@ -45,6 +45,8 @@ pub enum Command {
     PortForward(PortForwardArgs),
     /// Connect stdin/stdout to a TCP port of a machine (for ssh's ProxyCommand).
     SshProxy(SshProxyArgs),
+    /// Print a one-time browser link to an HTTP server in a machine (what an http-port tab opens).
+    HttpPort(HttpPortArgs),
     /// Manage users (admins only).
     #[command(subcommand)]
     User(UserCommand),
@@ -230,6 +232,17 @@ pub struct SshProxyArgs {
     pub machine: Option<String>,
     /// The TCP port inside the machine.
     #[arg(long, short, default_value_t = 22)]
+    pub port: u16,
+}
+
+#[derive(Debug, Args)]
+pub struct HttpPortArgs {
+    /// Run id.
+    pub run: String,
+    /// Machine [default: the first machine of the run].
+    #[arg(long, short)]
+    pub machine: Option<String>,
+    /// The port the HTTP server listens on inside the machine.
     pub port: u16,
 }
 

@@ -46,6 +46,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::SshProxy(args) => {
             cmd::portfwd::ssh_proxy(args, &Api::from_flags(server, token)?).await
         }
+        Command::HttpPort(args) => {
+            cmd::portfwd::http_port(args, &Api::from_flags(server, token)?).await
+        }
         Command::User(c) => cmd::user::run(c, &Api::from_flags(server, token)?).await,
     }
 }

@@ -371,14 +371,11 @@ fn port_forward_and_http_port_tabs_reach_a_server_in_the_machine() {
     // own host, which then serves the machine's port at its root.
     let server = p.server();
     let addr = server.trim_start_matches("http://").to_string();
-    let r = http(
-        "POST",
-        &p.api(&format!("/runs/{id}/http-ports")),
-        Some(&token),
-        Some(r#"{"machine":"web","port":8000}"#),
-    );
-    assert_eq!(r.status, 200, "{}", r.body);
-    let link = r.json()["url"].as_str().expect("url").to_string();
+    // (`ironlab http-port` prints the link the tab opens.)
+    let link = p
+        .cli_ok(&["http-port", &id, "--machine", "web", "8000"])
+        .trim()
+        .to_string();
     let port_host = format!(
         "{id}-8000-web.localhost:{}",
         addr.rsplit(':').next().unwrap_or("")

@@ -1,5 +1,6 @@
 //! `ironlab port-forward RUN [--machine M] [LOCAL:]REMOTE…` and `ironlab ssh-proxy RUN
-//! [--machine M] [--port 22]`: TCP to a port inside a machine.
+//! [--machine M] [--port 22]`: TCP to a port inside a machine. `ironlab http-port RUN
+//! [--machine M] PORT` prints the browser link an http-port tab opens.
 //!
 //! CLI → control plane `POST /api/v1/runs/{id}/connect {machine, port}` (a single-use port
 //! token) → WebSocket to the worker (`ironlab_api::portfwd`) → the agent dials
@@ -10,14 +11,14 @@
 use std::net::SocketAddr;
 
 use anyhow::Context;
-use ironlab_api::v1::{ConnectResponse, RunState, RunView};
+use ironlab_api::v1::{ConnectResponse, HttpPortLink, RunState, RunView};
 use ironlab_control::portfwd::{self, PortError, PortSocket};
 use reqwest::Method;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
-use crate::cli::{PortForwardArgs, SshProxyArgs};
+use crate::cli::{HttpPortArgs, PortForwardArgs, SshProxyArgs};
 use crate::client::Api;
 use crate::cmd::ssh::{is_conflict, wait_until_running};
 
@@ -177,6 +178,30 @@ pub async fn ssh_proxy(args: SshProxyArgs, api: &Api) -> anyhow::Result<i32> {
     portfwd::pump(ws, tokio::io::stdin(), tokio::io::stdout())
         .await
         .with_context(|| format!("port {} of machine {machine}", args.port))?;
+    Ok(0)
+}
+
+/// Prints a one-time link (60 s) that signs a browser in to the machine's HTTP port.
+pub async fn http_port(args: HttpPortArgs, api: &Api) -> anyhow::Result<i32> {
+    if args.port == 0 {
+        anyhow::bail!("PORT: 0 is not a TCP port");
+    }
+    let mut body = json!({ "port": args.port });
+    if let Some(m) = &args.machine {
+        body["machine"] = json!(m);
+    }
+    let link: HttpPortLink = api
+        .call(
+            Method::POST,
+            &format!("/runs/{}/http-ports", args.run),
+            Some(&body),
+        )
+        .await?;
+    println!("{}", link.url);
+    eprintln!(
+        "Open this link in a browser within 60 s (it works once): port {} of machine {} is then served at the root of its host.",
+        link.port, link.machine
+    );
     Ok(0)
 }
 
