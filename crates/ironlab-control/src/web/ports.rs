@@ -54,6 +54,9 @@ pub const LOGIN_PATH: &str = "/.ironlab/login";
 pub const KEY_TTL: Duration = Duration::from_secs(60);
 /// How long a port session lasts (it also ends with the run).
 pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+/// Environment variable naming the domain port hosts live under (`ports.lab.example.com`,
+/// optionally with `:PORT`); unset = derived from the request's host (see [`port_origin`]).
+pub const PORTS_DOMAIN_ENV: &str = "IRONLAB_PORTS_DOMAIN";
 /// Buffer of the in-memory pipe between hyper and the WebSocket.
 const PIPE_BUFFER: usize = 64 * 1024;
 
@@ -104,19 +107,37 @@ impl PortHost {
     }
 }
 
-/// The port host URL for `target` under the host a request reached the control plane at:
-/// an IP address or `localhost` becomes `localhost` (browsers resolve `*.localhost` to
-/// loopback); a name `lab.example.com` becomes `{label}.lab.example.com`. The port is kept.
-pub fn port_origin(request_host: &str, https: bool, target: &PortHost) -> String {
+/// The port host URL for `target`. With `ports_domain` (from [`PORTS_DOMAIN_ENV`]):
+/// `{label}.{ports_domain}`, keeping the request's port unless the setting names one.
+/// Without: under the host the request reached the control plane at — an IP address or
+/// `localhost` becomes `localhost` (browsers resolve `*.localhost` to loopback), a name
+/// `lab.example.com` becomes `{label}.lab.example.com`, and the port is kept.
+pub fn port_origin(
+    request_host: &str,
+    https: bool,
+    target: &PortHost,
+    ports_domain: Option<&str>,
+) -> String {
     let (name, port) = split_host_port(request_host);
+    let scheme = if https { "https" } else { "http" };
+    let port = port.map(|p| format!(":{p}")).unwrap_or_default();
+    if let Some(d) = ports_domain
+        .map(|d| d.trim_matches('.'))
+        .filter(|d| !d.is_empty())
+    {
+        let port = if split_host_port(d).1.is_some() {
+            ""
+        } else {
+            port.as_str()
+        };
+        return format!("{scheme}://{}.{d}{port}", target.label());
+    }
     let bracketless = name.trim_start_matches('[').trim_end_matches(']');
     let domain = if bracketless.parse::<IpAddr>().is_ok() || name == "localhost" {
         "localhost"
     } else {
         name
     };
-    let scheme = if https { "https" } else { "http" };
-    let port = port.map(|p| format!(":{p}")).unwrap_or_default();
     format!("{scheme}://{}.{domain}{port}", target.label())
 }
 
@@ -244,10 +265,12 @@ pub async fn open_link(
         machine: machine.clone(),
     };
     let key = ctx.web.ports.issue_key(user, &target);
+    let ports_domain = std::env::var(PORTS_DOMAIN_ENV).ok();
     let origin = port_origin(
         host,
         crate::web::session::request_is_https(headers),
         &target,
+        ports_domain.as_deref(),
     );
     Ok(HttpPortLink {
         url: format!("{origin}{LOGIN_PATH}?key={key}"),
@@ -632,23 +655,32 @@ mod tests {
         let t = target();
         let l = "abcdefghij12-8080-web-1";
         assert_eq!(
-            port_origin("127.0.0.1:8080", false, &t),
+            port_origin("127.0.0.1:8080", false, &t, None),
             format!("http://{l}.localhost:8080")
         );
         assert_eq!(
-            port_origin("localhost:9000", false, &t),
+            port_origin("localhost:9000", false, &t, None),
             format!("http://{l}.localhost:9000")
         );
         assert_eq!(
-            port_origin("[::1]:8080", false, &t),
+            port_origin("[::1]:8080", false, &t, None),
             format!("http://{l}.localhost:8080")
         );
         assert_eq!(
-            port_origin("lab.example.com", true, &t),
+            port_origin("lab.example.com", true, &t, None),
             format!("https://{l}.lab.example.com")
         );
+        // A configured domain wins; its own port wins over the request's.
+        assert_eq!(
+            port_origin("10.0.0.5:8080", false, &t, Some("10.0.0.5.sslip.io")),
+            format!("http://{l}.10.0.0.5.sslip.io:8080")
+        );
+        assert_eq!(
+            port_origin("lab.example.com", true, &t, Some(".ports.example.net:8443")),
+            format!("https://{l}.ports.example.net:8443")
+        );
         // Whatever comes back parses to the same target.
-        let host = port_origin("lab.example.com:8443", true, &t);
+        let host = port_origin("lab.example.com:8443", true, &t, None);
         assert_eq!(
             PortHost::parse(host.trim_start_matches("https://")),
             Some(t)
