@@ -410,7 +410,8 @@ async fn port(
                 ApiError::Internal(anyhow::anyhow!("dial {run}/{machine}:{port}: {m}"))
             }
         })?;
-    tracing::info!(%run, %machine, port, peer = %dialed.peer, user = %grant.user, "port connection");
+    // Debug, not info: an http-port page makes one connection per request.
+    tracing::debug!(%run, %machine, port, peer = %dialed.peer, user = %grant.user, "port connection");
     Ok(ws.on_upgrade(move |socket| async move {
         let (sink, stream) = frames(socket);
         crate::portfwd::pump(sink, stream, dialed).await;
