@@ -73,6 +73,10 @@ pub async fn dial(agent: &MachineAgent, port: u16) -> Result<Dialed, DialError> 
                 tonic::Code::Unavailable | tonic::Code::NotFound | tonic::Code::InvalidArgument => {
                     DialError::Refused(status.message().to_string())
                 }
+                // A machine started before its agent learnt `Dial` keeps that agent.
+                tonic::Code::Unimplemented => DialError::Refused(
+                    "the agent in this machine is too old to open ports: start a new run".into(),
+                ),
                 _ => DialError::Agent(status.message().to_string()),
             });
         }
