@@ -23,7 +23,7 @@ fi
 
 PACKAGES=(
     crun runc docker-registry skopeo mmdebstrap xfsprogs e2fsprogs nftables iproute2
-    busybox-static dnsmasq-base file ca-certificates util-linux procps curl
+    busybox-static dnsmasq-base file ca-certificates util-linux procps curl openssh-client
     umoci build-essential pkg-config musl-tools
     chromium fonts-liberation
 )

@@ -12,9 +12,14 @@
 # script, the layout script, the package list, suite and mirror), it does nothing.
 #
 # The image: bash coreutils procps iproute2 iputils-ping curl less vim-tiny nano sudo
-# ca-certificates git passwd; user `laborant` (uid/gid 1000, /home/laborant, bash) with
-# passwordless sudo (/etc/sudoers.d/laborant); /etc/hostname `ironlab` (the runtime sets the real
-# hostname); no apt lists or caches, no man pages or docs (copyright files are kept).
+# ca-certificates git passwd openssh-server; user `laborant` (uid/gid 1000, /home/laborant, bash)
+# with passwordless sudo (/etc/sudoers.d/laborant); /etc/hostname `ironlab` (the runtime sets the
+# real hostname); no apt lists or caches, no man pages or docs (copyright files are kept).
+# sshd is installed but not started (no init system in a machine), has no host keys (they would
+# be shared by every machine) and pam_loginuid is optional for it (a container may not set the
+# audit login uid: without CAP_AUDIT_CONTROL every login would fail): `sudo sh -c 'ssh-keygen -A && mkdir -p /run/sshd &&
+# /usr/sbin/sshd'` starts it, for `ssh -o ProxyCommand='ironlab ssh-proxy RUN'` (VS Code
+# Remote-SSH).
 set -euo pipefail
 
 say() { printf 'debian-image: %s\n' "$*"; }
@@ -25,7 +30,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 suite=bookworm
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 packages=(bash coreutils procps iproute2 iputils-ping curl less vim-tiny nano sudo
-    ca-certificates git passwd)
+    ca-certificates git passwd openssh-server)
 
 [[ $(id -u) -eq 0 ]] || die "must run as root (mmdebstrap root mode)"
 
@@ -68,6 +73,8 @@ else
         --customize-hook='chroot "$1" useradd --create-home --uid 1000 --user-group --shell /bin/bash laborant' \
         --customize-hook='echo "laborant ALL=(ALL) NOPASSWD:ALL" > "$1/etc/sudoers.d/laborant" && chmod 0440 "$1/etc/sudoers.d/laborant"' \
         --customize-hook='echo ironlab > "$1/etc/hostname"' \
+        --customize-hook='rm -f "$1"/etc/ssh/ssh_host_*' \
+        --customize-hook='sed -i "s/^session\s\+required\s\+pam_loginuid.so/session optional pam_loginuid.so/" "$1/etc/pam.d/sshd"' \
         --customize-hook='printf "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n" > "$1/etc/hosts"' \
         --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin "$1"/var/cache/apt/archives/*.deb "$1"/var/log/*.log "$1"/var/cache/debconf/*-old' \
         "$suite" "$work/rootfs.tar.part" "$mirror" 2>"$work/mmdebstrap.log" ||

@@ -187,6 +187,46 @@ test('web UI in a real browser: sign in, start, terminal, reconnect, dashboard',
       assert.ok(heap < 200 * 1024 * 1024, `JS heap stays small after the flood (${Math.round(heap / 1048576)} MiB)`);
     });
 
+    await t.test('an HTTP port of the machine opens on its own *.localhost host, for the owner only', async () => {
+      // A one-line HTTP server (perl is in every Debian) on the machine's loopback.
+      await type(
+        page,
+        `perl -MIO::Socket::INET -e '$s=IO::Socket::INET->new(LocalAddr=>"127.0.0.1:8000",Listen=>5,ReuseAddr=>1) or die;` +
+          `while($c=$s->accept){while(<$c>){last if /^\\r?$/}print $c "HTTP/1.0 200 OK\\r\\nContent-Type: text/html\\r\\n\\r\\n` +
+          `<title>inside</title><h1 id=hello>served from the machine</h1>";close $c}' >/dev/null 2>&1 &`,
+      );
+      const site = await context.newPage();
+      let status = 0;
+      for (let i = 0; i < 50 && status !== 200; i++) {
+        // What an http-port tab links to: a fresh sign-in link, then the port's own host.
+        status = (await site.goto(`${p.base}/runs/${runId}/ports/debian/8000`)).status();
+        if (status !== 200) await site.waitForTimeout(200);
+      }
+      assert.equal(status, 200, `the port answered: ${await site.content()}`);
+      const url = new URL(site.url());
+      assert.equal(url.host, `${runId}-8000-debian.localhost:${p.port}`);
+      assert.equal(url.pathname, '/', 'served at the root of its host');
+      assert.equal(await site.locator('#hello').textContent(), 'served from the machine');
+      const cookies = await context.cookies(url.origin);
+      assert.deepEqual(
+        cookies.map((c) => c.name),
+        ['ironlab_port'],
+        'the port host gets its own cookie and never the session cookie',
+      );
+      await shot(site, '12-http-port');
+      await site.close();
+
+      // A browser without the owner's session gets nothing, on either host.
+      const stranger = await browser.newContext();
+      const sp = await stranger.newPage();
+      const direct = await sp.goto(url.href);
+      assert.equal(direct.status(), 401);
+      assert.match(await sp.locator('h1').textContent(), /Sign in through the run page/);
+      await sp.goto(`${p.base}/runs/${runId}/ports/debian/8000`);
+      assert.equal(new URL(sp.url()).pathname, '/login');
+      await stranger.close();
+    });
+
     await t.test('CSRF: state-changing requests without the token are refused (403)', async () => {
       const apiStatus = await page.evaluate(async () => {
         const r = await fetch('/api/v1/runs', {

@@ -3,7 +3,8 @@
 //! Who talks to whom: the worker (on the host) is a gRPC client of [`server::AgentService`] over a
 //! unix socket (bind-mounted into a container at [`DEFAULT_SOCKET`]'s directory). The service runs
 //! processes ([`exec`], with [`pty`] for terminals), writes files ([`files`]) and creates
-//! accounts ([`users`]) and runs the machine's task checks ([`tasks`]). In a machine, [`init`] is PID 1 and supervises the `serve` process.
+//! accounts ([`users`]), runs the machine's task checks ([`tasks`]) and opens TCP connections inside the
+//! machine for published ports ([`dial`]). In a machine, [`init`] is PID 1 and supervises the `serve` process.
 //!
 //! The worker and tests use [`connect`] to reach an agent.
 #![warn(missing_docs)]
@@ -14,6 +15,7 @@ use hyper_util::rt::TokioIo;
 use ironlab_api::agent::agent_client::AgentClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+pub mod dial;
 pub mod exec;
 pub mod files;
 pub mod init;

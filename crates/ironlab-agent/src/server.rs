@@ -16,10 +16,10 @@ use std::time::Instant;
 use anyhow::Context;
 use ironlab_api::agent::agent_server::{Agent, AgentServer};
 use ironlab_api::agent::{
-    ApplyTasksRequest, ApplyTasksResponse, EnsureUsersRequest, EnsureUsersResponse, ExecInput,
-    ExecOutput, HealthRequest, HealthResponse, ListTasksRequest, ListTasksResponse, PutFileRequest,
-    PutFileResponse, SetExternalRequest, SetExternalResponse, TaskEvent, TaskInputRequest,
-    TaskInputResponse, WatchTasksRequest, exec_input,
+    ApplyTasksRequest, ApplyTasksResponse, DialInput, DialOutput, EnsureUsersRequest,
+    EnsureUsersResponse, ExecInput, ExecOutput, HealthRequest, HealthResponse, ListTasksRequest,
+    ListTasksResponse, PutFileRequest, PutFileResponse, SetExternalRequest, SetExternalResponse,
+    TaskEvent, TaskInputRequest, TaskInputResponse, WatchTasksRequest, dial_input, exec_input,
 };
 use tokio::net::UnixListener;
 use tokio::sync::{broadcast, mpsc};
@@ -27,6 +27,7 @@ use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::dial::{self, DialError};
 use crate::exec::{self, ExecError};
 use crate::files::{self, FileError};
 use crate::tasks::{self, BashExecutor, Engine, TaskError};
@@ -120,6 +121,15 @@ pub fn status_of(e: &(dyn std::error::Error + 'static)) -> Status {
     if let Some(u) = e.downcast_ref::<UserError>() {
         return user(u);
     }
+    if let Some(d) = e.downcast_ref::<DialError>() {
+        return match d {
+            DialError::Invalid(_) => Status::invalid_argument(&msg),
+            DialError::Resolve { .. } => Status::not_found(&msg),
+            DialError::Connect { .. } | DialError::Timeout { .. } | DialError::Io { .. } => {
+                Status::unavailable(&msg)
+            }
+        };
+    }
     if let Some(t) = e.downcast_ref::<TaskError>() {
         return match t {
             TaskError::Invalid(_) | TaskError::NotInput(_) | TaskError::UnknownExternal(_) => {
@@ -139,6 +149,7 @@ fn hostname() -> String {
 }
 
 type ExecStream = Pin<Box<dyn Stream<Item = Result<ExecOutput, Status>> + Send + 'static>>;
+type DialStream = Pin<Box<dyn Stream<Item = Result<DialOutput, Status>> + Send + 'static>>;
 type TaskStream = Pin<Box<dyn Stream<Item = Result<TaskEvent, Status>> + Send + 'static>>;
 
 /// Forwards engine events to one `WatchTasks` stream until the client goes away; after a lag,
@@ -304,6 +315,28 @@ impl Agent for AgentService {
             accepted: reply.accepted,
             hint: reply.hint,
         }))
+    }
+
+    type DialStream = DialStream;
+
+    async fn dial(
+        &self,
+        request: Request<Streaming<DialInput>>,
+    ) -> Result<Response<DialStream>, Status> {
+        let mut input = request.into_inner();
+        let open = match input.message().await?.and_then(|m| m.kind) {
+            Some(dial_input::Kind::Open(open)) => open,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first Dial message must be `open`",
+                ));
+            }
+        };
+        let (socket, peer) = dial::connect(&open).await.map_err(|e| status_of(&e))?;
+        let rx = dial::pump(socket, peer, input);
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(rx).map(|r| r.map_err(|e| status_of(&e))),
+        )))
     }
 }
 

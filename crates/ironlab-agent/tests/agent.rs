@@ -628,3 +628,98 @@ async fn exit_does_not_wait_for_a_background_process_holding_the_pipe() {
     assert_eq!(c.exit, Some(Exit { code: 4, signal: 0 }));
     assert!(elapsed < Duration::from_secs(2), "exit took {elapsed:?}");
 }
+
+/// `Dial` over the real socket: an HTTP-like exchange with a server on 127.0.0.1 (half-close
+/// included), and a refused port failing the call itself with the reason.
+#[tokio::test]
+async fn dial_carries_bytes_both_ways_and_reports_refused_ports() {
+    use ironlab_api::agent::{DialInput, DialOpen, dial_input, dial_output};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let agent = TestAgent::start(Path::new("/")).await;
+    let mut client = agent.client().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.expect("accept");
+        let mut req = Vec::new();
+        s.read_to_end(&mut req).await.expect("read the request");
+        s.write_all(b"HTTP/1.0 200 OK\r\n\r\nhello from the machine")
+            .await
+            .expect("answer");
+        req
+    });
+    let msg = |kind| DialInput { kind: Some(kind) };
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(msg(dial_input::Kind::Open(DialOpen {
+        host: String::new(),
+        port: u32::from(port),
+    })))
+    .await
+    .expect("queue open");
+    let mut out = client
+        .dial(ReceiverStream::new(rx))
+        .await
+        .expect("dial answers")
+        .into_inner();
+    let first = timeout(Duration::from_secs(5), out.message())
+        .await
+        .expect("in time")
+        .expect("no error")
+        .and_then(|m| m.kind);
+    assert!(
+        matches!(&first, Some(dial_output::Kind::Connected(c)) if c.peer == format!("127.0.0.1:{port}")),
+        "{first:?}"
+    );
+    tx.send(msg(dial_input::Kind::Data(
+        b"GET / HTTP/1.0\r\n\r\n".to_vec(),
+    )))
+    .await
+    .expect("send");
+    tx.send(msg(dial_input::Kind::CloseWrite(true)))
+        .await
+        .expect("send");
+    let mut body = Vec::new();
+    let mut eof = false;
+    while let Some(m) = timeout(Duration::from_secs(5), out.message())
+        .await
+        .expect("in time")
+        .expect("no error")
+    {
+        match m.kind {
+            Some(dial_output::Kind::Data(d)) => body.extend(d),
+            Some(dial_output::Kind::Eof(_)) => eof = true,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(eof, "the peer's close is reported as eof");
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "HTTP/1.0 200 OK\r\n\r\nhello from the machine"
+    );
+    assert_eq!(server.await.expect("server"), b"GET / HTTP/1.0\r\n\r\n");
+
+    // Nothing listens on port 1 here: the call fails with Unavailable and the reason.
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(msg(dial_input::Kind::Open(DialOpen {
+        host: String::new(),
+        port: 1,
+    })))
+    .await
+    .expect("queue open");
+    let status = client
+        .dial(ReceiverStream::new(rx))
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(
+        status
+            .message()
+            .starts_with("cannot connect to 127.0.0.1:1: ")
+            && status.message().to_lowercase().contains("refused"),
+        "{}",
+        status.message()
+    );
+}

@@ -3,6 +3,7 @@
 //! - [`agent`]: the in-machine agent's gRPC service (worker → agent).
 //! - [`worker`]: the worker REST API (control plane → worker).
 //! - [`relay`]: the terminal/exec WebSocket protocol (CLI or browser → worker relay).
+//! - [`portfwd`]: the published-port WebSocket protocol (TCP bytes to a port of a machine).
 //! - [`v1`]: the public REST API of the control plane (`/api/v1`).
 
 /// Generated from `proto/agent.proto`.
@@ -11,6 +12,7 @@ pub mod agent {
     tonic::include_proto!("ironlab.agent.v1");
 }
 
+pub mod portfwd;
 pub mod relay;
 pub mod v1;
 pub mod worker;

@@ -14,7 +14,9 @@
 //! GET    /api/v1/runs/{id}                         RunView
 //! PATCH  /api/v1/runs/{id}          UpdateRun      RunView
 //! DELETE /api/v1/runs/{id}                         202 RunView (state destroying)
-//! POST   /api/v1/runs/{id}/connect  Connect        ConnectResponse (single-use token, 30 s)
+//! POST   /api/v1/runs/{id}/connect  Connect        ConnectResponse (single-use token, 30 s;
+//!                                                  the terminal, or a TCP port with `port`)
+//! POST   /api/v1/runs/{id}/http-ports OpenHttpPort HttpPortLink (a browser link to an HTTP port)
 //! GET    /api/v1/runs/{id}/events                  SSE: `run` (RunView) and `task` (TaskView) events
 //! GET    /api/v1/runs/{id}/tasks                   RunTasksView
 //! POST   /api/v1/runs/{id}/tasks/{name}/input  TaskInput  TaskInputResult
@@ -254,13 +256,17 @@ pub struct StorageView {
     pub items: Vec<StorageItem>,
 }
 
-/// Ask for a terminal connection.
+/// Ask for a terminal connection, or with `port` for a connection to a TCP port of the machine
+/// (`ironlab_api::portfwd`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Connect {
     /// Machine; default: the first machine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine: Option<String>,
+    /// A TCP port inside the machine (1–65535) instead of the terminal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 /// A single-use connection to a machine's terminal relay.
@@ -272,6 +278,9 @@ pub struct ConnectResponse {
     pub token: String,
     /// Machine it opens.
     pub machine: String,
+    /// The port it opens; absent for a terminal connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     /// Expiry (30 s after issue).
     pub expires_at: DateTime<Utc>,
 }
@@ -350,4 +359,31 @@ pub struct RunTasksView {
     pub ready: bool,
     /// Every task, in checklist order (init tasks first, then by dependencies).
     pub tasks: Vec<TaskView>,
+}
+
+/// Ask for a browser link to an HTTP server inside a machine (what an `http-port` tab opens).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OpenHttpPort {
+    /// Machine; default: the first machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
+    /// The TCP port the server listens on inside the machine (1–65535).
+    pub port: u16,
+}
+
+/// A single-use sign-in link to a machine's HTTP port. The port is served at the root of its
+/// own host, `{run}-{port}-{machine}.{domain}` (`*.localhost` when the control plane is reached
+/// by IP address or as `localhost`); opening the link sets a cookie for that host only, then
+/// redirects to `/`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HttpPortLink {
+    /// Open this in a browser within `expires_at`; it works once.
+    pub url: String,
+    /// Machine it serves.
+    pub machine: String,
+    /// Port it serves.
+    pub port: u16,
+    /// Expiry of the link (60 s after issue); the browser session it starts lasts longer.
+    pub expires_at: DateTime<Utc>,
 }

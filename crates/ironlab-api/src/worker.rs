@@ -16,6 +16,7 @@
 //! GET    /v1/runs/{run}/tasks/watch                      NDJSON: one TaskStatus per line (snapshot, then changes)
 //! POST   /v1/runs/{run}/tasks/{name}/input  TaskInput    TaskInputResult
 //! GET    /v1/runs/{run}/machines/{m}/terminal?token=T    WebSocket (see `relay`), no bearer
+//! GET    /v1/runs/{run}/machines/{m}/port/{port}?token=T WebSocket (see `portfwd`), no bearer
 //! ```
 
 use std::collections::BTreeMap;
@@ -317,4 +318,55 @@ pub struct TokenGrant {
     pub machine: String,
     /// When it stops working.
     pub expires_at: DateTime<Utc>,
+    /// What it opens; absent = the terminal (grants from before published ports).
+    #[serde(default)]
+    pub scope: TokenScope,
+}
+
+/// What a connection token opens: a terminal token cannot open a port, and a port token opens
+/// only its one port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TokenScope {
+    /// The terminal relay of the machine.
+    #[default]
+    Terminal,
+    /// One TCP port of the machine (`/port/{port}`).
+    Port {
+        /// The port.
+        port: u16,
+    },
+}
+
+impl std::fmt::Display for TokenScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenScope::Terminal => f.write_str("the terminal"),
+            TokenScope::Port { port } => write!(f, "port {port}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grants_without_a_scope_are_terminal_grants() {
+        let g: TokenGrant = serde_json::from_str(
+            r#"{"token":"t","user":"u","run":"r","machine":"m","expires_at":"2030-01-01T00:00:00Z"}"#,
+        )
+        .expect("an old grant parses");
+        assert_eq!(g.scope, TokenScope::Terminal);
+        let port = TokenGrant {
+            scope: TokenScope::Port { port: 8080 },
+            ..g
+        };
+        let json = serde_json::to_value(&port).expect("serialize");
+        assert_eq!(
+            json["scope"],
+            serde_json::json!({"kind": "port", "port": 8080})
+        );
+        assert_eq!(port.scope.to_string(), "port 8080");
+    }
 }

@@ -13,8 +13,8 @@ use axum::{Extension, Json, Router};
 use bytes::Bytes;
 use ironlab_api::ErrorBody;
 use ironlab_api::v1::{
-    CloneRequest, Connect, ConnectResponse, CreateUser, CreatedUser, PlaygroundView, RunView,
-    SaveRequest, SetQuota, StartRun, StorageView, UpdateRun, UserView,
+    CloneRequest, Connect, ConnectResponse, CreateUser, CreatedUser, HttpPortLink, OpenHttpPort,
+    PlaygroundView, RunView, SaveRequest, SetQuota, StartRun, StorageView, UpdateRun, UserView,
 };
 use serde::Deserialize;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
@@ -123,6 +123,7 @@ fn api_router() -> OpenApiRouter<Ctx> {
         .routes(routes!(save_run))
         .routes(routes!(storage))
         .routes(routes!(set_quota))
+        .routes(routes!(open_http_port))
         .routes(routes!(crate::web::sse::events))
         .routes(routes!(crate::tasks::api::list_tasks))
         .routes(routes!(crate::tasks::api::task_input))
@@ -141,10 +142,17 @@ pub fn router(ctx: Ctx) -> (Router, utoipa::openapi::OpenApi) {
         "{}".to_string()
     });
     let router = router
-        .merge(crate::web::router(ctx))
+        .merge(crate::web::router(ctx.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(Extension(OpenApiJson(Arc::new(json))))
+        .layer(Extension(OpenApiJson(Arc::new(json))));
+    // Requests for an http-port host never reach the control plane's own routes.
+    let router = Router::new()
+        .fallback_service(router)
+        .layer(axum::middleware::from_fn_with_state(
+            ctx,
+            crate::web::ports::route_port_hosts,
+        ))
         .layer(tower_http::trace::TraceLayer::new_for_http());
     (router, doc)
 }
@@ -380,7 +388,8 @@ async fn destroy_run(
     ))
 }
 
-/// Issues a single-use, 30-second terminal token for a machine of a running run.
+/// Issues a single-use, 30-second connection token for a machine of a running run: its terminal,
+/// or with `port` a TCP port inside it (a WebSocket carrying the bytes).
 #[utoipa::path(post, path = "/api/v1/runs/{id}/connect", request_body = Connect,
     params(("id" = String, Path, description = "Run id")),
     responses((status = 200, body = ConnectResponse), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
@@ -391,15 +400,40 @@ async fn connect(
     ApiPath(id): ApiPath<String>,
     body: Bytes,
 ) -> ApiResult<Json<ConnectResponse>> {
-    // The body is optional: empty means the first machine.
-    let machine = if body.iter().all(u8::is_ascii_whitespace) {
-        None
+    // The body is optional: empty means the first machine's terminal.
+    let req = if body.iter().all(u8::is_ascii_whitespace) {
+        Connect {
+            machine: None,
+            port: None,
+        }
     } else {
         serde_json::from_slice::<Connect>(&body)
             .map_err(|e| ApiError::BadRequest(format!("not a valid connect request: {e}")))?
-            .machine
     };
-    Ok(Json(runs::connect(&ctx, &user, &id, machine).await?))
+    if req.port == Some(0) {
+        return Err(ApiError::BadRequest("port: 0 is not a TCP port".into()));
+    }
+    Ok(Json(
+        runs::connect(&ctx, &user, &id, req.machine, req.port).await?,
+    ))
+}
+
+/// A single-use browser link (60 s) to an HTTP server inside a machine of a running run, served
+/// at the root of its own host (see `HttpPortLink`); what an `http-port` tab opens.
+#[utoipa::path(post, path = "/api/v1/runs/{id}/http-ports", request_body = OpenHttpPort,
+    params(("id" = String, Path, description = "Run id")),
+    responses((status = 200, body = HttpPortLink), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn open_http_port(
+    State(ctx): State<Ctx>,
+    Auth(user): Auth,
+    ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<OpenHttpPort>,
+) -> ApiResult<Json<HttpPortLink>> {
+    Ok(Json(
+        crate::web::ports::open_link(&ctx, &user, &id, req.machine, req.port, &headers).await?,
+    ))
 }
 
 /// Stops a running run: its machines shut down, its drives are kept (`stopping`, then

@@ -4,7 +4,9 @@
 //! Who talks to whom: clients (CLI, browser) → [`http`] handlers → services ([`auth`],
 //! [`playgrounds`], [`runs`]) → SQL ([`db`]). The services wake the [`reconcile`] loop, which
 //! is the only part that calls the worker's run endpoints ([`worker_client`]); `connect`
-//! registers terminal tokens with the worker directly.
+//! registers terminal and port tokens with the worker directly, and the http-port proxy
+//! ([`web::ports`]) carries HTTP to a machine's port over the worker's port WebSocket
+//! ([`portfwd`]).
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -28,6 +30,7 @@ pub mod db;
 pub mod error;
 pub mod http;
 pub mod playgrounds;
+pub mod portfwd;
 pub mod reconcile;
 pub mod runs;
 pub mod tasks;

@@ -714,6 +714,60 @@ async fn start_connect_destroy_against_the_worker() {
         )
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    assert_eq!(grant.scope, ironlab_api::worker::TokenScope::Terminal);
+
+    // With a port: a port-scoped token and the worker's port URL.
+    let (s, v) = h
+        .call(
+            "POST",
+            &format!("/api/v1/runs/{id}/connect"),
+            Some(&alice),
+            Some(json!({"machine": "debian", "port": 8080})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let token = v["token"].as_str().expect("token");
+    assert_eq!(
+        v["url"].as_str(),
+        Some(
+            format!("ws://127.0.0.1:9/v1/runs/{id}/machines/debian/port/8080?token={token}")
+                .as_str()
+        )
+    );
+    assert_eq!(v["port"], 8080);
+    let grant = h.fake.with(|s| s.tokens.last().cloned()).expect("grant");
+    assert_eq!(
+        grant.scope,
+        ironlab_api::worker::TokenScope::Port { port: 8080 }
+    );
+    for (body, why) in [
+        (json!({"port": 0}), "port: 0 is not a TCP port"),
+        (json!({"port": 70000}), "not a valid connect request"),
+        (json!({"port": "http"}), "not a valid connect request"),
+    ] {
+        let (s, v) = h
+            .call(
+                "POST",
+                &format!("/api/v1/runs/{id}/connect"),
+                Some(&alice),
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
+        assert!(
+            v["detail"].as_str().unwrap_or("").contains(why),
+            "{body}: {v}"
+        );
+    }
+    let (s, _) = h
+        .call(
+            "POST",
+            &format!("/api/v1/runs/{id}/connect"),
+            Some(&bob),
+            Some(json!({"port": 8080})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "another user cannot open a port");
 
     // Destroy.
     let (s, v) = h
@@ -1063,6 +1117,7 @@ async fn openapi_documents_every_route() {
         ("post", "/api/v1/runs/{id}/save"),
         ("get", "/api/v1/storage"),
         ("put", "/api/v1/users/{name}/storage-quota"),
+        ("post", "/api/v1/runs/{id}/http-ports"),
     ];
     let paths = doc["paths"].as_object().expect("paths");
     let documented: usize = paths
@@ -1405,4 +1460,179 @@ async fn a_running_run_whose_worker_stopped_it_becomes_stopped() {
         assert!(std::time::Instant::now() < deadline, "still {v}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// One request with explicit headers: (status, headers, body text).
+async fn raw(
+    router: &Router,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> (StatusCode, axum::http::HeaderMap, String) {
+    let mut req = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = match body {
+        Some(b) => req
+            .header("content-type", "application/json")
+            .body(Body::from(b.to_string())),
+        None => req.body(Body::empty()),
+    }
+    .expect("request");
+    let resp = router.clone().oneshot(req).await.expect("router answers");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (
+        status,
+        headers,
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn http_port_links_sign_in_the_owner_on_the_port_host_only() {
+    let mut h = Harness::new().await;
+    h.reconcile();
+    let alice = h.new_user("alice").await;
+    let bob = h.new_user("bob").await;
+    let (s, v) = h
+        .call(
+            "POST",
+            "/api/v1/runs",
+            Some(&alice),
+            Some(json!({"playground": "debian"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let id = v["id"].as_str().expect("id").to_string();
+    assert_eq!(h.settle(&alice, &id).await["state"], "running");
+    let open = format!("/api/v1/runs/{id}/http-ports");
+    let main = ("host", "127.0.0.1:8080");
+    let bearer = |t: &str| format!("Bearer {t}");
+
+    // The owner gets a link on the port's own host; others and bad requests do not.
+    let (s, _, body) = raw(
+        &h.router,
+        "POST",
+        &open,
+        &[main, ("authorization", &bearer(&alice))],
+        Some(json!({"port": 8080})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let link: Value = serde_json::from_str(&body).expect("json");
+    let url = link["url"].as_str().expect("url");
+    let host = format!("{id}-8080-debian.localhost:8080");
+    let prefix = format!("http://{host}/.ironlab/login?key=");
+    assert!(url.starts_with(&prefix), "{url}");
+    assert_eq!(
+        (link["machine"].as_str(), link["port"].as_u64()),
+        (Some("debian"), Some(8080))
+    );
+    let login = url
+        .trim_start_matches(&format!("http://{host}"))
+        .to_string();
+    for (token, req, status) in [
+        (&bob, json!({"port": 8080}), StatusCode::NOT_FOUND),
+        (&alice, json!({"port": 0}), StatusCode::BAD_REQUEST),
+        (
+            &alice,
+            json!({"port": 8080, "machine": "nope"}),
+            StatusCode::NOT_FOUND,
+        ),
+        (&alice, json!({"port": "http"}), StatusCode::BAD_REQUEST),
+    ] {
+        let (s, _, body) = raw(
+            &h.router,
+            "POST",
+            &open,
+            &[main, ("authorization", &bearer(token))],
+            Some(req.clone()),
+        )
+        .await;
+        assert_eq!(s, status, "{req}: {body}");
+    }
+
+    // The key signs the browser in on that host only (host-only cookie), once.
+    let (s, headers, _) = raw(&h.router, "GET", &login, &[("host", &host)], None).await;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    assert_eq!(headers["location"], "/");
+    let set = headers["set-cookie"].to_str().expect("ascii").to_string();
+    assert!(
+        set.starts_with("ironlab_port=") && set.contains("HttpOnly") && !set.contains("Domain"),
+        "{set}"
+    );
+    let cookie = set.split(';').next().expect("pair").to_string();
+    let (s, _, body) = raw(&h.router, "GET", &login, &[("host", &host)], None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "a used key: {body}");
+
+    // Without the cookie: 401; with a cookie of another port host: 403.
+    let (s, _, body) = raw(&h.router, "GET", "/", &[("host", &host)], None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(body.contains("run page"), "{body}");
+    let other = format!("{id}-9090-debian.localhost:8080");
+    let (s, _, _) = raw(
+        &h.router,
+        "GET",
+        "/",
+        &[("host", &other), ("cookie", &cookie)],
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // The control plane's own routes are not served on a port host…
+    let (s, _, _) = raw(
+        &h.router,
+        "GET",
+        "/api/v1/health",
+        &[("host", &other)],
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+    // …but with the cookie, the request goes to the machine: a port token for alice is
+    // registered at the worker (whose fake WebSocket URL refuses, hence 502).
+    let before = h.fake.with(|s| s.tokens.len());
+    let (s, _, body) = raw(
+        &h.router,
+        "GET",
+        "/index.html",
+        &[("host", &host), ("cookie", &format!("a=1; {cookie}"))],
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_GATEWAY, "{body}");
+    let grant = h.fake.with(|s| s.tokens.last().cloned()).expect("grant");
+    assert_eq!(h.fake.with(|s| s.tokens.len()), before + 1);
+    assert_eq!(
+        (grant.run.as_str(), grant.machine.as_str(), grant.scope),
+        (
+            id.as_str(),
+            "debian",
+            ironlab_api::worker::TokenScope::Port { port: 8080 }
+        )
+    );
+    let (_, me) = h.call("GET", "/api/v1/me", Some(&alice), None).await;
+    assert_eq!(Some(grant.user.as_str()), me["id"].as_str());
+
+    // Once the run is gone, the port session no longer opens anything.
+    let (s, _) = h
+        .call("DELETE", &format!("/api/v1/runs/{id}"), Some(&alice), None)
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    h.settle(&alice, &id).await;
+    let (s, _, body) = raw(
+        &h.router,
+        "GET",
+        "/",
+        &[("host", &host), ("cookie", &cookie)],
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("not running"), "{body}");
 }

@@ -2,7 +2,8 @@
 //!
 //! Handlers only translate HTTP to calls on [`RunManager`] and the in-memory token store; every
 //! error leaves through the single `impl IntoResponse for ApiError`. All routes need the worker's
-//! bearer token except the terminal WebSocket, which needs a single-use terminal token instead.
+//! bearer token except the terminal and port WebSockets, which need a single-use connection
+//! token instead (its scope says which of the two it opens).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,7 +22,7 @@ use chrono::Utc;
 use futures::{SinkExt, StreamExt};
 use ironlab_api::ErrorBody;
 use ironlab_api::worker::{
-    CloneRun, RunPlan, RunStatus, SaveRun, SavedDrives, TokenGrant, WorkerStatus,
+    CloneRun, RunPlan, RunStatus, SaveRun, SavedDrives, TokenGrant, TokenScope, WorkerStatus,
 };
 use serde::Deserialize;
 
@@ -118,6 +119,9 @@ pub enum ApiError {
     /// 409.
     #[error("{0}")]
     Conflict(String),
+    /// 502: the machine did not accept a connection to a published port.
+    #[error("{0}")]
+    BadGateway(String),
     /// 500; the detail is logged, not sent.
     #[error(transparent)]
     Internal(anyhow::Error),
@@ -148,6 +152,7 @@ impl IntoResponse for ApiError {
             ApiError::Forbidden(d) => (StatusCode::FORBIDDEN, "forbidden", d),
             ApiError::NotFound(d) => (StatusCode::NOT_FOUND, "not_found", d),
             ApiError::Conflict(d) => (StatusCode::CONFLICT, "conflict", d),
+            ApiError::BadGateway(d) => (StatusCode::BAD_GATEWAY, "bad_gateway", d),
             ApiError::Internal(e) => {
                 tracing::error!("internal error: {e:#}");
                 (
@@ -186,6 +191,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
             require_bearer,
         ))
         .route("/v1/runs/{run}/machines/{machine}/terminal", get(terminal))
+        .route("/v1/runs/{run}/machines/{machine}/port/{port}", get(port))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .with_state(state)
 }
@@ -367,11 +373,12 @@ struct TokenQuery {
     token: Option<String>,
 }
 
-/// Checks and consumes a terminal token for (run, machine); returns its grant.
+/// Checks and consumes a connection token for (run, machine, scope); returns its grant.
 fn take_token(
     state: &ApiState,
     run: &str,
     machine: &str,
+    scope: TokenScope,
     token: Option<&str>,
 ) -> Result<TokenGrant, ApiError> {
     let token = token.filter(|t| !t.is_empty()).ok_or_else(|| {
@@ -393,7 +400,86 @@ fn take_token(
             grant.machine, grant.run
         )));
     }
+    if grant.scope != scope {
+        return Err(ApiError::Forbidden(format!(
+            "this token opens {} of machine {machine}, not {scope}",
+            grant.scope
+        )));
+    }
     Ok(grant)
+}
+
+/// The WebSocket as [`Frame`]s: a sink and a stream that ends at the client's close.
+fn frames(
+    socket: axum::extract::ws::WebSocket,
+) -> (
+    impl futures::Sink<Frame, Error = axum::Error> + Unpin,
+    impl futures::Stream<Item = Frame> + Unpin,
+) {
+    let (sink, stream) = socket.split();
+    let sink = sink.with(|f: Frame| async move {
+        Ok::<_, axum::Error>(match f {
+            Frame::Text(t) => Message::Text(t.into()),
+            Frame::Binary(b) => Message::Binary(b),
+            Frame::Close => Message::Close(None),
+            Frame::CloseWith(code, reason) => Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            })),
+        })
+    });
+    let stream = stream
+        .take_while(|m| futures::future::ready(!matches!(m, Ok(Message::Close(_)) | Err(_))))
+        .filter_map(|m| async move {
+            match m {
+                Ok(Message::Text(t)) => Some(Frame::Text(t.to_string())),
+                Ok(Message::Binary(b)) => Some(Frame::Binary(b)),
+                _ => None,
+            }
+        });
+    (Box::pin(sink), Box::pin(stream))
+}
+
+/// `GET /v1/runs/{run}/machines/{machine}/port/{port}?token=T`: a WebSocket carrying TCP bytes
+/// to `127.0.0.1:port` inside the machine (`ironlab_api::portfwd`). The port is dialled before
+/// the upgrade, so a port nobody listens on is a 502 with the reason.
+async fn port(
+    State(state): State<Arc<ApiState>>,
+    Path((run, machine, port)): Path<(String, String, String)>,
+    Query(q): Query<TokenQuery>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| ApiError::BadRequest(format!("port: {port:?} is not in 1-65535")))?;
+    state.runs.has_machine(&run, &machine)?;
+    let grant = take_token(
+        &state,
+        &run,
+        &machine,
+        TokenScope::Port { port },
+        q.token.as_deref(),
+    )?;
+    let ws = ws.map_err(|e| ApiError::BadRequest(format!("not a WebSocket request: {e}")))?;
+    let agent = state.runs.machine_agent(&run, &machine).await?;
+    let dialed = crate::portfwd::dial(&agent, port)
+        .await
+        .map_err(|e| match e {
+            crate::portfwd::DialError::Refused(m) => {
+                ApiError::BadGateway(format!("machine {machine}: {m}"))
+            }
+            crate::portfwd::DialError::Agent(m) => {
+                ApiError::Internal(anyhow::anyhow!("dial {run}/{machine}:{port}: {m}"))
+            }
+        })?;
+    // Debug, not info: an http-port page makes one connection per request.
+    tracing::debug!(%run, %machine, port, peer = %dialed.peer, user = %grant.user, "port connection");
+    Ok(ws.on_upgrade(move |socket| async move {
+        let (sink, stream) = frames(socket);
+        crate::portfwd::pump(sink, stream, dialed).await;
+    }))
 }
 
 async fn terminal(
@@ -403,7 +489,13 @@ async fn terminal(
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     state.runs.has_machine(&run, &machine)?;
-    let grant = take_token(&state, &run, &machine, q.token.as_deref())?;
+    let grant = take_token(
+        &state,
+        &run,
+        &machine,
+        TokenScope::Terminal,
+        q.token.as_deref(),
+    )?;
     let ws = ws.map_err(|e| ApiError::BadRequest(format!("not a WebSocket request: {e}")))?;
     let agent = state.runs.machine_agent(&run, &machine).await?;
     tracing::info!(%run, %machine, user = %grant.user, "terminal connection");
@@ -415,28 +507,8 @@ async fn terminal(
         agent,
     };
     Ok(ws.on_upgrade(move |socket| async move {
-        let (sink, stream) = socket.split();
-        let sink = sink.with(|f: Frame| async move {
-            Ok::<_, axum::Error>(match f {
-                Frame::Text(t) => Message::Text(t.into()),
-                Frame::Binary(b) => Message::Binary(b),
-                Frame::Close => Message::Close(None),
-                Frame::CloseWith(code, reason) => Message::Close(Some(CloseFrame {
-                    code,
-                    reason: reason.into(),
-                })),
-            })
-        });
-        let stream = stream
-            .take_while(|m| futures::future::ready(!matches!(m, Ok(Message::Close(_)) | Err(_))))
-            .filter_map(|m| async move {
-                match m {
-                    Ok(Message::Text(t)) => Some(Frame::Text(t.to_string())),
-                    Ok(Message::Binary(b)) => Some(Frame::Binary(b)),
-                    _ => None,
-                }
-            });
-        relay::relay(Box::pin(sink), Box::pin(stream), conn).await;
+        let (sink, stream) = frames(socket);
+        relay::relay(sink, stream, conn).await;
     }))
 }
 
@@ -972,5 +1044,119 @@ mod tests {
         assert_eq!(s, StatusCode::NO_CONTENT);
         let (s, _) = call(&app, "GET", "/v1/runs/abc", t, None).await;
         assert_eq!(s, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn terminal_tokens_cannot_open_ports_and_port_tokens_only_their_port() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app(dir.path());
+        let t = Some("secret-token");
+        let (s, _) = call(
+            &app,
+            "PUT",
+            "/v1/runs/abc",
+            t,
+            Some(&plan_json("abc", "container")),
+        )
+        .await;
+        assert_eq!(s, StatusCode::ACCEPTED);
+        call(&app, "GET", "/v1/runs/abc?wait=10", t, None).await;
+        let grant = |token: &str, scope: &str| {
+            let scope = if scope.is_empty() {
+                String::new()
+            } else {
+                format!(r#","scope":{scope}"#)
+            };
+            format!(
+                r#"{{"token":"{token}","user":"u1","run":"abc","machine":"m1","expires_at":"2999-01-01T00:00:00Z"{scope}}}"#
+            )
+        };
+        let register = |token: &'static str, scope: &'static str| {
+            let app = app.clone();
+            let body = grant(token, scope);
+            async move {
+                let (s, v) = call(&app, "POST", "/v1/tokens", t, Some(&body)).await;
+                assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+            }
+        };
+        let port =
+            |p: &str, token: &str| format!("/v1/runs/abc/machines/m1/port/{p}?token={token}");
+        let term = |token: &str| format!("/v1/runs/abc/machines/m1/terminal?token={token}");
+
+        // A terminal token (no scope, as before published ports) on a port: 403, and used up.
+        register("terminal-0123456789", "").await;
+        let (s, v) = call(
+            &app,
+            "GET",
+            &port("8080", "terminal-0123456789"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+        assert_eq!(
+            v["detail"],
+            "this token opens the terminal of machine m1, not port 8080"
+        );
+        let (s, _) = call(&app, "GET", &term("terminal-0123456789"), None, None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "the refused token was used up");
+
+        // A port token on the terminal, and on another port: 403.
+        register("port8080-0123456789", r#"{"kind":"port","port":8080}"#).await;
+        let (s, v) = call(&app, "GET", &term("port8080-0123456789"), None, None).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+        assert_eq!(
+            v["detail"],
+            "this token opens port 8080 of machine m1, not the terminal"
+        );
+        register("port8080-abcdefghij", r#"{"kind":"port","port":8080}"#).await;
+        let (s, v) = call(
+            &app,
+            "GET",
+            &port("9090", "port8080-abcdefghij"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+        assert_eq!(
+            v["detail"],
+            "this token opens port 8080 of machine m1, not port 9090"
+        );
+
+        // Its own port passes the token checks (then: not a WebSocket request).
+        register("port8080-klmnopqrst", r#"{"kind":"port","port":8080}"#).await;
+        let (s, v) = call(
+            &app,
+            "GET",
+            &port("8080", "port8080-klmnopqrst"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(
+            v["detail"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("not a WebSocket request"),
+            "{v}"
+        );
+
+        // Bad ports are 400 naming the field; a bad scope is a 400 at registration.
+        for bad in ["0", "65536", "http"] {
+            let (s, v) = call(&app, "GET", &port(bad, "x"), None, None).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+            assert_eq!(v["detail"], format!("port: {bad:?} is not in 1-65535"));
+        }
+        let (s, _) = call(
+            &app,
+            "POST",
+            "/v1/tokens",
+            t,
+            Some(&grant("badscope-0123456789", r#"{"kind":"files"}"#)),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
     }
 }

@@ -1,7 +1,7 @@
 //! ironlab-worker: the worker daemon. It pulls images into ext4 drives ([`images`]) kept in a
 //! reflink pool ([`pool`]), runs machines as OCI containers ([`runtime`]), one network namespace
-//! per run, manages runs ([`runs`]), serves the worker REST API ([`api`]) and relays terminals
-//! ([`relay`]) to the in-machine agent.
+//! per run, manages runs ([`runs`]), serves the worker REST API ([`api`]), relays terminals
+//! ([`relay`]) to the in-machine agent and bridges published ports to it ([`portfwd`]).
 //!
 //! Entry points: [`serve`] (what `ironlab worker` calls) and [`start`] (binds, returns the
 //! address and a handle; for tests and embedding).
@@ -21,6 +21,7 @@ pub mod drives;
 pub mod host;
 pub mod images;
 pub mod pool;
+pub mod portfwd;
 pub mod relay;
 pub mod runs;
 pub mod runtime;

@@ -174,6 +174,7 @@ impl Fixture {
                 run: run.into(),
                 machine: machine.into(),
                 expires_at: expires,
+                scope: Default::default(),
             })
             .send()
             .await

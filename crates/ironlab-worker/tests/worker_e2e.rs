@@ -163,6 +163,7 @@ impl Fixture {
                 run: run.into(),
                 machine: machine.into(),
                 expires_at: chrono::Utc::now() + chrono::Duration::seconds(30),
+                scope: Default::default(),
             })
             .send()
             .await

@@ -41,6 +41,12 @@ pub enum Command {
     Playground(PlaygroundCommand),
     /// Open a shell, or run a command, in a machine of a run.
     Ssh(SshArgs),
+    /// Forward local TCP ports to ports inside a machine of a run.
+    PortForward(PortForwardArgs),
+    /// Connect stdin/stdout to a TCP port of a machine (for ssh's ProxyCommand).
+    SshProxy(SshProxyArgs),
+    /// Print a one-time browser link to an HTTP server in a machine (what an http-port tab opens).
+    HttpPort(HttpPortArgs),
     /// Manage users (admins only).
     #[command(subcommand)]
     User(UserCommand),
@@ -270,6 +276,45 @@ pub struct SshArgs {
     /// Command to run instead of an interactive shell.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PortForwardArgs {
+    /// Run id.
+    pub run: String,
+    /// Machine [default: the first machine of the run].
+    #[arg(long, short)]
+    pub machine: Option<String>,
+    /// LOCAL:REMOTE port pairs, or REMOTE alone for the same local port; LOCAL 0 picks a free
+    /// port (printed).
+    #[arg(required = true, value_name = "[LOCAL:]REMOTE")]
+    pub ports: Vec<String>,
+    /// Local address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub address: std::net::IpAddr,
+}
+
+#[derive(Debug, Args)]
+pub struct SshProxyArgs {
+    /// Run id.
+    pub run: String,
+    /// Machine [default: the first machine of the run].
+    #[arg(long, short)]
+    pub machine: Option<String>,
+    /// The TCP port inside the machine.
+    #[arg(long, short, default_value_t = 22)]
+    pub port: u16,
+}
+
+#[derive(Debug, Args)]
+pub struct HttpPortArgs {
+    /// Run id.
+    pub run: String,
+    /// Machine [default: the first machine of the run].
+    #[arg(long, short)]
+    pub machine: Option<String>,
+    /// The port the HTTP server listens on inside the machine.
+    pub port: u16,
 }
 
 #[derive(Debug, Subcommand)]

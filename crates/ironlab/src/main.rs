@@ -40,6 +40,15 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Auth(c) => cmd::auth::run(c, server, token).await,
         Command::Playground(c) => cmd::playground::run(c, &Api::from_flags(server, token)?).await,
         Command::Ssh(args) => cmd::ssh::run(args, &Api::from_flags(server, token)?).await,
+        Command::PortForward(args) => {
+            cmd::portfwd::port_forward(args, &Api::from_flags(server, token)?).await
+        }
+        Command::SshProxy(args) => {
+            cmd::portfwd::ssh_proxy(args, &Api::from_flags(server, token)?).await
+        }
+        Command::HttpPort(args) => {
+            cmd::portfwd::http_port(args, &Api::from_flags(server, token)?).await
+        }
         Command::User(c) => cmd::user::run(c, &Api::from_flags(server, token)?).await,
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use ironlab_api::v1::{ConnectResponse, RunState, RunView, StartRun};
-use ironlab_api::worker::{RunPlan, TokenGrant};
+use ironlab_api::worker::{RunPlan, TokenGrant, TokenScope};
 use tokio::sync::{Notify, broadcast, watch};
 
 use crate::Ctx;
@@ -455,14 +455,14 @@ pub async fn wait(ctx: &Ctx, user: &User, id: &str, wait_secs: u64) -> ApiResult
     }
 }
 
-/// Issues a single-use terminal token for a machine of a running run and registers it with
-/// the worker.
-pub async fn connect(
+/// A running run the caller may use and one of its machines (default: the first): 404 for
+/// runs the caller may not see and for unknown machines, 409 when the run is not running.
+pub async fn running_machine(
     ctx: &Ctx,
     user: &User,
     id: &str,
     machine: Option<String>,
-) -> ApiResult<ConnectResponse> {
+) -> ApiResult<(Run, String)> {
     let run = get_for(&ctx.db, user, id).await?;
     if run.state != RunState::Running {
         return Err(ApiError::Conflict(format!(
@@ -488,6 +488,19 @@ pub async fn connect(
             .map(|m| m.name.clone())
             .ok_or_else(|| anyhow::anyhow!("run {id} has no machines"))?,
     };
+    Ok((run, machine))
+}
+
+/// Issues a single-use connection token for a machine of a running run (its terminal, or the
+/// TCP `port` inside it) and registers it with the worker.
+pub async fn connect(
+    ctx: &Ctx,
+    user: &User,
+    id: &str,
+    machine: Option<String>,
+    port: Option<u16>,
+) -> ApiResult<ConnectResponse> {
+    let (run, machine) = running_machine(ctx, user, id, machine).await?;
     let status = ctx
         .worker
         .cached_status()
@@ -503,11 +516,19 @@ pub async fn connect(
             run: run.id.clone(),
             machine: machine.clone(),
             expires_at,
+            scope: match port {
+                Some(port) => TokenScope::Port { port },
+                None => TokenScope::Terminal,
+            },
         })
         .await
         .map_err(worker_unavailable)?;
+    let what = match port {
+        Some(p) => format!("port/{p}"),
+        None => "terminal".to_string(),
+    };
     let url = format!(
-        "{}/v1/runs/{}/machines/{}/terminal?token={}",
+        "{}/v1/runs/{}/machines/{}/{what}?token={}",
         status.public_url.trim_end_matches('/'),
         run.id,
         machine,
@@ -517,6 +538,7 @@ pub async fn connect(
         url,
         token,
         machine,
+        port,
         expires_at,
     })
 }

@@ -6,7 +6,8 @@
 //! same `/api/v1` endpoints as the CLI with the cookie + `X-CSRF-Token` (see
 //! [`crate::http::Auth`]), listen to [`sse`] for run changes (fed by the reconciler's
 //! [`crate::runs::Signals`]), and open terminals on the worker relay with tokens from
-//! `POST /api/v1/runs/{id}/connect`. [`expiry`] destroys runs whose time is up.
+//! `POST /api/v1/runs/{id}/connect`. [`expiry`] destroys runs whose time is up. [`ports`]
+//! serves machines' HTTP ports (http-port tabs) on hosts of their own.
 //!
 //! Templates (`crates/ironlab-control/templates/`) are compiled into the binary; the esbuild
 //! output (`web/dist`) is embedded by `build.rs` when it exists.
@@ -14,6 +15,7 @@
 pub mod assets;
 pub mod expiry;
 pub mod pages;
+pub mod ports;
 pub mod session;
 pub mod signin;
 pub mod sse;
@@ -36,12 +38,15 @@ use crate::error::ApiError;
 #[derive(Debug)]
 pub struct WebState {
     closing: watch::Sender<bool>,
+    /// Sign-in keys and sessions of http-port hosts.
+    pub ports: ports::PortAuth,
 }
 
 impl Default for WebState {
     fn default() -> Self {
         WebState {
             closing: watch::channel(false).0,
+            ports: ports::PortAuth::default(),
         }
     }
 }
@@ -75,6 +80,10 @@ pub fn router(ctx: Ctx) -> Router {
         .route("/runs/{id}/restart", post(pages::restart_run))
         .route("/runs/{id}/clone", post(pages::clone_run))
         .route("/runs/{id}/save", post(pages::save_run))
+        .route(
+            "/runs/{id}/ports/{machine}/{port}",
+            get(pages::open_http_port),
+        )
         .route("/dashboard", get(pages::dashboard))
         .route(
             "/admin/users",

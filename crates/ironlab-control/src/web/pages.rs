@@ -395,6 +395,51 @@ async fn terminal_tabs(ctx: &Ctx, s: &Session, run: &runs::Run) -> Vec<TabView> 
     }
 }
 
+/// An http-port tab of the run page: a link that opens the machine's port in a new browser
+/// tab, on its own host (see [`super::ports`]).
+#[derive(Debug, Serialize)]
+struct PortTabView {
+    machine: String,
+    port: u16,
+    label: String,
+}
+
+async fn port_tabs(ctx: &Ctx, s: &Session, run: &runs::Run) -> Vec<PortTabView> {
+    let Ok(pg) = playgrounds::get(&ctx.db, &s.user, &run.playground).await else {
+        return Vec::new();
+    };
+    pg.manifest
+        .playground
+        .tabs
+        .iter()
+        .filter(|t| t.kind == TabKind::HttpPort)
+        .filter(|t| run.plan.machines.iter().any(|m| m.name == t.machine))
+        .filter_map(|t| {
+            let port = t.port?;
+            Some(PortTabView {
+                machine: t.machine.clone(),
+                port,
+                label: t
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("{}:{port}", t.machine)),
+            })
+        })
+        .collect()
+}
+
+/// `GET /runs/{id}/ports/{machine}/{port}`: signs the browser in to the machine's HTTP port
+/// on its own host and sends it there (what an http-port tab links to).
+pub async fn open_http_port(
+    State(ctx): State<Ctx>,
+    PageSession(s): PageSession,
+    headers: HeaderMap,
+    Path((id, machine, port)): Path<(String, String, u16)>,
+) -> PageResult<Response> {
+    let link = super::ports::open_link(&ctx, &s.user, &id, Some(machine), port, &headers).await?;
+    Ok(Redirect::to(&link.url).into_response())
+}
+
 /// `GET /runs/{id}`: the playground page (live state, terminals).
 pub async fn run_page(
     State(ctx): State<Ctx>,
@@ -403,6 +448,7 @@ pub async fn run_page(
 ) -> PageResult<Response> {
     let run = runs::get_for(&ctx.db, &s.user, &id).await?;
     let tabs = terminal_tabs(&ctx, &s, &run).await;
+    let port_tabs = port_tabs(&ctx, &s, &run).await;
     let expires_at = expiry::expires_at(&ctx.db, &run).await?;
     let checklist = super::tasks_page::checklist(&ctx, &run).await;
     let view = run.view();
@@ -421,7 +467,7 @@ pub async fn run_page(
             transient => runs::state::is_transient(run.state),
             active => is_active(run.state),
             kept,
-            tabs, time_left, expires_at, checklist,
+            tabs, port_tabs, time_left, expires_at, checklist,
         },
     )?))
 }

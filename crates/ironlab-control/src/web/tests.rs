@@ -620,3 +620,66 @@ fn every_template_compiles() {
         }
     }
 }
+
+#[tokio::test]
+async fn http_port_tabs_are_links_to_the_port_route() {
+    let h = H::new().await;
+    let manifest = r#"kind: playground
+name: web-lab
+title: Web lab
+description: A web server.
+playground:
+  machines:
+    - name: web
+      drives: [{source: debian, mount: /, size: 4GiB}]
+  tabs:
+    - {kind: terminal, machine: web}
+    - {kind: http-port, machine: web, port: 8000, name: Site}
+    - {kind: http-port, machine: web, port: 3000}
+"#;
+    let resp = h
+        .send(
+            Request::post("/api/v1/playgrounds")
+                .header(header::HOST, "127.0.0.1:8080")
+                .header(
+                    header::AUTHORIZATION,
+                    format!("Bearer {}", h.control.admin_token()),
+                )
+                .header(header::CONTENT_TYPE, "application/yaml")
+                .body(Body::from(manifest))
+                .expect("request"),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let (cookie, csrf) = h.sign_in_admin().await;
+    let (status, resp) = h
+        .post_form(
+            "/runs",
+            Some(&cookie),
+            &format!("csrf={csrf}&playground=web-lab"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let to = location(&resp);
+    let id = to.trim_start_matches("/runs/").to_string();
+    let (_, page, _) = h.get(&to, Some(&cookie)).await;
+    for needle in [
+        format!(
+            "<a class=\"tab port-tab\" href=\"/runs/{id}/ports/web/8000\" target=\"_blank\" rel=\"noopener\""
+        ),
+        "data-port=\"8000\">Site ↗</a>".to_string(),
+        "data-port=\"3000\">web:3000 ↗</a>".to_string(),
+        "role=\"tab\" class=\"tab\" data-machine=\"web\"".to_string(),
+    ] {
+        assert!(page.contains(&needle), "run page lacks {needle}");
+    }
+    // The run is not running (no worker here): the port route says so instead of a link.
+    let (status, page, _) = h
+        .get(&format!("/runs/{id}/ports/web/8000"), Some(&cookie))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{page}");
+    // Without a session: the sign-in page, coming back here after.
+    let (status, _, resp) = h.get(&format!("/runs/{id}/ports/web/8000"), None).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert!(location(&resp).starts_with("/login?next="));
+}

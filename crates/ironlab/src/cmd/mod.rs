@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod playground;
+pub mod portfwd;
 pub mod server;
 pub mod solution;
 pub mod ssh;

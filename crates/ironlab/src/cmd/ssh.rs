@@ -111,13 +111,13 @@ fn describe_ws_error(e: tungstenite::Error, url: &str) -> anyhow::Error {
     }
 }
 
-fn is_conflict(e: &anyhow::Error) -> bool {
+pub(crate) fn is_conflict(e: &anyhow::Error) -> bool {
     e.downcast_ref::<crate::client::ApiError>()
         .is_some_and(|a| a.status == reqwest::StatusCode::CONFLICT)
 }
 
 /// A run that is still pending/starting is waited for (long-poll); true once it is running.
-async fn wait_until_running(api: &Api, run: &str) -> anyhow::Result<bool> {
+pub(crate) async fn wait_until_running(api: &Api, run: &str) -> anyhow::Result<bool> {
     loop {
         let view: RunView = api
             .call(Method::GET, &format!("/runs/{run}?wait=30"), None)
