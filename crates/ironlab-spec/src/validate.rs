@@ -115,12 +115,6 @@ pub fn validate(m: &Manifest) -> Vec<FieldError> {
                     );
                 }
                 if let Some(g) = &n.gateway {
-                    if n.private {
-                        err(
-                            format!("{path}.gateway"),
-                            "a private network has no gateway".into(),
-                        );
-                    }
                     match g.parse::<Ipv4Addr>() {
                         Ok(ip) if s.contains_host(ip) => {}
                         Ok(_) => err(
