@@ -609,7 +609,8 @@ impl RunManager {
             for e in rd.flatten() {
                 if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
                     let n = e.file_name().to_string_lossy().into_owned();
-                    if !names.contains(&n) {
+                    // Not a machine: the network's files (`_net`), torn down below.
+                    if !names.contains(&n) && valid_machine_name(&n) {
                         names.push(n);
                     }
                 }

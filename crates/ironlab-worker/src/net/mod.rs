@@ -9,7 +9,8 @@
 //! routes, namespaces), `tc -batch`, `nft -f` and `dnsmasq`, the last two started from a thread
 //! that entered the run's namespace (`setns`), so they run inside it.
 //!
-//! On disk, per run: `pool/runs/<run>/net/{state.json, hosts, dnsmasq.conf, dnsmasq.pid,
+//! On disk, per run (`_net` is no valid machine name, so never a machine's directory):
+//! `pool/runs/<run>/_net/{state.json, hosts, dnsmasq.conf, dnsmasq.pid,
 //! dnsmasq.log}`. A microVM runtime will add TAP devices to the same bridges.
 
 pub mod layout;
@@ -230,7 +231,7 @@ impl Networks {
     }
 
     fn dir(&self, run_id: &str) -> PathBuf {
-        self.runs_dir.join(run_id).join("net")
+        self.runs_dir.join(run_id).join("_net")
     }
 
     fn conf_path(&self, run_id: &str) -> PathBuf {
