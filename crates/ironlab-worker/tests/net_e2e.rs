@@ -235,6 +235,7 @@ fn host_addresses() -> Vec<Ipv4Addr> {
 struct Fixture {
     tmp: tempfile::TempDir,
     runs_dir: PathBuf,
+    drive: PathBuf,
     worker: Option<(RunningWorker, tokio::sync::oneshot::Sender<()>)>,
     run_ids: Vec<String>,
     http: reqwest::Client,
@@ -256,37 +257,54 @@ impl Fixture {
         let runs_dir = tmp.path().join("pool/runs");
         std::fs::create_dir_all(&runs_dir).expect("runs dir");
         let fake = FakeInternet::start();
+        let mut f = Fixture {
+            tmp,
+            runs_dir,
+            drive,
+            worker: None,
+            run_ids: Vec::new(),
+            http: reqwest::Client::new(),
+            fake,
+        };
+        f.start_worker().await;
+        f
+    }
+
+    async fn start_worker(&mut self) {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let config = WorkerConfig {
             listen: "127.0.0.1:0".parse().expect("addr"),
-            data_dir: tmp.path().to_path_buf(),
+            data_dir: self.tmp.path().to_path_buf(),
             token: TOKEN.into(),
             public_url: None,
-            agent_bin: agent,
-            stock_dir: tmp.path().join("stock"),
+            agent_bin: agent_bin(),
+            stock_dir: self.tmp.path().join("stock"),
             insecure_registries: vec![],
             net: NetConfig {
-                uplink: Uplink::Netns(fake.name.clone()),
+                uplink: Uplink::Netns(self.fake.name.clone()),
                 upstream_dns: vec![FAKE_DNS.parse().expect("ip")],
                 ..Default::default()
             },
         };
         let drives = Arc::new(FileDrives {
-            file: drive,
+            file: self.drive.clone(),
             env: vec![],
         });
-        let w = ironlab_worker::start_with(config, runs_dir.clone(), drives, async {
+        let w = ironlab_worker::start_with(config, self.runs_dir.clone(), drives, async {
             let _ = rx.await;
         })
         .await
         .expect("worker starts");
-        Fixture {
-            tmp,
-            runs_dir,
-            worker: Some((w, tx)),
-            run_ids: Vec::new(),
-            http: reqwest::Client::new(),
-            fake,
+        self.worker = Some((w, tx));
+    }
+
+    async fn stop_worker(&mut self) {
+        if let Some((w, tx)) = self.worker.take() {
+            let _ = tx.send(());
+            tokio::time::timeout(Duration::from_secs(10), w.wait())
+                .await
+                .expect("worker stops")
+                .expect("worker ran");
         }
     }
 
@@ -888,4 +906,97 @@ async fn identical_subnets_stay_apart_and_bandwidth_holds() {
     f.delete(&d).await;
     assert_network_gone(&f, &c);
     assert_network_gone(&f, &d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[serial]
+async fn a_restarted_worker_restores_rules_and_resolver_and_cleans_leaked_networks() {
+    skip_if_not_root!();
+    let mut f = Fixture::new().await;
+    let run = f.new_run_id();
+    f.start(&lan_plan(
+        &run,
+        &["m1", "m2"],
+        egress(EgressPolicy::Allowlist, &["allowed.test"], 0),
+    ))
+    .await;
+    f.ok(&run, "m1", "wget -q -O - http://allowed.test/").await;
+
+    // The worker stops; meanwhile its resolver dies and the run's rules vanish.
+    f.stop_worker().await;
+    let pid =
+        std::fs::read_to_string(f.runs_dir.join(&run).join("_net/dnsmasq.pid")).expect("pid file");
+    let pid = pid.trim().to_string();
+    assert!(
+        Command::new("kill")
+            .arg(&pid)
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let st = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &format!("il-{run}"),
+            "nft",
+            "delete",
+            "table",
+            "inet",
+            "ironlab",
+        ])
+        .status()
+        .expect("nft");
+    assert!(st.success());
+    // A leaked resolver of a run of this pool that no longer has a directory (a crash between
+    // removing the files and stopping it).
+    let ghost_ns = format!("iltg{}", &rand_hex()[..8]);
+    ip(&["netns", "add", &ghost_ns]);
+    ip(&["-n", &ghost_ns, "link", "set", "lo", "up"]);
+    let ghost_dir = f.runs_dir.join("ghost1/_net");
+    std::fs::create_dir_all(&ghost_dir).expect("ghost dir");
+    let ghost_conf = ghost_dir.join("dnsmasq.conf");
+    std::fs::write(
+        &ghost_conf,
+        format!(
+            "no-resolv\nno-hosts\nbind-interfaces\nlisten-address=127.0.0.1\nuser=root\npid-file={}/pid\n",
+            ghost_dir.display()
+        ),
+    )
+    .expect("ghost conf");
+    let st = Command::new("ip")
+        .args(["netns", "exec", &ghost_ns, "dnsmasq"])
+        .arg(format!("--conf-file={}", ghost_conf.display()))
+        .status()
+        .expect("dnsmasq");
+    assert!(st.success());
+    let ghost_pid = std::fs::read_to_string(ghost_dir.join("pid")).expect("ghost pid");
+    let ghost_pid = ghost_pid.trim().to_string();
+    std::fs::remove_dir_all(f.runs_dir.join("ghost1")).expect("remove ghost dir");
+
+    f.start_worker().await;
+    // The run is kept, its rules and resolver are back: names resolve, the allowlist holds.
+    let out = f.ok(&run, "m1", "nslookup m2").await;
+    assert!(out.contains("172.16.0.3"), "{out}");
+    f.ok(&run, "m1", "wget -q -O - http://allowed.test/").await;
+    f.fails(
+        &run,
+        "m1",
+        &format!("timeout 3 wget -q -O - http://{DENIED_IP}/"),
+    )
+    .await;
+    let new_pid =
+        std::fs::read_to_string(f.runs_dir.join(&run).join("_net/dnsmasq.pid")).expect("pid file");
+    assert_ne!(new_pid.trim(), pid, "the resolver was restarted");
+    let cmdline = std::fs::read(format!("/proc/{ghost_pid}/cmdline")).unwrap_or_default();
+    let _ = Command::new("ip")
+        .args(["netns", "delete", &ghost_ns])
+        .status();
+    assert!(
+        !String::from_utf8_lossy(&cmdline).contains("ghost1"),
+        "the leaked resolver {ghost_pid} still runs"
+    );
+
+    f.delete(&run).await;
+    assert_network_gone(&f, &run);
 }

@@ -525,7 +525,8 @@ impl Networks {
             let run = rest.split('/').next().unwrap_or_default();
             if !keep.iter().any(|k| k == run) {
                 tracing::info!(pid, run, "stopping a leftover resolver");
-                kill_and_wait(pid, &cmdline).await;
+                let conf = format!("{prefix}{}", rest.split(' ').next().unwrap_or_default());
+                kill_and_wait(pid, &conf).await;
             }
         }
         let mut doomed = Vec::new();
