@@ -322,7 +322,16 @@ impl Networks {
     async fn setup_inner(&self, l: &Layout) -> anyhow::Result<()> {
         let dir = self.dir(&l.run_id);
         fs_err::create_dir_all(&dir)?;
-        // Namespaces (one `ip` for all).
+        let t0 = std::time::Instant::now();
+        let lap = |step: &str| {
+            tracing::debug!(step, ms = t0.elapsed().as_millis() as u64, "network setup");
+        };
+        let uplink_target = self.uplink_target().filter(|_| l.has_uplink());
+        if uplink_target.is_some() && self.config.uplink == Uplink::Host {
+            self.prepare_host().await?;
+        }
+        // 1. Namespaces (one `ip` for all), with the address lists the rules and the uplink
+        //    need, concurrently.
         let mut names = vec![l.run_netns.clone()];
         names.extend(l.machines.iter().map(|m| m.netns.clone()));
         let missing: String = names
@@ -330,19 +339,25 @@ impl Networks {
             .filter(|n| !host::netns_path(n).exists())
             .map(|n| format!("netns add {n}\n"))
             .collect();
-        if !missing.is_empty() {
-            cmd::run_with_input("ip", &["-batch", "-"], &missing)
-                .await
-                .context("cannot create the network namespaces")?;
-        }
-        // The uplink's address block.
-        let uplink = match (l.has_uplink(), self.uplink_target()) {
-            (true, Some(target)) => {
-                if self.config.uplink == Uplink::Host {
-                    self.prepare_host().await?;
-                }
-                let taken: Vec<Ipv4Addr> = addresses(self.uplink_ns_arg())
-                    .await?
+        let namespaces = async {
+            if !missing.is_empty() {
+                cmd::run_with_input("ip", &["-batch", "-"], &missing)
+                    .await
+                    .context("cannot create the network namespaces")?;
+            }
+            anyhow::Ok(())
+        };
+        let uplink_taken = async {
+            match uplink_target {
+                Some(_) => addresses(self.uplink_ns_arg()).await.map(Some),
+                None => Ok(None),
+            }
+        };
+        let (ns, taken, host_addrs) = tokio::join!(namespaces, uplink_taken, addresses(None));
+        ns?;
+        let uplink = match (taken?, uplink_target) {
+            (Some(taken), Some(target)) => {
+                let taken: Vec<Ipv4Addr> = taken
                     .iter()
                     .filter_map(|a| a.split('/').next()?.parse().ok())
                     .collect();
@@ -356,71 +371,60 @@ impl Networks {
             uplink: uplink.as_ref().map(|(a, _)| *a),
         };
         fs_err::write(dir.join("state.json"), serde_json::to_vec(&state)?)?;
-        // Bridges, veth pairs, uplink.
-        let batch = l.run_ns_batch(uplink.as_ref().map(|(a, t)| (a, t.as_str())));
-        cmd::run_with_input("ip", &["-n", &l.run_netns, "-batch", "-"], &batch)
-            .await
-            .context("cannot build the run's bridges and links")?;
-        let mut jobs = Vec::new();
-        for m in &l.machines {
-            let batch = Layout::machine_batch(m);
-            jobs.push(async move {
-                cmd::run_with_input("ip", &["-n", &m.netns, "-batch", "-"], &batch)
-                    .await
-                    .with_context(|| format!("cannot configure the interfaces of {}", m.machine))
-            });
-        }
-        if let Some((addrs, _)) = &uplink {
-            let ns = self.uplink_ns_arg().map(str::to_string);
-            let batch = l.outer_batch(addrs);
-            let tc = l.tc_batch(&layout::uplink_outer_dev(&l.run_id));
-            let outer = async move {
-                let mut args: Vec<&str> = Vec::new();
-                if let Some(ns) = ns.as_deref() {
-                    args.extend(["-n", ns]);
-                }
-                let mut ip_args = args.clone();
-                ip_args.extend(["-batch", "-"]);
-                cmd::run_with_input("ip", &ip_args, &batch)
-                    .await
-                    .context("cannot configure the uplink's outer end")?;
-                if !tc.is_empty() {
-                    ip_args = args.clone();
-                    ip_args.extend(["-batch", "-"]);
-                    cmd::run_with_input("tc", &ip_args, &tc)
-                        .await
-                        .context("cannot shape the uplink (outer end)")?;
-                }
-                anyhow::Ok(())
-            };
-            let tc_inner = l.tc_batch(layout::UPLINK_INNER);
-            let inner = async move {
-                if !tc_inner.is_empty() {
-                    cmd::run_with_input("tc", &["-n", &l.run_netns, "-batch", "-"], &tc_inner)
-                        .await
-                        .context("cannot shape the uplink")?;
-                }
-                anyhow::Ok(())
-            };
-            let (a, b) = tokio::join!(outer, inner);
-            a?;
-            b?;
-        }
-        for r in futures::future::join_all(jobs).await {
-            r?;
-        }
-        // Inside the run's namespace: sysctls, rules, resolver.
-        let host_addrs = addresses(None).await?;
-        let ruleset = l.nft_ruleset(&host_blocked(&host_addrs));
+        let ruleset = l.nft_ruleset(&host_blocked(&host_addrs?));
         fs_err::write(dir.join("hosts"), l.dns_hosts())?;
         let dir_s = dir.to_string_lossy().into_owned();
         fs_err::write(
             self.conf_path(&l.run_id),
             l.dnsmasq_conf(&dir_s, &self.upstream()),
         )?;
+        lap("namespaces");
+        // 2. Bridges, veth pairs, uplink (one `ip` in the run's namespace).
+        let batch = l.run_ns_batch(uplink.as_ref().map(|(a, t)| (a, t.as_str())));
+        cmd::run_with_input("ip", &["-n", &l.run_netns, "-batch", "-"], &batch)
+            .await
+            .context("cannot build the run's bridges and links")?;
+        lap("bridges and links");
+        // 3. Concurrently: each machine's addresses and routes, the uplink's outer end and
+        //    shaping, and inside the run's namespace sysctls, rules and the resolver.
+        let machines = futures::future::try_join_all(l.machines.iter().map(|m| async move {
+            let batch = Layout::machine_batch(m);
+            cmd::run_with_input("ip", &["-n", &m.netns, "-batch", "-"], &batch)
+                .await
+                .with_context(|| format!("cannot configure the interfaces of {}", m.machine))
+        }));
+        let outer = async {
+            let Some((addrs, _)) = &uplink else {
+                return anyhow::Ok(());
+            };
+            let mut args: Vec<&str> = Vec::new();
+            if let Some(ns) = self.uplink_ns_arg() {
+                args.extend(["-n", ns]);
+            }
+            args.extend(["-batch", "-"]);
+            cmd::run_with_input("ip", &args, &l.outer_batch(addrs))
+                .await
+                .context("cannot configure the uplink's outer end")?;
+            let tc = l.tc_batch(&layout::uplink_outer_dev(&l.run_id));
+            if !tc.is_empty() {
+                cmd::run_with_input("tc", &args, &tc)
+                    .await
+                    .context("cannot shape the uplink (outer end)")?;
+            }
+            anyhow::Ok(())
+        };
+        let inner_tc = async {
+            let tc = l.tc_batch(layout::UPLINK_INNER);
+            if uplink.is_some() && !tc.is_empty() {
+                cmd::run_with_input("tc", &["-n", &l.run_netns, "-batch", "-"], &tc)
+                    .await
+                    .context("cannot shape the uplink")?;
+            }
+            anyhow::Ok(())
+        };
         let conf = self.conf_path(&l.run_id);
         let resolver = l.has_resolver();
-        in_netns(host::netns_path(&l.run_netns), move || {
+        let inside = in_netns(host::netns_path(&l.run_netns), move || {
             write_sysctl("net.ipv4.ip_forward", "1")?;
             for k in ["iptables", "ip6tables", "arptables"] {
                 // Bridged frames skip the inet hooks (only routed traffic is filtered).
@@ -434,8 +438,13 @@ impl Networks {
                 start_dnsmasq(&conf)?;
             }
             Ok(())
-        })
-        .await?;
+        });
+        let (m, o, t, i) = tokio::join!(machines, outer, inner_tc, inside);
+        m?;
+        o?;
+        t?;
+        i?;
+        lap("machines, uplink, rules, resolver");
         Ok(())
     }
 
