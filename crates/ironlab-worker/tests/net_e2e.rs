@@ -251,7 +251,7 @@ impl Fixture {
             )
             .with_test_writer()
             .try_init();
-        let agent = agent_bin();
+        agent_bin(); // fails early, saying how to build it
         let tmp = tempfile::tempdir().expect("tempdir");
         let drive = busybox_drive(tmp.path());
         let runs_dir = tmp.path().join("pool/runs");
