@@ -149,8 +149,7 @@ fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
 async fn main() -> anyhow::Result<()> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .try_init();
@@ -229,7 +228,11 @@ async fn main() -> anyhow::Result<()> {
         println!("| bare veth pair, same namespaces | {:.2} |", gbit(bare));
         println!(
             "| ratio | {:.0} % |",
-            if bare > 0.0 { bridged / bare * 100.0 } else { 0.0 }
+            if bare > 0.0 {
+                bridged / bare * 100.0
+            } else {
+                0.0
+            }
         );
         anyhow::Ok(())
     }
