@@ -189,6 +189,39 @@ async fn serve_http(mut s: tokio::net::TcpStream, port: u16) {
     }
     let head = String::from_utf8_lossy(&buf).to_string();
     let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+    if path == "/upload" {
+        // Read the body (Content-Length bytes), then say how much arrived.
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        let start = buf
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(buf.len(), |p| p + 4);
+        let mut got = buf.len() - start;
+        while got < len {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+        let body = format!("got {got}\n");
+        let _ = s
+            .write_all(
+                format!(
+                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .await;
+        return;
+    }
     if let Some(n) = path
         .strip_prefix("/bulk/")
         .and_then(|n| n.parse::<usize>().ok())
@@ -886,6 +919,43 @@ async fn identical_subnets_stay_apart_and_bandwidth_holds() {
         rate / 1e6,
         RATE / 1_000_000
     );
+    // Uploads are shaped too.
+    let size = f
+        .ok(
+            &c,
+            "c1",
+            &format!(
+                "dd if=/dev/zero of=/tmp/up bs=1000 count={} 2>/dev/null && wc -c < /tmp/up",
+                bytes / 1000
+            ),
+        )
+        .await;
+    assert_eq!(size.trim(), bytes.to_string());
+    let t0 = Instant::now();
+    let out = f
+        .ok(
+            &c,
+            "c1",
+            // (busybox wget sends `Content-Length: 0` for --post-file here, so nc it is.)
+            &format!(
+                "{{ printf 'POST /upload HTTP/1.0\\r\\nContent-Length: {bytes}\\r\\n\\r\\n'; cat /tmp/up; }} \
+                 | nc {ALLOWED_IP} 80"
+            ),
+        )
+        .await;
+    let secs = t0.elapsed().as_secs_f64();
+    assert!(out.contains(&format!("got {bytes}")), "{out}");
+    let up = (bytes * 8) as f64 / secs;
+    eprintln!(
+        "shaped upload: {bytes} bytes in {secs:.2} s = {:.1} Mbit/s",
+        up / 1e6
+    );
+    assert!(
+        (up - RATE as f64).abs() / RATE as f64 <= 0.2,
+        "upload rate {:.1} Mbit/s is not within 20 % of {} Mbit/s",
+        up / 1e6,
+        RATE / 1_000_000
+    );
     // The other run has no limit.
     let t0 = Instant::now();
     f.ok(
@@ -999,4 +1069,51 @@ async fn a_restarted_worker_restores_rules_and_resolver_and_cleans_leaked_networ
 
     f.delete(&run).await;
     assert_network_gone(&f, &run);
+}
+
+/// The host-mode table (never loaded on the host by a test) is valid nftables: it loads into a
+/// namespace of the test's own.
+#[test]
+#[serial]
+fn the_host_uplink_table_loads() {
+    skip_if_not_root!();
+    let ns = format!("iltn{}", &rand_hex()[..8]);
+    ip(&["netns", "add", &ns]);
+    let ruleset = ironlab_worker::net::host_ruleset(
+        ironlab_worker::net::layout::Cidr::parse("100.64.0.0/10").expect("cidr"),
+    );
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("nft");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(ruleset.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("nft");
+    let listed = sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &ns,
+            "nft",
+            "list",
+            "table",
+            "ip",
+            "ironlab_uplink",
+        ],
+    );
+    let _ = Command::new("ip").args(["netns", "delete", &ns]).status();
+    assert!(
+        out.status.success(),
+        "{ruleset}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(listed.contains("masquerade"), "{listed}");
 }

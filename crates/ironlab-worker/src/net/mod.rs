@@ -199,6 +199,22 @@ fn host_blocked(addrs: &[String]) -> Vec<String> {
     out
 }
 
+/// The host's table in uplink mode `host`: NAT of the uplink range out of the host's own
+/// interfaces; nothing from an uplink (`il-*`) reaches the host itself or another run.
+pub fn host_ruleset(range: Cidr) -> String {
+    format!(
+        "table ip ironlab_uplink\ndelete table ip ironlab_uplink\n\
+         table ip ironlab_uplink {{\n\
+         \x20 chain input {{ type filter hook input priority filter; policy accept;\n\
+         \x20   iifname \"il-*\" ct state established,related accept\n\
+         \x20   iifname \"il-*\" drop\n  }}\n\
+         \x20 chain forward {{ type filter hook forward priority filter; policy accept;\n\
+         \x20   iifname \"il-*\" oifname \"il-*\" drop\n  }}\n\
+         \x20 chain postrouting {{ type nat hook postrouting priority srcnat; policy accept;\n\
+         \x20   ip saddr {range} oifname != \"il-*\" masquerade\n  }}\n}}\n"
+    )
+}
+
 /// Nameservers of the host's `/etc/resolv.conf` that a namespace can reach (not loopback).
 fn host_resolvers() -> Vec<Ipv4Addr> {
     let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
@@ -268,17 +284,7 @@ impl Networks {
         let range = self.config.uplink_range;
         self.host_ready
             .get_or_try_init(|| async move {
-                let ruleset = format!(
-                    "table ip ironlab_uplink\ndelete table ip ironlab_uplink\n\
-                     table ip ironlab_uplink {{\n\
-                     \x20 chain input {{ type filter hook input priority filter; policy accept;\n\
-                     \x20   iifname \"il-*\" ct state established,related accept\n\
-                     \x20   iifname \"il-*\" drop\n  }}\n\
-                     \x20 chain forward {{ type filter hook forward priority filter; policy accept;\n\
-                     \x20   iifname \"il-*\" oifname \"il-*\" drop\n  }}\n\
-                     \x20 chain postrouting {{ type nat hook postrouting priority srcnat; policy accept;\n\
-                     \x20   ip saddr {range} oifname != \"il-*\" masquerade\n  }}\n}}\n"
-                );
+                let ruleset = host_ruleset(range);
                 cmd::run_with_input("nft", &["-f", "-"], &ruleset)
                     .await
                     .context("cannot load the host's uplink table")?;
