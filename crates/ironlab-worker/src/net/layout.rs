@@ -410,6 +410,28 @@ impl Layout {
         s
     }
 
+    /// The microVM seam: `ip -batch` lines (run namespace) giving machine `m` a TAP device per
+    /// interface (`t<m>e<i>`, on the interface's bridge) instead of a veth pair into a machine
+    /// namespace. The guest configures `eth<i>` itself with the same addresses and routes
+    /// ([`MachineNet::ifaces`], [`MachineNet::default_route`]); hosts and resolv.conf are the
+    /// same texts. Not called yet: the microVM runtime does not exist.
+    pub fn tap_batch(&self, machine: &str) -> String {
+        let mut s = String::new();
+        if let Some((i, m)) = self
+            .machines
+            .iter()
+            .enumerate()
+            .find(|(_, m)| m.machine == machine)
+        {
+            for (j, f) in m.ifaces.iter().enumerate() {
+                let tap = format!("t{i}e{j}");
+                let _ = writeln!(s, "tuntap add dev {tap} mode tap");
+                let _ = writeln!(s, "link set {tap} master {} up", f.bridge);
+            }
+        }
+        s
+    }
+
     /// `/etc/hosts` of a machine: itself, and every other machine on each network they share
     /// (`NAME.NETWORK`, and the bare `NAME` on the first shared network in this machine's
     /// interface order).
@@ -750,6 +772,11 @@ mod tests {
         );
         let tc = l.tc_batch("uplink");
         assert!(tc.contains("htb rate 16000000bit ceil 16000000bit"), "{tc}");
+        assert_eq!(
+            l.tap_batch("router"),
+            "tuntap add dev t0e0 mode tap\nlink set t0e0 master br0 up\n\
+             tuntap add dev t0e1 mode tap\nlink set t0e1 master br1 up\n"
+        );
     }
 
     #[test]

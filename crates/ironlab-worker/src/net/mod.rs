@@ -380,10 +380,15 @@ impl Networks {
         let ruleset = l.nft_ruleset(&host_blocked(&host_addrs?));
         fs_err::write(dir.join("hosts"), l.dns_hosts())?;
         let dir_s = dir.to_string_lossy().into_owned();
-        fs_err::write(
-            self.conf_path(&l.run_id),
-            l.dnsmasq_conf(&dir_s, &self.upstream()),
-        )?;
+        let upstream = self.upstream();
+        if upstream.is_empty() && uplink.is_some() {
+            tracing::warn!(
+                run = %l.run_id,
+                "no upstream resolver (none usable in /etc/resolv.conf; set --upstream-dns): \
+                 only the run's own names resolve"
+            );
+        }
+        fs_err::write(self.conf_path(&l.run_id), l.dnsmasq_conf(&dir_s, &upstream))?;
         lap("namespaces");
         // 2. Bridges, veth pairs, uplink (one `ip` in the run's namespace).
         let batch = l.run_ns_batch(uplink.as_ref().map(|(a, t)| (a, t.as_str())));
