@@ -444,17 +444,22 @@ impl Networks {
                     write_sysctl(&key, "0")?;
                 }
             }
-            run_sync("nft", &["-f", "-"], &ruleset).context("cannot load the run's rules")?;
-            if resolver {
-                start_dnsmasq(&conf)?;
-            }
-            Ok(())
+            run_sync("nft", &["-f", "-"], &ruleset).context("cannot load the run's rules")
         });
-        let (m, o, t, i) = tokio::join!(machines, outer, inner_tc, inside);
+        // dnsmasq fills the nftables set only when it answers a query (after the machines
+        // start), so it may start alongside the rules.
+        let dns = async {
+            if resolver {
+                in_netns(host::netns_path(&l.run_netns), move || start_dnsmasq(&conf)).await?;
+            }
+            anyhow::Ok(())
+        };
+        let (m, o, t, i, d) = tokio::join!(machines, outer, inner_tc, inside, dns);
         m?;
         o?;
         t?;
         i?;
+        d?;
         lap("machines, uplink, rules, resolver");
         Ok(())
     }
