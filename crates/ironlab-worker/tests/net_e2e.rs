@@ -1117,3 +1117,134 @@ fn the_host_uplink_table_loads() {
     );
     assert!(listed.contains("masquerade"), "{listed}");
 }
+
+/// Uplink mode `host`, exercised without touching the host: the worker's network code runs on a
+/// thread inside a namespace standing in for the host (`iltH…`, routed to the fake internet), so
+/// forwarding, the `ironlab_uplink` NAT table and the uplinks' outer ends land there.
+#[test]
+#[serial]
+fn host_uplink_mode_forwards_and_nats_through_the_host_namespace() {
+    skip_if_not_root!();
+    // A multi-thread runtime serves the fake internet while this thread waits below.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let fake = rt.block_on(async { FakeInternet::start() });
+    let _guard = rt.enter();
+    let host_ns = format!("iltH{}", &rand_hex()[..8]);
+    ip(&["netns", "add", &host_ns]);
+    ip(&["-n", &host_ns, "link", "set", "lo", "up"]);
+    ip(&[
+        "-n", &host_ns, "link", "add", "wan", "type", "veth", "peer", "name", "lan0", "netns",
+        &fake.name,
+    ]);
+    ip(&["-n", &host_ns, "addr", "add", "10.99.0.2/30", "dev", "wan"]);
+    ip(&["-n", &host_ns, "link", "set", "wan", "up"]);
+    ip(&[
+        "-n",
+        &host_ns,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.99.0.1",
+    ]);
+    ip(&[
+        "-n",
+        &fake.name,
+        "addr",
+        "add",
+        "10.99.0.1/30",
+        "dev",
+        "lan0",
+    ]);
+    ip(&["-n", &fake.name, "link", "set", "lan0", "up"]);
+    let host_forward = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").expect("read");
+    let host_tables = sh("nft", &["list", "tables"]);
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let runs_dir = tmp.path().join("runs");
+    let run = format!("h{}", &rand_hex()[..11]);
+    let plan = lan_plan(&run, &["m1"], egress(EgressPolicy::Open, &[], 0));
+    let ns_path = PathBuf::from("/var/run/netns").join(&host_ns);
+    let (r, run_c, runs_c) = (run.clone(), run.clone(), runs_dir.clone());
+    // Everything below runs on one thread inside the stand-in host namespace.
+    let result = std::thread::spawn(move || -> Result<(String, String, String), String> {
+        let fd = std::fs::File::open(&ns_path).map_err(|e| e.to_string())?;
+        nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| e.to_string())?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async move {
+            let net = ironlab_worker::net::Networks::new(
+                NetConfig {
+                    uplink: Uplink::Host,
+                    upstream_dns: vec![FAKE_DNS.parse().expect("ip")],
+                    ..Default::default()
+                },
+                runs_c,
+            );
+            net.setup(&plan).await.map_err(|e| format!("{e:#}"))?;
+            let m1 = format!("ilm-{r}-m1");
+            let wget = |url: String| {
+                let out = Command::new("ip")
+                    .args([
+                        "netns", "exec", &m1, "timeout", "3", "busybox", "wget", "-q", "-O", "-",
+                    ])
+                    .arg(url)
+                    .output()
+                    .expect("wget");
+                format!(
+                    "{}|{}",
+                    out.status.success(),
+                    String::from_utf8_lossy(&out.stdout).trim()
+                )
+            };
+            let open = wget(format!("http://{ALLOWED_IP}/"));
+            let metadata = wget(format!("http://{METADATA_IP}/"));
+            let host_side = wget("http://10.99.0.2/".into());
+            net.teardown(&r).await.map_err(|e| format!("{e:#}"))?;
+            ironlab_worker::host::delete_netns(&format!("il-{r}"))
+                .await
+                .map_err(|e| format!("{e:#}"))?;
+            Ok((open, metadata, host_side))
+        })
+    })
+    .join();
+    let inside_forward = sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &host_ns,
+            "cat",
+            "/proc/sys/net/ipv4/ip_forward",
+        ],
+    );
+    let inside_tables = sh("ip", &["netns", "exec", &host_ns, "nft", "list", "tables"]);
+    let _ = Command::new("ip")
+        .args(["netns", "delete", &host_ns])
+        .status();
+    for ns in [format!("il-{run_c}"), format!("ilm-{run_c}-m1")] {
+        let _ = Command::new("ip").args(["netns", "delete", &ns]).output();
+    }
+    // The real host is untouched.
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").expect("read"),
+        host_forward
+    );
+    assert_eq!(sh("nft", &["list", "tables"]), host_tables);
+    let (open, metadata, host_side) = result.expect("thread").expect("setup and checks");
+    assert_eq!(open, format!("true|hello from {ALLOWED_IP}:80"));
+    assert!(metadata.starts_with("false|"), "{metadata}");
+    assert!(host_side.starts_with("false|"), "{host_side}");
+    assert_eq!(inside_forward.trim(), "1");
+    assert!(
+        inside_tables.contains("table ip ironlab_uplink"),
+        "{inside_tables}"
+    );
+    drop(fake);
+}

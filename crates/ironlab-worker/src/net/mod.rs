@@ -257,7 +257,9 @@ impl Networks {
     /// The namespace name the uplink's outer end lives in, as `ip link … netns` takes it.
     fn uplink_target(&self) -> Option<String> {
         match &self.config.uplink {
-            Uplink::Host => Some(std::process::id().to_string()),
+            // The calling thread's namespace (`/proc/<tid>/ns/net`): the host's in the worker;
+            // a test may run the worker's network code from a thread in a namespace of its own.
+            Uplink::Host => Some(nix::unistd::gettid().to_string()),
             Uplink::None => None,
             Uplink::Netns(n) => Some(n.clone()),
         }
