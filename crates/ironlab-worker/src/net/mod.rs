@@ -456,7 +456,40 @@ impl Networks {
             }
             anyhow::Ok(())
         };
-        let (m, o, t, i, d) = tokio::join!(machines, outer, inner_tc, inside, dns);
+        let part = |step: &'static str| {
+            tracing::debug!(
+                step,
+                ms = t0.elapsed().as_millis() as u64,
+                "network setup part done"
+            );
+        };
+        let (m, o, t, i, d) = tokio::join!(
+            async {
+                let r = machines.await;
+                part("machines");
+                r
+            },
+            async {
+                let r = outer.await;
+                part("uplink outer end");
+                r
+            },
+            async {
+                let r = inner_tc.await;
+                part("uplink shaping");
+                r
+            },
+            async {
+                let r = inside.await;
+                part("sysctl and rules");
+                r
+            },
+            async {
+                let r = dns.await;
+                part("resolver");
+                r
+            }
+        );
         m?;
         o?;
         t?;
