@@ -5,6 +5,8 @@
 # shellcheck shell=bash
 
 WORK=$(mktemp -d /var/tmp/ironlab-bench.XXXXXX)
+# Benchmarks never let a run reach the real network: the worker gets no uplink.
+export IRONLAB_UPLINK=none
 UP_PID=""
 RUN=""
 

@@ -51,6 +51,8 @@ images/debian/build.sh "$IRONLAB_STOCK_IMAGES/debian"
 
 export IRONLAB_AGENT IRONLAB_STOCK_IMAGES IRONLAB_TEST_IMAGE_LAYOUT
 export IRONLAB_E2E_REQUIRED=1
+# No run of any test reaches the real network: workers get no uplink unless a test builds its own.
+export IRONLAB_UPLINK=none
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
 echo "test: IRONLAB_AGENT=$IRONLAB_AGENT"
 echo "test: IRONLAB_STOCK_IMAGES=$IRONLAB_STOCK_IMAGES"

@@ -89,7 +89,8 @@ export class Platform {
       ironlabBin(),
       ['up', '--listen', `127.0.0.1:${port}`, '--data-dir', path.join(dir, 'data')],
       {
-        env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'info', NO_COLOR: '1' },
+        // IRONLAB_UPLINK=none: a test never lets a run reach the real network.
+        env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'info', NO_COLOR: '1', IRONLAB_UPLINK: 'none' },
         stdio: ['ignore', 'pipe', log],
       },
     );
@@ -183,6 +184,20 @@ export class Platform {
         }
       }
       quiet('ip', ['netns', 'delete', `il-${id}`]);
+      const machineNs = fs.existsSync('/run/netns') ? fs.readdirSync('/run/netns') : [];
+      for (const ns of machineNs.filter((n) => n.startsWith(`ilm-${id}-`))) {
+        quiet('ip', ['netns', 'delete', ns]);
+      }
+    }
+    // Resolvers (dnsmasq) of this platform's runs: their configuration lives under our dir.
+    for (const pid of fs.readdirSync('/proc').filter((p) => /^\d+$/.test(p))) {
+      let cmd = '';
+      try {
+        cmd = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+      } catch {
+        continue;
+      }
+      if (cmd.includes('dnsmasq') && cmd.includes(this.dir)) quiet('kill', [pid]);
     }
     const mounts = fs
       .readFileSync('/proc/self/mounts', 'utf8')

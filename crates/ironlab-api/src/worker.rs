@@ -114,6 +114,11 @@ pub struct MachinePlan {
     /// The tasks that run on this machine (display order), resolved from the manifest.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tasks: Vec<TaskPlan>,
+    /// Network interfaces, `eth0`, `eth1`, … in order (addresses resolved by the control
+    /// plane). Empty in plans without networks: the machine then shares the run's namespace,
+    /// which has only `lo`.
+    #[serde(default)]
+    pub interfaces: Vec<InterfacePlan>,
 }
 
 /// One task of a machine, resolved by the control plane (the agent's `TaskDef`): defaults
@@ -220,6 +225,59 @@ pub struct TaskInputResult {
     pub hint: String,
 }
 
+/// One interface of a machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfacePlan {
+    /// Name of a network of the run ([`NetworkPlan::name`]).
+    pub network: String,
+    /// IPv4 address inside the network's subnet (no prefix length).
+    pub address: String,
+}
+
+/// A virtual LAN of a run: one bridge in the run's network namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkPlan {
+    /// `[a-z0-9-]`, 1–20 characters; machines are also reachable as `MACHINE.NAME`.
+    pub name: String,
+    /// IPv4 subnet in CIDR form, e.g. `172.16.0.0/24`.
+    pub subnet: String,
+    /// Non-private networks: the address the worker gives the bridge (gateway, NAT, DNS).
+    /// Private networks: the default route of machines that are on no other network (the
+    /// address of a router machine; the worker puts nothing there). `None`: no default route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// No gateway, no NAT, no resolver on this network.
+    #[serde(default)]
+    pub private: bool,
+}
+
+/// What leaves a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EgressPolicy {
+    /// Nothing leaves the run (names of the run's machines still resolve).
+    #[default]
+    None,
+    /// DNS for the allowed domains, and HTTP/HTTPS (TCP 80, 443) to the addresses they resolve to.
+    Allowlist,
+    /// Anything except the worker's and the host's addresses, private and link-local ranges.
+    Open,
+}
+
+/// Egress of a run.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct EgressPlan {
+    /// The policy.
+    #[serde(default)]
+    pub policy: EgressPolicy,
+    /// Domains (and their subdomains) reachable under [`EgressPolicy::Allowlist`].
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Bandwidth limit of the run's uplink in bits per second, each direction; 0 = none.
+    #[serde(default)]
+    pub bandwidth_bps: u64,
+}
+
 /// Everything a worker needs to start a run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunPlan {
@@ -227,6 +285,12 @@ pub struct RunPlan {
     pub run_id: String,
     /// 1–5 machines.
     pub machines: Vec<MachinePlan>,
+    /// Networks (empty in old plans: every machine shares one namespace with only `lo`).
+    #[serde(default)]
+    pub networks: Vec<NetworkPlan>,
+    /// Egress policy and bandwidth.
+    #[serde(default)]
+    pub egress: EgressPlan,
 }
 
 /// Observed state of a run on a worker.

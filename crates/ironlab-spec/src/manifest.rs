@@ -60,10 +60,13 @@ pub struct Network {
     pub name: String,
     /// IPv4 CIDR, e.g. `172.16.0.0/24`.
     pub subnet: String,
-    /// Gateway address inside the subnet; default: the first host address.
+    /// Gateway address inside the subnet. On a non-private network the platform owns it
+    /// (NAT, resolver); default: the first host address. On a private network it is optional
+    /// and names a machine's address (a router the student sets up): machines that are on no
+    /// non-private network get their default route through it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<String>,
-    /// No gateway and no NAT on this network.
+    /// No platform gateway, NAT or resolver on this network.
     #[serde(default)]
     pub private: bool,
 }

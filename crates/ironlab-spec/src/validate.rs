@@ -115,12 +115,6 @@ pub fn validate(m: &Manifest) -> Vec<FieldError> {
                     );
                 }
                 if let Some(g) = &n.gateway {
-                    if n.private {
-                        err(
-                            format!("{path}.gateway"),
-                            "a private network has no gateway".into(),
-                        );
-                    }
                     match g.parse::<Ipv4Addr>() {
                         Ok(ip) if s.contains_host(ip) => {}
                         Ok(_) => err(
@@ -155,6 +149,21 @@ pub fn validate(m: &Manifest) -> Vec<FieldError> {
     }
     let mut machine_names = HashSet::new();
     let mut addresses: HashSet<(String, Ipv4Addr)> = HashSet::new();
+    // The platform's address on each non-private network (its gateway, default the first host).
+    let gateways: BTreeMap<&str, Ipv4Addr> = p
+        .networks
+        .iter()
+        .filter(|n| !n.private)
+        .filter_map(|n| {
+            let s = Subnet::parse(&n.subnet).ok()?;
+            let g = match &n.gateway {
+                Some(g) => g.parse().ok()?,
+                None => s.host(1)?,
+            };
+            Some((n.name.as_str(), g))
+        })
+        .chain(default_net.and_then(|d| Some((d, Subnet::parse("172.16.0.0/24").ok()?.host(1)?))))
+        .collect();
     for (i, mach) in p.machines.iter().enumerate() {
         let path = format!("playground.machines[{i}]");
         if !is_name(&mach.name, 1, 30) {
@@ -268,6 +277,10 @@ pub fn validate(m: &Manifest) -> Vec<FieldError> {
             if let Some(a) = &iface.address {
                 let subnet = subnet.or_else(|| Subnet::parse("172.16.0.0/24").ok());
                 match (a.parse::<Ipv4Addr>(), subnet) {
+                    (Ok(ip), Some(_)) if gateways.get(iface.network.as_str()) == Some(&ip) => err(
+                        format!("{ipath}.address"),
+                        format!("{ip} is the gateway of network {:?}", iface.network),
+                    ),
                     (Ok(ip), Some(s)) if s.contains_host(ip) => {
                         if !addresses.insert((iface.network.clone(), ip)) {
                             err(
@@ -451,6 +464,39 @@ fn validate_tasks(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_interface_cannot_take_the_gateway() {
+        let m = crate::parse_manifest(
+            r#"
+kind: playground
+name: gw-clash
+title: Clash
+playground:
+  networks:
+    - {name: lan, subnet: 10.1.0.0/24}
+    - {name: back, subnet: 10.2.0.0/24, private: true, gateway: 10.2.0.1}
+  machines:
+    - name: a
+      drives: [{source: debian, mount: /, size: 1GiB}]
+      network: {interfaces: [{network: lan, address: 10.1.0.1}, {network: back, address: 10.2.0.1}]}
+"#,
+        );
+        let errs = match m {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e.errors,
+        };
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(
+            errs[0].path,
+            "playground.machines[0].network.interfaces[0].address"
+        );
+        assert!(
+            errs[0]
+                .message
+                .contains("is the gateway of network \"lan\"")
+        );
+    }
 
     #[test]
     fn subnets() {

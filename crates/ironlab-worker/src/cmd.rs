@@ -78,3 +78,39 @@ pub async fn stdout<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Result<String
     let out = run(program, args).await?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// Like [`run`], writing `input` to the program's stdin (e.g. `ip -batch -`).
+pub async fn run_with_input<S: AsRef<OsStr>>(
+    program: &str,
+    args: &[S],
+    input: &str,
+) -> Result<Output, CmdError> {
+    use tokio::io::AsyncWriteExt;
+    let cmd = display(program, args);
+    tracing::trace!(%cmd, "running with input");
+    let spawn_err = |source| CmdError::Spawn {
+        cmd: cmd.clone(),
+        source,
+    };
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(spawn_err)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A program that exits early closes the pipe; its status tells why.
+        let _ = stdin.write_all(input.as_bytes()).await;
+    }
+    let out = child.wait_with_output().await.map_err(spawn_err)?;
+    if !out.status.success() {
+        return Err(CmdError::Failed {
+            cmd,
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(out)
+}

@@ -20,6 +20,7 @@ pub mod cmd;
 pub mod drives;
 pub mod host;
 pub mod images;
+pub mod net;
 pub mod pool;
 pub mod portfwd;
 pub mod relay;
@@ -54,6 +55,8 @@ pub struct WorkerConfig {
     pub stock_dir: PathBuf,
     /// Registries reached over plain HTTP (`HOST:PORT`).
     pub insecure_registries: Vec<String>,
+    /// Runs' networks: where uplinks lead, upstream resolvers.
+    pub net: net::NetConfig,
 }
 
 /// A worker serving in the background.
@@ -112,7 +115,7 @@ pub async fn start_with(
         );
     }
     let runtime = Arc::new(ContainerRuntime::new(info.oci, config.agent_bin.clone()));
-    let runs = RunManager::new(runs_dir, runtime, drives);
+    let runs = RunManager::with_net(runs_dir, runtime, drives, config.net.clone());
     runs.recover().await.context("cannot recover runs")?;
 
     let listener = tokio::net::TcpListener::bind(config.listen)

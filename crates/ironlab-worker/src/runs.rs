@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agent_client::{self, Agent};
 use crate::drives::{DriveProvider, Progress};
 use crate::host;
+use crate::net::{self, NetConfig, Networks};
 use crate::runtime::{MachineHandle, MachineRuntime, MachineSpec, MachineState, tail};
 
 pub mod lifecycle;
@@ -150,6 +151,7 @@ pub struct RunManager {
     drives: Arc<dyn DriveProvider>,
     runs: Mutex<HashMap<String, Arc<Run>>>,
     tasks: Arc<crate::tasks::TaskRelay>,
+    net: Networks,
 }
 
 /// Checks a run id: 1–12 characters `[a-z0-9]` (the netns `il-<run>` must fit 15 characters).
@@ -226,6 +228,14 @@ pub fn validate_plan(run_id: &str, plan: &RunPlan) -> Result<(), RunError> {
                 )));
             }
         }
+        if plan.networks.is_empty() && !m.interfaces.is_empty() {
+            return Err(RunError::BadRequest(format!(
+                "machines[{i}].interfaces: the plan has no networks"
+            )));
+        }
+    }
+    if !plan.networks.is_empty() {
+        net::layout::validate(plan).map_err(RunError::BadRequest)?;
     }
     Ok(())
 }
@@ -261,13 +271,24 @@ fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
 }
 
 impl RunManager {
-    /// A manager for runs under `runs_dir` (`pool/runs`).
+    /// A manager for runs under `runs_dir` (`pool/runs`); runs get no uplink.
     pub fn new(
         runs_dir: PathBuf,
         runtime: Arc<dyn MachineRuntime>,
         drives: Arc<dyn DriveProvider>,
     ) -> Arc<Self> {
+        Self::with_net(runs_dir, runtime, drives, NetConfig::default())
+    }
+
+    /// A manager for runs under `runs_dir` (`pool/runs`), with runs' uplinks per `net`.
+    pub fn with_net(
+        runs_dir: PathBuf,
+        runtime: Arc<dyn MachineRuntime>,
+        drives: Arc<dyn DriveProvider>,
+        net: NetConfig,
+    ) -> Arc<Self> {
         Arc::new(Self {
+            net: Networks::new(net, runs_dir.clone()),
             runs_dir,
             runtime,
             drives,
@@ -388,8 +409,9 @@ impl RunManager {
             &run_dir.join("plan.json"),
             &serde_json::to_vec_pretty(&run.plan)?,
         )?;
-        // Created by the first machine that needs it (after its image is ready).
-        let netns = tokio::sync::OnceCell::<PathBuf>::new();
+        // Created by the first machine that needs it (after its image is ready): the run's
+        // namespace, and with networks in the plan, every machine's own namespace too.
+        let netns = tokio::sync::OnceCell::<MachineNamespaces>::new();
         let netns = &netns;
         check_cancel(&run.cancel)?;
 
@@ -441,7 +463,7 @@ impl RunManager {
         &self,
         run: &Arc<Run>,
         m: &MachinePlan,
-        netns: &tokio::sync::OnceCell<PathBuf>,
+        netns: &tokio::sync::OnceCell<MachineNamespaces>,
         cancel: &CancellationToken,
     ) -> anyhow::Result<()> {
         let run_id = run.plan.run_id.clone();
@@ -469,13 +491,10 @@ impl RunManager {
             })?;
         check_cancel(cancel)?;
         let t_drive = t0.elapsed();
-        let netns = netns
-            .get_or_try_init(|| {
-                let name = netns_name(&run_id);
-                async move { host::ensure_netns(&name).await }
-            })
-            .await?
-            .clone();
+        let namespaces = netns
+            .get_or_try_init(|| self.setup_network(&run.plan))
+            .await?;
+        let (netns, etc_hosts, resolv_conf) = namespaces.for_machine(&m.name)?;
         let spec = MachineSpec {
             run_id: run_id.clone(),
             plan: m.clone(),
@@ -483,6 +502,8 @@ impl RunManager {
             root_drive: root,
             netns,
             image_env: image.env.clone(),
+            etc_hosts,
+            resolv_conf,
         };
         write_atomic(
             &handle.dir.join("image-env.json"),
@@ -547,6 +568,27 @@ impl RunManager {
         Ok(())
     }
 
+    /// The run's namespace; with networks in the plan, also bridges, machine namespaces,
+    /// uplink, rules and resolver.
+    async fn setup_network(&self, plan: &RunPlan) -> anyhow::Result<MachineNamespaces> {
+        if plan.networks.is_empty() {
+            let run = host::ensure_netns(&netns_name(&plan.run_id)).await?;
+            return Ok(MachineNamespaces {
+                run,
+                machines: Default::default(),
+                layout: None,
+            });
+        }
+        let layout = net::layout::Layout::new(plan)
+            .map_err(|e| anyhow::anyhow!("invalid network plan: {e}"))?;
+        let machines = self.net.setup(plan).await?;
+        Ok(MachineNamespaces {
+            run: host::netns_path(&netns_name(&plan.run_id)),
+            machines,
+            layout: Some(layout),
+        })
+    }
+
     /// Waits until the machine's agent answers `Health`, failing early if the machine stops.
     async fn wait_agent(&self, m: &MachineHandle) -> anyhow::Result<Agent> {
         let socket = self.runtime.agent(m).socket;
@@ -593,7 +635,8 @@ impl RunManager {
             for e in rd.flatten() {
                 if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
                     let n = e.file_name().to_string_lossy().into_owned();
-                    if !names.contains(&n) {
+                    // Not a machine: the network's files (`_net`), torn down below.
+                    if !names.contains(&n) && valid_machine_name(&n) {
                         names.push(n);
                     }
                 }
@@ -609,6 +652,9 @@ impl RunManager {
             if let Err(e) = r {
                 errors.push(format!("{:#}", anyhow::Error::from(e)));
             }
+        }
+        if let Err(e) = self.net.teardown(run_id).await {
+            errors.push(format!("{e:#}"));
         }
         if let Err(e) = host::delete_netns(&netns_name(run_id)).await {
             errors.push(format!("{e:#}"));
@@ -876,12 +922,19 @@ impl RunManager {
                 .await
                 .with_context(|| format!("machine {}", m.name))?;
         }
+        if !plan.networks.is_empty() {
+            self.net.ensure(&plan).await.context("its network")?;
+        }
         Ok(plan)
     }
 
     async fn clean_leftovers(&self, keep: &[String]) -> anyhow::Result<()> {
         if let Err(e) = self.runtime.clean_leftovers(&self.runs_dir, keep).await {
             tracing::warn!("cleaning runtime leftovers: {e:#}");
+        }
+        let has_machines = async |run: &str| self.runtime_has_run(run).await;
+        if let Err(e) = self.net.clean_leftovers(keep, has_machines).await {
+            tracing::warn!("cleaning network leftovers: {e:#}");
         }
         // Namespaces and cgroups carry no owner; only remove those of no run here that are old
         // enough not to belong to a run another worker on this host is starting right now.
@@ -937,6 +990,34 @@ impl RunManager {
     }
 }
 
+/// The namespaces machines of a run join.
+struct MachineNamespaces {
+    /// The run's namespace (`il-<run>`): every machine's when the plan has no networks.
+    run: PathBuf,
+    /// Each machine's own namespace (plans with networks).
+    machines: std::collections::BTreeMap<String, PathBuf>,
+    /// The network layout (plans with networks).
+    layout: Option<net::layout::Layout>,
+}
+
+impl MachineNamespaces {
+    /// The namespace machine `name` joins, and its `/etc/hosts` and `/etc/resolv.conf` (plans
+    /// with networks).
+    fn for_machine(&self, name: &str) -> anyhow::Result<(PathBuf, Option<String>, Option<String>)> {
+        Ok(match &self.layout {
+            Some(l) => (
+                self.machines
+                    .get(name)
+                    .cloned()
+                    .with_context(|| format!("no network namespace for {name}"))?,
+                Some(l.hosts_file(name)),
+                Some(l.resolv_conf(name)),
+            ),
+            None => (self.run.clone(), None, None),
+        })
+    }
+}
+
 fn read_plan(dir: &Path) -> anyhow::Result<RunPlan> {
     let p = dir.join("plan.json");
     let text = fs_err::read(&p)?;
@@ -966,7 +1047,10 @@ mod tests {
                 default_user: "root".into(),
                 files: vec![],
                 tasks: vec![],
+                interfaces: vec![],
             }],
+            networks: vec![],
+            egress: Default::default(),
         }
     }
 

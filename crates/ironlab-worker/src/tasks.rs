@@ -429,6 +429,7 @@ mod tests {
             default_user: "root".into(),
             files: vec![],
             tasks,
+            interfaces: vec![],
         }
     }
 
@@ -457,6 +458,8 @@ mod tests {
                 machine("b", vec![task("far", &[])]),
                 machine("c", vec![]),
             ],
+            networks: vec![],
+            egress: Default::default(),
         }
     }
 

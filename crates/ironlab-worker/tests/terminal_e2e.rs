@@ -77,6 +77,7 @@ impl Fixture {
             agent_bin: agent,
             stock_dir: tmp.path().join("stock"),
             insecure_registries: vec![],
+            net: Default::default(),
         };
         let drives = Arc::new(FileDrives {
             file: drive,
@@ -113,8 +114,11 @@ impl Fixture {
                     default_user: "laborant".into(),
                     files: vec![],
                     tasks: vec![],
+                    interfaces: vec![],
                 })
                 .collect(),
+            networks: vec![],
+            egress: Default::default(),
         };
         let r = f
             .http

@@ -76,6 +76,7 @@ impl Fixture {
             agent_bin: self.agent.clone(),
             stock_dir: self._tmp.path().join("stock"),
             insecure_registries: vec![],
+            net: Default::default(),
         };
         let drives = Arc::new(FileDrives {
             file: self.drive.clone(),
@@ -323,8 +324,11 @@ fn plan(run: &str, machines: &[&str]) -> RunPlan {
                     append: false,
                 }],
                 tasks: vec![],
+                interfaces: vec![],
             })
             .collect(),
+        networks: vec![],
+        egress: Default::default(),
     }
 }
 

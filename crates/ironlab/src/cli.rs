@@ -74,6 +74,24 @@ pub struct WorkerOptions {
         value_delimiter = ','
     )]
     pub insecure_registries: Vec<String>,
+    /// Where runs' traffic leaves: `host` (forwarding + NAT through the host), `none` (nothing
+    /// leaves any run) or `netns:NAME` (a network namespace that routes it, e.g. a test's).
+    #[arg(
+        long,
+        env = "IRONLAB_UPLINK",
+        value_name = "MODE",
+        default_value = "host"
+    )]
+    pub uplink: String,
+    /// Resolvers runs' names are forwarded to [default: the host's /etc/resolv.conf]; repeat or
+    /// comma-separate.
+    #[arg(
+        long = "upstream-dns",
+        env = "IRONLAB_UPSTREAM_DNS",
+        value_name = "IP",
+        value_delimiter = ','
+    )]
+    pub upstream_dns: Vec<std::net::Ipv4Addr>,
 }
 
 #[derive(Debug, Args)]

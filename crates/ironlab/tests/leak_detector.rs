@@ -40,6 +40,7 @@ fn leak_detector_sees_and_scrubs_every_kind_of_leftover() {
 
     // A netns, a loop device over a file of the run, a mount inside the run dir, a cgroup.
     run_ok("ip", &["netns", "add", &format!("il-{run}")]);
+    run_ok("ip", &["netns", "add", &format!("ilm-{run}-box")]);
     let img = run_dir.join("box/root.ext4");
     run_ok("truncate", &["-s", "8M", &img.to_string_lossy()]);
     run_ok("mkfs.ext4", &["-q", &img.to_string_lossy()]);
@@ -84,6 +85,10 @@ fn leak_detector_sees_and_scrubs_every_kind_of_leftover() {
     assert!(
         all.contains(&format!("network namespace il-{run}")),
         "netns not seen:\n{all}"
+    );
+    assert!(
+        all.contains(&format!("network namespace ilm-{run}-box")),
+        "machine netns not seen:\n{all}"
     );
     assert!(all.contains("loop device"), "loop device not seen:\n{all}");
     assert!(all.contains("mount "), "mount not seen:\n{all}");

@@ -1,14 +1,39 @@
 //! Resolving a playground manifest into the plan a worker executes.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
 
-use ironlab_api::worker::{FilePlan, ImageRef, MachinePlan, RunPlan, TaskPlan};
-use ironlab_spec::{ImageSource, Manifest, RuntimeKind, Task};
+use ironlab_api::worker::{
+    EgressPlan, EgressPolicy, FilePlan, ImageRef, InterfacePlan, MachinePlan, NetworkPlan, RunPlan,
+    TaskPlan,
+};
+use ironlab_spec::{Egress, ImageSource, Manifest, RuntimeKind, Subnet, Task};
 
 use crate::error::{ApiError, ApiResult};
 
 /// Process limit of every machine unless a later manifest field says otherwise.
 pub const DEFAULT_PIDS_LIMIT: u32 = 1024;
+
+/// Domains reachable under the `allowlist` egress policy: package registries and code hosts
+/// (each name covers its subdomains).
+pub const DEFAULT_EGRESS_ALLOW: &[&str] = &[
+    "deb.debian.org",
+    "security.debian.org",
+    "archive.ubuntu.com",
+    "security.ubuntu.com",
+    "pypi.org",
+    "files.pythonhosted.org",
+    "registry.npmjs.org",
+    "crates.io",
+    "static.crates.io",
+    "index.crates.io",
+    "proxy.golang.org",
+    "github.com",
+    "githubusercontent.com",
+];
+
+/// Bandwidth of a run's uplink (each direction) until user plans say otherwise: 100 Mbit/s.
+pub const DEFAULT_BANDWIDTH_BPS: u64 = 100_000_000;
 
 /// Turns a validated manifest into a [`RunPlan`] for run `run_id`.
 ///
@@ -19,8 +44,15 @@ pub fn resolve(
     manifest: &Manifest,
     worker_runtimes: &[String],
 ) -> ApiResult<RunPlan> {
+    let (networks, interfaces) = resolve_networks(manifest)?;
     let mut machines = Vec::new();
-    for (i, m) in manifest.playground.machines.iter().enumerate() {
+    for ((i, m), interfaces) in manifest
+        .playground
+        .machines
+        .iter()
+        .enumerate()
+        .zip(interfaces)
+    {
         let path = format!("playground.machines[{i}]");
         let runtime = match m.runtime {
             RuntimeKind::Auto | RuntimeKind::Container => "container",
@@ -84,6 +116,7 @@ pub fn resolve(
             default_user: m.default_user().to_string(),
             files,
             tasks: Vec::new(),
+            interfaces,
         });
     }
     let first = machines.first().map(|m| m.name.clone()).unwrap_or_default();
@@ -100,6 +133,16 @@ pub fn resolve(
     Ok(RunPlan {
         run_id: run_id.to_string(),
         machines,
+        networks,
+        egress: EgressPlan {
+            policy: match manifest.playground.egress {
+                Egress::None => EgressPolicy::None,
+                Egress::Allowlist => EgressPolicy::Allowlist,
+                Egress::Open => EgressPolicy::Open,
+            },
+            allow: DEFAULT_EGRESS_ALLOW.iter().map(|d| d.to_string()).collect(),
+            bandwidth_bps: DEFAULT_BANDWIDTH_BPS,
+        },
     })
 }
 
@@ -163,6 +206,102 @@ pub fn checklist_order(tasks: &BTreeMap<String, Task>) -> Vec<String> {
     }
     order.extend(tasks.keys().filter(|n| !done.contains(n.as_str())).cloned());
     order
+}
+
+/// The networks of a manifest (the default `local` one when none are declared) and every
+/// machine's interfaces with addresses.
+///
+/// A non-private network's gateway is its `gateway` or the first host address. Interfaces
+/// without an address get, in machine order, the lowest host address of their subnet that is
+/// neither the gateway nor an address the manifest gives another interface, so the same manifest
+/// always yields the same addresses. A machine without interfaces is on the first network.
+fn resolve_networks(manifest: &Manifest) -> ApiResult<(Vec<NetworkPlan>, Vec<Vec<InterfacePlan>>)> {
+    let nets = manifest.effective_networks();
+    let mut plans = Vec::new();
+    let mut subnets: BTreeMap<&str, Subnet> = BTreeMap::new();
+    let mut taken: BTreeMap<String, BTreeSet<Ipv4Addr>> = BTreeMap::new();
+    for (i, n) in nets.iter().enumerate() {
+        let bad = |field: &str, e: String| {
+            ApiError::BadRequest(format!("playground.networks[{i}].{field}: {e}"))
+        };
+        let subnet = Subnet::parse(&n.subnet).map_err(|e| bad("subnet", e))?;
+        let gateway = match (&n.gateway, n.private) {
+            (Some(g), _) => Some(
+                g.parse::<Ipv4Addr>()
+                    .map_err(|_| bad("gateway", format!("{g:?} is not an IPv4 address")))?,
+            ),
+            (None, false) => Some(
+                subnet
+                    .host(1)
+                    .ok_or_else(|| bad("subnet", format!("{} has no host address", n.subnet)))?,
+            ),
+            (None, true) => None,
+        };
+        let reserved = taken.entry(n.name.clone()).or_default();
+        if let (Some(g), false) = (gateway, n.private) {
+            reserved.insert(g);
+        }
+        subnets.insert(n.name.as_str(), subnet);
+        plans.push(NetworkPlan {
+            name: n.name.clone(),
+            subnet: n.subnet.clone(),
+            gateway: gateway.map(|g| g.to_string()),
+            private: n.private,
+        });
+    }
+    let machines = &manifest.playground.machines;
+    // Explicit addresses first, so assigned ones never take them.
+    for m in machines {
+        for iface in &m.network.interfaces {
+            if let Some(a) = iface.address.as_ref().and_then(|a| a.parse().ok()) {
+                taken.entry(iface.network.clone()).or_default().insert(a);
+            }
+        }
+    }
+    let first = nets.first().map(|n| n.name.clone()).unwrap_or_default();
+    let mut all = Vec::new();
+    for (i, m) in machines.iter().enumerate() {
+        let declared: Vec<(String, Option<String>)> = if m.network.interfaces.is_empty() {
+            vec![(first.clone(), None)]
+        } else {
+            m.network
+                .interfaces
+                .iter()
+                .map(|f| (f.network.clone(), f.address.clone()))
+                .collect()
+        };
+        let mut ifaces = Vec::new();
+        for (j, (network, address)) in declared.into_iter().enumerate() {
+            let path = format!("playground.machines[{i}].network.interfaces[{j}]");
+            let subnet = *subnets.get(network.as_str()).ok_or_else(|| {
+                ApiError::BadRequest(format!("{path}.network: no network named {network:?}"))
+            })?;
+            let address = match address {
+                Some(a) => a,
+                None => {
+                    let used = taken.entry(network.clone()).or_default();
+                    let ip = (1..)
+                        .map_while(|k| subnet.host(k))
+                        .find(|ip| !used.contains(ip))
+                        .ok_or_else(|| {
+                            ApiError::BadRequest(format!(
+                                "{path}: network {network:?} ({}) has no free address left",
+                                subnet_str(subnet)
+                            ))
+                        })?;
+                    used.insert(ip);
+                    ip.to_string()
+                }
+            };
+            ifaces.push(InterfacePlan { network, address });
+        }
+        all.push(ifaces);
+    }
+    Ok((plans, all))
+}
+
+fn subnet_str(s: Subnet) -> String {
+    format!("{}/{}", s.addr, s.prefix)
 }
 
 #[cfg(test)]
@@ -258,6 +397,104 @@ playground:
         assert_eq!(beta.env.get("X").map(String::as_str), Some("1"));
         assert!(plan.machines[0].tasks[1].input);
         assert!(plan.machines[0].tasks[0].init);
+    }
+
+    #[test]
+    fn networks_get_gateways_and_machines_get_stable_addresses() {
+        let m = manifest(
+            r#"
+kind: playground
+name: router-lab
+title: Router
+playground:
+  networks:
+    - {name: lan, subnet: 172.16.0.0/24}
+    - {name: back, subnet: 10.0.1.0/24, private: true, gateway: 10.0.1.1}
+  machines:
+    - name: router
+      drives: [{source: debian, mount: /, size: 4GiB}]
+      network: {interfaces: [{network: lan}, {network: back, address: 10.0.1.1}]}
+    - name: web
+      drives: [{source: debian, mount: /, size: 4GiB}]
+      network: {interfaces: [{network: lan, address: 172.16.0.2}]}
+    - name: db
+      drives: [{source: debian, mount: /, size: 4GiB}]
+      network: {interfaces: [{network: back}]}
+  egress: open
+"#,
+        );
+        let plan = resolve("r", &m, &["container".into()]).expect("resolves");
+        assert_eq!(plan.networks.len(), 2);
+        assert_eq!(plan.networks[0].gateway.as_deref(), Some("172.16.0.1"));
+        assert!(!plan.networks[0].private);
+        assert_eq!(plan.networks[1].gateway.as_deref(), Some("10.0.1.1"));
+        assert!(plan.networks[1].private);
+        let addrs = |i: usize| -> Vec<(String, String)> {
+            plan.machines[i]
+                .interfaces
+                .iter()
+                .map(|f| (f.network.clone(), f.address.clone()))
+                .collect()
+        };
+        // .1 is the gateway and .2 is taken by web, so the router gets .3; db skips 10.0.1.1.
+        assert_eq!(
+            addrs(0),
+            vec![
+                ("lan".into(), "172.16.0.3".into()),
+                ("back".into(), "10.0.1.1".into())
+            ]
+        );
+        assert_eq!(addrs(1), vec![("lan".into(), "172.16.0.2".into())]);
+        assert_eq!(addrs(2), vec![("back".into(), "10.0.1.2".into())]);
+        assert_eq!(plan.egress.policy, EgressPolicy::Open);
+        assert_eq!(plan.egress.bandwidth_bps, DEFAULT_BANDWIDTH_BPS);
+        assert!(plan.egress.allow.iter().any(|d| d == "deb.debian.org"));
+        // The same manifest always gives the same plan.
+        assert_eq!(
+            plan,
+            resolve("r", &m, &["container".into()]).expect("again")
+        );
+    }
+
+    #[test]
+    fn the_default_network_and_a_full_subnet() {
+        let m = manifest(
+            r#"
+kind: playground
+name: one
+title: One
+playground:
+  machines:
+    - {name: a, drives: [{source: debian, mount: /, size: 4GiB}]}
+    - {name: b, drives: [{source: debian, mount: /, size: 4GiB}]}
+"#,
+        );
+        let plan = resolve("r", &m, &["container".into()]).expect("resolves");
+        assert_eq!(plan.networks[0].name, "local");
+        assert_eq!(plan.networks[0].subnet, "172.16.0.0/24");
+        assert_eq!(plan.machines[0].interfaces[0].address, "172.16.0.2");
+        assert_eq!(plan.machines[1].interfaces[0].address, "172.16.0.3");
+        assert_eq!(plan.egress.policy, EgressPolicy::Allowlist);
+
+        // A /30 holds two hosts: the gateway and one machine.
+        let m = manifest(
+            r#"
+kind: playground
+name: tiny
+title: Tiny
+playground:
+  networks: [{name: tiny, subnet: 10.9.0.0/30}]
+  machines:
+    - {name: a, drives: [{source: debian, mount: /, size: 4GiB}]}
+    - {name: b, drives: [{source: debian, mount: /, size: 4GiB}]}
+"#,
+        );
+        let err = resolve("r", &m, &["container".into()]).expect_err("full");
+        assert!(
+            err.to_string()
+                .contains("playground.machines[1].network.interfaces[0]: network \"tiny\" (10.9.0.0/30) has no free address left"),
+            "{err}"
+        );
     }
 
     #[test]

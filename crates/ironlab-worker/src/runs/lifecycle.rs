@@ -349,6 +349,9 @@ impl RunManager {
             .into_iter()
             .filter_map(|r| r.err().map(|e| format!("{e:#}")))
             .collect();
+        if let Err(e) = self.net.teardown(run_id).await {
+            errors.push(format!("{e:#}"));
+        }
         if let Err(e) = host::delete_netns(&netns_name(run_id)).await {
             errors.push(format!("{e:#}"));
         }
@@ -439,43 +442,44 @@ impl RunManager {
 
     async fn boot_all(self: &Arc<Self>, run: &Arc<Run>) -> anyhow::Result<()> {
         let run_id = &run.plan.run_id;
-        let netns = host::ensure_netns(&netns_name(run_id)).await?;
-        let results = futures::future::join_all(run.plan.machines.iter().map(|m| {
-            let netns = netns.clone();
-            async move {
-                async {
-                    let h = MachineHandle::new(&self.runs_dir, run_id, &m.name);
-                    let root = h.dir.join("root.ext4");
-                    if !root.is_file() {
-                        restore_drives(run_id, &m.name, &root)?;
-                    }
-                    let image_env: Vec<String> = std::fs::read(h.dir.join("image-env.json"))
-                        .ok()
-                        .and_then(|b| serde_json::from_slice(&b).ok())
-                        .unwrap_or_default();
-                    let spec = MachineSpec {
-                        run_id: run_id.clone(),
-                        plan: m.clone(),
-                        dir: h.dir.clone(),
-                        root_drive: root,
-                        netns,
-                        image_env,
-                    };
-                    let h = self.runtime.start(&spec).await?;
-                    let client = tokio::select! {
-                        r = self.wait_agent(&h) => r?,
-                        () = run.cancel.cancelled() => anyhow::bail!("cancelled"),
-                    };
-                    run.agents
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(m.name.clone(), client);
-                    run.set_machine(&m.name, ObservedState::Running, None);
-                    anyhow::Ok(())
+        let namespaces = self.setup_network(&run.plan).await?;
+        let namespaces = &namespaces;
+        let results = futures::future::join_all(run.plan.machines.iter().map(|m| async move {
+            async {
+                let h = MachineHandle::new(&self.runs_dir, run_id, &m.name);
+                let root = h.dir.join("root.ext4");
+                if !root.is_file() {
+                    restore_drives(run_id, &m.name, &root)?;
                 }
-                .await
-                .with_context(|| format!("machine {}", m.name))
+                let image_env: Vec<String> = std::fs::read(h.dir.join("image-env.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .unwrap_or_default();
+                let (netns, etc_hosts, resolv_conf) = namespaces.for_machine(&m.name)?;
+                let spec = MachineSpec {
+                    run_id: run_id.clone(),
+                    plan: m.clone(),
+                    dir: h.dir.clone(),
+                    root_drive: root,
+                    netns,
+                    image_env,
+                    etc_hosts,
+                    resolv_conf,
+                };
+                let h = self.runtime.start(&spec).await?;
+                let client = tokio::select! {
+                    r = self.wait_agent(&h) => r?,
+                    () = run.cancel.cancelled() => anyhow::bail!("cancelled"),
+                };
+                run.agents
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(m.name.clone(), client);
+                run.set_machine(&m.name, ObservedState::Running, None);
+                anyhow::Ok(())
             }
+            .await
+            .with_context(|| format!("machine {}", m.name))
         }))
         .await;
         for r in results {

@@ -248,8 +248,13 @@ impl ContainerRuntime {
         let t0 = std::time::Instant::now();
         host::loop_mount(&spec.root_drive, &rootfs).await?;
         let t_mount = t0.elapsed();
-        prepare_rootfs(&rootfs, &spec.plan.name)
-            .with_context(|| format!("cannot prepare rootfs {}", rootfs.display()))?;
+        prepare_rootfs(
+            &rootfs,
+            &spec.plan.name,
+            spec.etc_hosts.as_deref(),
+            spec.resolv_conf.as_deref(),
+        )
+        .with_context(|| format!("cannot prepare rootfs {}", rootfs.display()))?;
 
         let config = bundle_config(spec, &rootfs, &agent_dir, &self.agent_bin);
         let config_path = bundle.join("config.json");
@@ -404,8 +409,14 @@ fn write_in_root(root: &Path, rel: &str, content: &[u8], mode: u32) -> anyhow::R
 
 use fs_err::os::unix::fs::OpenOptionsExt as _;
 
-/// Creates the agent mountpoint and writes `/etc/hostname` and `/etc/hosts`.
-fn prepare_rootfs(rootfs: &Path, hostname: &str) -> anyhow::Result<()> {
+/// Creates the agent mountpoint and writes `/etc/hostname`, `/etc/hosts` (`hosts`, or
+/// localhost and the hostname) and, when given, `/etc/resolv.conf`.
+fn prepare_rootfs(
+    rootfs: &Path,
+    hostname: &str,
+    hosts: Option<&str>,
+    resolv_conf: Option<&str>,
+) -> anyhow::Result<()> {
     let agent_rel = Path::new(AGENT_IN_MACHINE.trim_start_matches('/'));
     let agent_dir = safe_parent(rootfs, agent_rel)?;
     let agent_path = agent_dir.join("agent");
@@ -426,11 +437,18 @@ fn prepare_rootfs(rootfs: &Path, hostname: &str) -> anyhow::Result<()> {
     ) {
         tracing::warn!("cannot write /etc/hostname: {e:#}");
     }
-    let hosts = format!(
-        "127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-    );
+    let hosts = hosts.map(str::to_string).unwrap_or_else(|| {
+        format!(
+            "127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+        )
+    });
     if let Err(e) = write_in_root(rootfs, "/etc/hosts", hosts.as_bytes(), 0o644) {
         tracing::warn!("cannot write /etc/hosts: {e:#}");
+    }
+    if let Some(resolv) = resolv_conf
+        && let Err(e) = write_in_root(rootfs, "/etc/resolv.conf", resolv.as_bytes(), 0o644)
+    {
+        tracing::warn!("cannot write /etc/resolv.conf: {e:#}");
     }
     Ok(())
 }
@@ -448,7 +466,13 @@ pub fn bundle_config(
         env.push(DEFAULT_PATH.to_string());
     }
     env.extend(spec.image_env.iter().cloned());
-    let caps: Vec<&str> = CAPABILITIES.to_vec();
+    // A machine in its own network namespace administers it (addresses, routes, forwarding:
+    // the router labs); the capability reaches no other namespace.
+    let own_netns = !plan.interfaces.is_empty();
+    let mut caps: Vec<&str> = CAPABILITIES.to_vec();
+    if own_netns {
+        caps.push("CAP_NET_ADMIN");
+    }
     let nofile = nofile_limit();
     let cpus = u64::from(plan.cpus.max(1));
     let mut resources = json!({
@@ -522,11 +546,37 @@ pub fn bundle_config(
                 "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
                 "/sys/firmware", "/sys/devices/virtual/powercap"
             ],
-            "readonlyPaths": [
-                "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"
-            ],
+            "readonlyPaths": readonly_paths(own_netns),
         },
     })
+}
+
+/// Read-only parts of `/proc`. A machine in its own network namespace may write
+/// `/proc/sys/net` (namespaced: `sysctl -w net.ipv4.ip_forward=1` affects it alone); every other
+/// entry of `/proc/sys` stays read-only (listed from the host's, so a new one is covered).
+fn readonly_paths(own_netns: bool) -> Vec<String> {
+    let mut v: Vec<String> = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sysrq-trigger"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let sys: Option<Vec<String>> = own_netns
+        .then(|| std::fs::read_dir("/proc/sys").ok())
+        .flatten()
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n != "net")
+                .map(|n| format!("/proc/sys/{n}"))
+                .collect()
+        });
+    match sys {
+        Some(mut entries) if !entries.is_empty() => {
+            entries.sort();
+            v.extend(entries);
+        }
+        _ => v.push("/proc/sys".to_string()),
+    }
+    v
 }
 
 /// `RLIMIT_NOFILE` for machines: 1048576, capped at the worker's own hard limit (raising it
@@ -671,11 +721,14 @@ mod tests {
                 default_user: "root".into(),
                 files: vec![],
                 tasks: vec![],
+                interfaces: vec![],
             },
             dir: "/p/runs/abc123/web".into(),
             root_drive: "/p/runs/abc123/web/root.ext4".into(),
             netns: "/var/run/netns/il-abc123".into(),
             image_env: vec!["LANG=C.UTF-8".into()],
+            etc_hosts: None,
+            resolv_conf: None,
         }
     }
 
@@ -733,7 +786,7 @@ mod tests {
     #[test]
     fn prepare_rootfs_creates_agent_mountpoint_and_hostname() {
         let root = tempfile::tempdir().expect("tempdir");
-        prepare_rootfs(root.path(), "lb").expect("prepare");
+        prepare_rootfs(root.path(), "lb", None, None).expect("prepare");
         assert!(root.path().join(".ironlab/agent").is_file());
         assert_eq!(
             fs_err::read_to_string(root.path().join("etc/hostname")).expect("read"),

@@ -21,10 +21,15 @@ pub struct MachineSpec {
     pub dir: PathBuf,
     /// The prepared root drive (ext4 file), normally `dir/root.ext4`.
     pub root_drive: PathBuf,
-    /// The run's network namespace (`/var/run/netns/il-<run>`).
+    /// The network namespace the machine joins: its own (`/var/run/netns/ilm-<run>-<machine>`)
+    /// when the plan has networks, else the run's (`/var/run/netns/il-<run>`).
     pub netns: PathBuf,
     /// Environment from the image config (`KEY=VALUE`).
     pub image_env: Vec<String>,
+    /// `/etc/hosts` to write (plans with networks); `None`: localhost and the hostname only.
+    pub etc_hosts: Option<String>,
+    /// `/etc/resolv.conf` to write (plans with networks); `None`: the image's is kept.
+    pub resolv_conf: Option<String>,
 }
 
 /// Names a machine on the host. Derivable from names alone, so teardown works after a crash.

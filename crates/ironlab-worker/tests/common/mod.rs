@@ -83,7 +83,8 @@ pub fn busybox_drive(dir: &Path) -> PathBuf {
     for a in [
         "sh", "cat", "echo", "hostname", "id", "sleep", "whoami", "true", "false", "ls", "head",
         "yes", "dd", "adduser", "addgroup", "ps", "env", "stty", "wc", "grep", "mkdir", "chown",
-        "chmod", "tr", "seq",
+        "chmod", "tr", "seq", "ping", "ip", "wget", "nc", "nslookup", "sysctl", "route", "timeout",
+        "httpd", "rm", "date",
     ] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(a)).expect("symlink");
     }

@@ -95,6 +95,12 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<i32> {
         agent_bin: args.options.agent.unwrap_or_else(default_agent),
         stock_dir: args.options.stock_images,
         insecure_registries: args.options.insecure_registries,
+        net: ironlab_worker::net::NetConfig {
+            uplink: ironlab_worker::net::Uplink::parse(&args.options.uplink)
+                .map_err(|e| anyhow::anyhow!("--uplink: {e}"))?,
+            upstream_dns: args.options.upstream_dns,
+            ..Default::default()
+        },
     };
     ironlab_worker::serve(config, shutdown_signal()).await?;
     Ok(0)
@@ -167,8 +173,20 @@ impl WorkerSpec {
             cmd.arg("--insecure-registry")
                 .arg(self.options.insecure_registries.join(","));
         }
+        cmd.arg("--uplink").arg(&self.options.uplink);
+        if !self.options.upstream_dns.is_empty() {
+            let dns: Vec<String> = self
+                .options
+                .upstream_dns
+                .iter()
+                .map(|d| d.to_string())
+                .collect();
+            cmd.arg("--upstream-dns").arg(dns.join(","));
+        }
         // Flags win over the environment we pass down; avoid clap seeing both.
         cmd.env_remove("IRONLAB_AGENT")
+            .env_remove("IRONLAB_UPLINK")
+            .env_remove("IRONLAB_UPSTREAM_DNS")
             .env_remove("IRONLAB_STOCK_IMAGES")
             .env_remove("IRONLAB_INSECURE_REGISTRIES")
             .stdin(Stdio::null())

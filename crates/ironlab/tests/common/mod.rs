@@ -883,6 +883,8 @@ impl Platform {
         let mut cmd = Command::new(bin());
         cmd.args(args)
             .env("IRONLAB_AGENT", &self.env.agent)
+            // Tests never let a run reach the real network: no uplink.
+            .env("IRONLAB_UPLINK", "none")
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -1345,6 +1347,12 @@ pub fn leftovers(run: &str, run_dir: &Path) -> Vec<String> {
     {
         left.push(format!("network namespace {netns}"));
     }
+    for ns in machine_netns(run) {
+        left.push(format!("network namespace {ns}"));
+    }
+    for pid in resolvers(run) {
+        left.push(format!("resolver (dnsmasq) pid {pid}"));
+    }
     for (rt, id) in containers_matching(run) {
         left.push(format!("{rt} container {id}"));
     }
@@ -1363,6 +1371,37 @@ pub fn leftovers(run: &str, run_dir: &Path) -> Vec<String> {
     left
 }
 
+/// The machines' network namespaces of a run (`ilm-<run>-<machine>`).
+fn machine_netns(run: &str) -> Vec<String> {
+    let prefix = format!("ilm-{run}-");
+    fs::read_dir("/run/netns")
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Pids of the run's resolver (a dnsmasq whose configuration lives in the run's `_net/`).
+fn resolvers(run: &str) -> Vec<u32> {
+    let needle = format!("/{run}/_net/dnsmasq.conf");
+    fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+                    let cmd = fs::read(e.path().join("cmdline")).ok()?;
+                    String::from_utf8_lossy(&cmd)
+                        .contains(&needle)
+                        .then_some(pid)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Removes whatever a run left (best effort, for `Drop`).
 pub fn scrub_run(run: &str) {
     for (rt, id) in containers_matching(run) {
@@ -1375,7 +1414,13 @@ pub fn scrub_run(run: &str) {
     for (dev, _) in loops_matching(run) {
         quiet("losetup", &["-d", &dev]);
     }
+    for pid in resolvers(run) {
+        quiet("kill", &[&pid.to_string()]);
+    }
     quiet("ip", &["netns", "delete", &format!("il-{run}")]);
+    for ns in machine_netns(run) {
+        quiet("ip", &["netns", "delete", &ns]);
+    }
     for cg in cgroups_matching(run) {
         rmdir_tree(Path::new(&cg), 0);
     }
