@@ -50,8 +50,10 @@ pub struct ApiState {
     pub token: String,
     /// Base URL for terminal WebSockets.
     pub public_url: String,
-    /// Runtimes offered (`container`).
+    /// Runtimes offered (`container`, `microvm`).
     pub runtimes: Vec<String>,
+    /// `kvm`, `tcg` or `none`.
+    pub accel: String,
     /// Persistent terminal sessions.
     pub sessions: Arc<Sessions>,
     tokens: Mutex<HashMap<String, Grant>>,
@@ -78,11 +80,14 @@ impl ApiState {
         clock: Clock,
         sessions: Arc<Sessions>,
     ) -> Arc<Self> {
+        let runtimes = runs.runtimes();
+        let accel = runs.accel();
         Arc::new(Self {
             runs,
             token,
             public_url,
-            runtimes: vec!["container".to_string()],
+            runtimes,
+            accel,
             sessions,
             tokens: Mutex::new(HashMap::new()),
             clock,
@@ -207,7 +212,7 @@ async fn require_bearer(
 async fn status(State(state): State<Arc<ApiState>>) -> Json<WorkerStatus> {
     Json(WorkerStatus {
         version: env!("CARGO_PKG_VERSION").to_string(),
-        accel: "none".to_string(),
+        accel: state.accel.clone(),
         runtimes: state.runtimes.clone(),
         cpus: std::thread::available_parallelism()
             .map(|n| n.get() as u32)

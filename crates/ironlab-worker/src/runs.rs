@@ -26,7 +26,8 @@ use crate::drives::{DriveProvider, Progress};
 use crate::host;
 use crate::runtime::{MachineHandle, MachineRuntime, MachineSpec, MachineState, tail};
 
-/// How long a machine's agent has to answer after the machine started.
+/// How long a container's agent has to answer after the machine started (microVMs: see
+/// `MachineRuntime::agent_timeout`).
 pub const AGENT_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long creating users and writing startup files may take.
 pub const PROVISION_TIMEOUT: Duration = Duration::from_secs(60);
@@ -70,7 +71,11 @@ impl Run {
                 .map(|m| MachineStatus {
                     name: m.name.clone(),
                     state,
-                    runtime: runtime.to_string(),
+                    runtime: if m.runtime == "microvm" {
+                        "microvm".to_string()
+                    } else {
+                        runtime.to_string()
+                    },
                     error: None,
                 })
                 .collect(),
@@ -186,9 +191,9 @@ pub fn validate_plan(run_id: &str, plan: &RunPlan) -> Result<(), RunError> {
                 m.name
             )));
         }
-        if m.runtime != "container" && m.runtime != "auto" {
+        if !["container", "auto", "microvm"].contains(&m.runtime.as_str()) {
             return Err(RunError::BadRequest(format!(
-                "machines[{i}].runtime {:?} is not available on this worker (it runs: container)",
+                "machines[{i}].runtime {:?} is unknown (container, microvm or auto)",
                 m.runtime
             )));
         }
@@ -261,6 +266,16 @@ impl RunManager {
         })
     }
 
+    /// Runtimes the worker offers (`container`, `microvm`).
+    pub fn runtimes(&self) -> Vec<String> {
+        self.runtime.runtimes()
+    }
+
+    /// The microVM accelerator: `kvm`, `tcg`, or `none` without microVMs.
+    pub fn accel(&self) -> String {
+        self.runtime.accel()
+    }
+
     /// The directory holding the runs.
     pub fn runs_dir(&self) -> &Path {
         &self.runs_dir
@@ -283,6 +298,15 @@ impl RunManager {
     /// Creates and starts a run (idempotent: the same plan again returns the same run).
     pub fn create(self: &Arc<Self>, plan: RunPlan) -> Result<RunStatus, RunError> {
         validate_plan(&plan.run_id.clone(), &plan)?;
+        let offered = self.runtime.runtimes();
+        for (i, m) in plan.machines.iter().enumerate() {
+            if m.runtime == "microvm" && !offered.iter().any(|r| r == "microvm") {
+                return Err(RunError::BadRequest(format!(
+                    "machines[{i}].runtime \"microvm\" is not available on this worker (it runs: {})",
+                    offered.join(", ")
+                )));
+            }
+        }
         let run = {
             let mut runs = self.lock();
             if let Some(existing) = runs.get(&plan.run_id) {
@@ -513,7 +537,8 @@ impl RunManager {
     /// Waits until the machine's agent answers `Health`, failing early if the machine stops.
     async fn wait_agent(&self, m: &MachineHandle) -> anyhow::Result<Agent> {
         let socket = self.runtime.agent(m).socket;
-        let deadline = tokio::time::Instant::now() + AGENT_TIMEOUT;
+        let timeout = self.runtime.agent_timeout(m);
+        let deadline = tokio::time::Instant::now() + timeout;
         let mut last_observe = tokio::time::Instant::now();
         let mut last_err = String::from("socket did not appear");
         loop {
@@ -529,16 +554,22 @@ impl RunManager {
             if last_observe.elapsed() > Duration::from_millis(250) {
                 last_observe = tokio::time::Instant::now();
                 if self.runtime.observe(m).await? != MachineState::Running {
-                    anyhow::bail!(
-                        "the machine stopped before its agent answered (console.log: {})",
-                        tail(&m.console_log(), 10)
-                    );
+                    match self.runtime.exit_reason(m) {
+                        Some(why) => anyhow::bail!(
+                            "the machine stopped before its agent answered: {why} (console.log: {})",
+                            tail(&m.console_log(), 10)
+                        ),
+                        None => anyhow::bail!(
+                            "the machine stopped before its agent answered (console.log: {})",
+                            tail(&m.console_log(), 10)
+                        ),
+                    }
                 }
             }
             if tokio::time::Instant::now() >= deadline {
                 anyhow::bail!(
                     "agent did not answer within {} s ({last_err}; see console.log: {})",
-                    AGENT_TIMEOUT.as_secs(),
+                    timeout.as_secs(),
                     tail(&m.console_log(), 10)
                 );
             }
@@ -646,11 +677,18 @@ impl RunManager {
                     .await
                     .map_err(anyhow::Error::from)?;
                 if st != MachineState::Running {
-                    let msg = format!(
-                        "machine {} is no longer running (console.log: {})",
-                        m.name,
-                        tail(&h.console_log(), 5)
-                    );
+                    let msg = match self.runtime.exit_reason(&h) {
+                        Some(why) => format!(
+                            "machine {} is no longer running: {why} (console.log: {})",
+                            m.name,
+                            tail(&h.console_log(), 5)
+                        ),
+                        None => format!(
+                            "machine {} is no longer running (console.log: {})",
+                            m.name,
+                            tail(&h.console_log(), 5)
+                        ),
+                    };
                     run.set_machine(&m.name, ObservedState::Failed, Some(msg.clone()));
                     run.status.send_modify(|s| {
                         s.state = ObservedState::Failed;
@@ -905,9 +943,14 @@ mod tests {
         let e = validate_plan("abd", &plan("abc")).expect_err("mismatch");
         assert!(e.to_string().contains("does not match"));
         let mut p = plan("abc");
-        p.machines[0].runtime = "microvm".into();
+        p.machines[0].runtime = "firecracker".into();
         let e = validate_plan("abc", &p).expect_err("runtime");
         assert!(e.to_string().contains("machines[0].runtime"));
+        p.machines[0].runtime = "microvm".into();
+        assert!(
+            validate_plan("abc", &p).is_ok(),
+            "availability is checked by create"
+        );
         let mut p = plan("abc");
         p.machines.push(p.machines[0].clone());
         let e = validate_plan("abc", &p).expect_err("dup");
