@@ -143,7 +143,8 @@ pub fn qemu_args(c: &VmConfig) -> Vec<String> {
         "none",
         "-no-reboot",
         "-sandbox",
-        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        // set*id stays allowed: `-run-with user=` drops privileges after the filter is in place.
+        "on,obsolete=deny,spawn=deny,resourcecontrol=deny",
     ]);
     if let Some((uid, gid)) = c.run_as {
         push(&["-run-with", &format!("user={uid}:{gid}")]);

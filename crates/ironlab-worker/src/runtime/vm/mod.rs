@@ -45,7 +45,8 @@ pub const MEMORY_OVERHEAD: u64 = 192 << 20;
 pub const TCG_TB_MIB: u32 = 32;
 /// How long a boot may take to print the kernel banner before it counts as hung.
 pub const BANNER_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long the agent of a microVM has to answer (TCG boots are slow on a busy host).
+/// How long the agent of a microVM has to answer (TCG boots are slow on a busy host);
+/// `IRONLAB_VM_AGENT_TIMEOUT` (seconds) overrides it.
 pub const AGENT_TIMEOUT: Duration = Duration::from_secs(90);
 /// Base of the unprivileged uids/gids QEMU processes run as.
 const UID_BASE: u32 = 3_000_000;
@@ -661,18 +662,18 @@ pub async fn build_initrd(
 
 /// Whether KVM boots the kit here: a tiny boot (`ironlab.mode=probe`) that must print its
 /// marker within 10 s. This host kind's `/dev/kvm` is PVM, which cannot run a stock kernel, so
-/// the answer there is TCG. The result is cached per boot of the host in
-/// `state_dir/accel-<boot id>`; `IRONLAB_VM_ACCEL=kvm|tcg` skips the probe.
+/// the answer there is TCG. The result is cached until the host reboots in
+/// `/run/ironlab/vm-accel-<kernel release>`; `IRONLAB_VM_ACCEL=kvm|tcg` skips the probe.
 pub async fn probe_accel(qemu: &Path, kit: &Kit, initrd: &Path, state_dir: &Path) -> Accel {
     match std::env::var("IRONLAB_VM_ACCEL").as_deref() {
         Ok("kvm") => return Accel::Kvm,
         Ok("tcg") => return Accel::Tcg,
         _ => {}
     }
-    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default();
-    let cache = state_dir.join(format!("accel-{boot_id}"));
+    // /run is emptied at boot: the answer holds until the host reboots, for every worker.
+    let cache_dir = Path::new("/run/ironlab");
+    let _ = std::fs::create_dir_all(cache_dir);
+    let cache = cache_dir.join(format!("vm-accel-{}", kit.release));
     if let Ok(s) = std::fs::read_to_string(&cache) {
         match s.trim() {
             "kvm" => return Accel::Kvm,
@@ -850,7 +851,11 @@ impl MachineRuntime for VmRuntime {
     }
 
     fn agent_timeout(&self, _m: &MachineHandle) -> Duration {
-        AGENT_TIMEOUT
+        std::env::var("IRONLAB_VM_AGENT_TIMEOUT")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map(Duration::from_secs)
+            .unwrap_or(AGENT_TIMEOUT)
     }
 
     fn exit_reason(&self, m: &MachineHandle) -> Option<String> {
