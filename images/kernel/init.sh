@@ -98,7 +98,9 @@ mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /newroot/run
 mkdir -p /newroot/run/ironlab
 
 init=agent
-if [ "$mode" != agent ] && [ -e /newroot/sbin/init ] && [ -x /newroot/lib/systemd/systemd ]; then
+# (/sbin/init is usually an absolute symlink: test it inside the new root, not through it.)
+if [ "$mode" != agent ] && { [ -L /newroot/sbin/init ] || [ -e /newroot/sbin/init ]; } &&
+    [ -x /newroot/lib/systemd/systemd ]; then
     init=systemd
 fi
 

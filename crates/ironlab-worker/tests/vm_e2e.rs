@@ -171,6 +171,19 @@ impl Fixture {
     }
 
     async fn exec(&self, run: &str, machine: &str, argv: &[&str], tty: bool) -> (String, i32) {
+        self.try_exec(run, machine, argv, tty)
+            .await
+            .unwrap_or_else(|e| panic!("terminal error: {e}"))
+    }
+
+    /// Like [`Self::exec`]; a session error is returned, not a failure.
+    async fn try_exec(
+        &self,
+        run: &str,
+        machine: &str,
+        argv: &[&str],
+        tty: bool,
+    ) -> Result<(String, i32), String> {
         let token = format!(
             "tok{:016x}{:016x}",
             rand::random::<u64>(),
@@ -228,21 +241,21 @@ impl Fixture {
                     }
                     Message::Text(t) => {
                         match serde_json::from_str::<ServerControl>(&t).expect("control") {
-                            ServerControl::Exit { code } => return code,
-                            ServerControl::Error { message } => panic!("terminal error: {message}"),
+                            ServerControl::Exit { code } => return Ok(code),
+                            ServerControl::Error { message } => return Err(message),
                             ServerControl::Started { .. } => {}
                         }
                     }
-                    Message::Close(_) => return -1,
+                    Message::Close(_) => return Ok(-1),
                     _ => {}
                 }
             }
-            -1
+            Ok(-1)
         };
         let code = tokio::time::timeout(Duration::from_secs(60), fut)
             .await
-            .expect("command finishes");
-        (String::from_utf8_lossy(&out).into_owned(), code)
+            .expect("command finishes")?;
+        Ok((String::from_utf8_lossy(&out).into_owned(), code))
     }
 
     fn qemu_pid(&self, run: &str, machine: &str) -> Option<i32> {
@@ -414,7 +427,7 @@ async fn a_guest_that_powers_off_and_a_killed_qemu_fail_the_run_with_a_reason() 
     let pid = f.qemu_pid(&run, "vm").expect("pid");
     let _ = tokio::time::timeout(
         Duration::from_secs(20),
-        f.exec(
+        f.try_exec(
             &run,
             "vm",
             &["sh", "-c", "echo o > /proc/sysrq-trigger"],
