@@ -11,7 +11,7 @@
 # Cache: when OUT_DIR/index.json exists and OUT_DIR/.recipe-hash equals the recipe's hash (this
 # script, the layout script, the package list, suite and mirror), it does nothing.
 #
-# The image: bash coreutils procps iproute2 iputils-ping curl less vim-tiny nano sudo
+# The image: bash coreutils procps iproute2 iputils-ping curl less vim-tiny nano sudo systemd-sysv
 # ca-certificates git passwd; user `laborant` (uid/gid 1000, /home/laborant, bash) with
 # passwordless sudo (/etc/sudoers.d/laborant); /etc/hostname `ironlab` (the runtime sets the real
 # hostname); no apt lists or caches, no man pages or docs (copyright files are kept).
@@ -24,7 +24,7 @@ out=${1:-/var/lib/ironlab/stock-images/debian}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 suite=bookworm
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-packages=(bash coreutils procps iproute2 iputils-ping curl less vim-tiny nano sudo
+packages=(bash coreutils procps iproute2 iputils-ping curl less vim-tiny nano sudo systemd-sysv
     ca-certificates git passwd)
 
 [[ $(id -u) -eq 0 ]] || die "must run as root (mmdebstrap root mode)"

@@ -960,6 +960,7 @@ async fn openapi_documents_every_route() {
         ("patch", "/api/v1/runs/{id}"),
         ("delete", "/api/v1/runs/{id}"),
         ("post", "/api/v1/runs/{id}/connect"),
+        ("get", "/api/v1/runs/{id}/machines/{machine}/logs"),
         ("get", "/api/v1/runs/{id}/events"),
     ];
     let paths = doc["paths"].as_object().expect("paths");
@@ -980,7 +981,8 @@ async fn openapi_documents_every_route() {
         // And the router really serves it (anything but the unknown-route/method answers).
         let concrete = path
             .replace("{name}", "debian")
-            .replace("{id}", "nosuchrun123");
+            .replace("{id}", "nosuchrun123")
+            .replace("{machine}", "m1");
         let (s, v) = h.admin(&method.to_uppercase(), &concrete, None).await;
         assert_ne!(s, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
         assert!(

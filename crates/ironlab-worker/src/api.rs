@@ -177,6 +177,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
             put(create_run).get(get_run).delete(delete_run),
         )
         .route("/v1/tokens", post(grant_token))
+        .route("/v1/runs/{run}/machines/{machine}/console", get(console))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_bearer,
@@ -265,6 +266,26 @@ async fn get_run(
         _ => state.runs.status(&run).await?,
     };
     Ok(Json(st))
+}
+
+/// `?bytes=N`: how much of the end of the console log to return.
+#[derive(Debug, Deserialize)]
+struct ConsoleQuery {
+    bytes: Option<u64>,
+}
+
+/// The end of a machine's console log (text/plain); kept for a day after the run is gone.
+async fn console(
+    State(state): State<Arc<ApiState>>,
+    Path((run, machine)): Path<(String, String)>,
+    Query(q): Query<ConsoleQuery>,
+) -> Result<Response, ApiError> {
+    let max = q
+        .bytes
+        .unwrap_or(crate::runs::CONSOLE_TAIL)
+        .min(crate::runs::CONSOLE_KEEP);
+    let bytes = state.runs.console_log(&run, &machine, max)?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes).into_response())
 }
 
 async fn delete_run(

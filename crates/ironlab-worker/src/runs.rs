@@ -32,6 +32,13 @@ pub const AGENT_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long creating users and writing startup files may take.
 pub const PROVISION_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Default length of the console log tail served by [`RunManager::console_log`].
+pub const CONSOLE_TAIL: u64 = 256 << 10;
+/// The most of a console log kept after its run is gone (and served).
+pub const CONSOLE_KEEP: u64 = 1 << 20;
+/// How long console logs are kept after their run is gone.
+pub const CONSOLE_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
 /// Run manager errors (mapped to HTTP status codes in `api.rs`).
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -577,6 +584,68 @@ impl RunManager {
         }
     }
 
+    /// Where console logs of runs that are gone are kept: `pool/logs/<run>/<machine>.log`.
+    fn logs_dir(&self) -> PathBuf {
+        self.runs_dir
+            .parent()
+            .unwrap_or(&self.runs_dir)
+            .join("logs")
+    }
+
+    /// Copies the end of each machine's console log of `run_id` out of the run directory (so a
+    /// failed run's log can still be read), and drops logs older than [`CONSOLE_RETENTION`].
+    fn retain_console_logs(&self, run_id: &str, names: &[String]) {
+        let logs = self.logs_dir();
+        for n in names {
+            let src = self.runs_dir.join(run_id).join(n).join("console.log");
+            let Ok(data) = std::fs::read(&src) else {
+                continue;
+            };
+            let keep = CONSOLE_KEEP as usize;
+            let tail = &data[data.len().saturating_sub(keep)..];
+            let dir = logs.join(run_id);
+            if let Err(e) = fs_err::create_dir_all(&dir)
+                .and_then(|()| fs_err::write(dir.join(format!("{n}.log")), tail))
+            {
+                tracing::warn!(run = %run_id, machine = %n, "cannot keep the console log: {e}");
+            }
+        }
+        if let Ok(rd) = std::fs::read_dir(&logs) {
+            for e in rd.flatten() {
+                let old = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > CONSOLE_RETENTION);
+                if old {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
+
+    /// The last `max` bytes of the console log of `machine` in `run_id`: live while the run is
+    /// on this worker, else the copy kept at teardown.
+    pub fn console_log(&self, run_id: &str, machine: &str, max: u64) -> Result<Vec<u8>, RunError> {
+        if !valid_run_id(run_id) || !valid_machine_name(machine) {
+            return Err(RunError::BadRequest(format!(
+                "run {run_id:?} / machine {machine:?} is not a valid name"
+            )));
+        }
+        let live = MachineHandle::new(&self.runs_dir, run_id, machine).console_log();
+        let kept = self.logs_dir().join(run_id).join(format!("{machine}.log"));
+        let data = std::fs::read(&live)
+            .or_else(|_| std::fs::read(&kept))
+            .map_err(|_| {
+                RunError::NotFound(format!(
+                    "no console log of machine {machine} in run {run_id} on this worker"
+                ))
+            })?;
+        let max = max as usize;
+        Ok(data[data.len().saturating_sub(max)..].to_vec())
+    }
+
     /// Removes everything of a run on the host: machines, namespace, cgroup, files.
     async fn teardown(&self, run_id: &str, plan: Option<&RunPlan>) -> anyhow::Result<()> {
         let run_dir = self.runs_dir.join(run_id);
@@ -593,6 +662,7 @@ impl RunManager {
                 }
             }
         }
+        self.retain_console_logs(run_id, &names);
         let mut errors = Vec::new();
         let results = futures::future::join_all(names.iter().map(|n| {
             let h = MachineHandle::new(&self.runs_dir, run_id, n);

@@ -31,6 +31,8 @@ pub async fn run(cmd: PlaygroundCommand, api: &Api) -> anyhow::Result<i32> {
         } => start(api, &name, title, output, no_wait).await,
         PlaygroundCommand::List { output, all } => list(api, output, all).await,
         PlaygroundCommand::Destroy { run, no_wait } => destroy(api, &run, no_wait).await,
+        PlaygroundCommand::Status { run, output } => status(api, &run, output).await,
+        PlaygroundCommand::Logs { run, machine } => logs(api, &run, machine).await,
     }
 }
 
@@ -225,6 +227,44 @@ async fn list(api: &Api, output: Output, all: bool) -> anyhow::Result<i32> {
             table(&["ID", "PLAYGROUND", "TITLE", "STATE", "AGE"], &rows);
         }
     }
+    Ok(0)
+}
+
+async fn status(api: &Api, id: &str, output: Output) -> anyhow::Result<i32> {
+    let run: RunView = api.call(Method::GET, &format!("/runs/{id}"), None).await?;
+    match output {
+        Output::Json => print_json(&run)?,
+        Output::Text => {
+            println!("run:        {}", run.id);
+            println!("playground: {}", run.playground);
+            println!("title:      {}", run.title);
+            println!("state:      {}", run.state.as_str());
+            if let Some(r) = &run.reason {
+                println!("reason:     {r}");
+            }
+            println!("machines:   {}", run.machines.join(", "));
+            println!("age:        {}", age(run.created_at));
+        }
+    }
+    Ok(0)
+}
+
+async fn logs(api: &Api, id: &str, machine: Option<String>) -> anyhow::Result<i32> {
+    let machine = match machine {
+        Some(m) => m,
+        None => {
+            let run: RunView = api.call(Method::GET, &format!("/runs/{id}"), None).await?;
+            run.machines
+                .first()
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("run {id} has no machines"))?
+        }
+    };
+    let bytes = api
+        .get_bytes(&format!("/runs/{id}/machines/{machine}/logs"))
+        .await?;
+    use std::io::Write;
+    std::io::stdout().write_all(&bytes)?;
     Ok(0)
 }
 
