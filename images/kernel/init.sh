@@ -117,6 +117,8 @@ ExecStart=/.ironlab/agent serve --socket /run/ironlab/agent.sock --serial /dev/v
 Restart=always
 RestartSec=200ms
 KillMode=process
+StandardOutput=journal+console
+StandardError=journal+console
 UNIT
     ln -s ../ironlab-agent.service /newroot/run/systemd/system/sysinit.target.wants/ironlab-agent.service
 fi

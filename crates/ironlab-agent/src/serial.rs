@@ -195,7 +195,10 @@ pub fn incoming(path: PathBuf) -> ReceiverStream<io::Result<SerialConn>> {
             };
             logged = false;
             match conn.handshake().await {
-                Ok(_nonce) => {}
+                Ok(nonce) => eprintln!(
+                    "ironlab-agent: serial session {nonce} on {}",
+                    path.display()
+                ),
                 Err(e) => {
                     eprintln!("ironlab-agent: serial handshake on {}: {e}", path.display());
                     tokio::time::sleep(Duration::from_millis(200)).await;

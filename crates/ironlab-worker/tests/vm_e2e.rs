@@ -51,6 +51,7 @@ struct Fixture {
     tmp: tempfile::TempDir,
     runs_dir: PathBuf,
     kit: PathBuf,
+    drive: PathBuf,
     worker: Option<(RunningWorker, tokio::sync::oneshot::Sender<()>)>,
     runs: Vec<String>,
     http: reqwest::Client,
@@ -69,32 +70,49 @@ impl Fixture {
         let drive = drive(tmp.path());
         let runs_dir = tmp.path().join("pool/runs");
         std::fs::create_dir_all(&runs_dir).expect("runs dir");
+        let mut f = Fixture {
+            tmp,
+            runs_dir,
+            kit,
+            drive,
+            worker: None,
+            runs: Vec::new(),
+            http: reqwest::Client::new(),
+        };
+        f.start_worker().await;
+        f
+    }
+
+    async fn start_worker(&mut self) {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let config = WorkerConfig {
             listen: "127.0.0.1:0".parse().expect("addr"),
-            data_dir: tmp.path().to_path_buf(),
+            data_dir: self.tmp.path().to_path_buf(),
             token: TOKEN.into(),
             public_url: None,
             agent_bin: agent_bin(),
-            stock_dir: tmp.path().join("stock"),
+            stock_dir: self.tmp.path().join("stock"),
             insecure_registries: vec![],
         };
         let drives = Arc::new(FileDrives {
-            file: drive,
+            file: self.drive.clone(),
             env: vec![],
         });
-        let w = ironlab_worker::start_with(config, runs_dir.clone(), drives, async {
+        let w = ironlab_worker::start_with(config, self.runs_dir.clone(), drives, async {
             let _ = rx.await;
         })
         .await
         .expect("worker starts");
-        Fixture {
-            tmp,
-            runs_dir,
-            kit,
-            worker: Some((w, tx)),
-            runs: Vec::new(),
-            http: reqwest::Client::new(),
+        self.worker = Some((w, tx));
+    }
+
+    async fn stop_worker(&mut self) {
+        if let Some((w, tx)) = self.worker.take() {
+            let _ = tx.send(());
+            tokio::time::timeout(Duration::from_secs(10), w.wait())
+                .await
+                .expect("worker stops")
+                .expect("worker ran");
         }
     }
 
@@ -408,6 +426,43 @@ async fn microvm_runs_the_guest_kernel_with_the_planned_memory_and_cleans_up() {
     .parse()
     .expect("number");
     assert!(limit > 256 << 20 && limit < 1 << 30, "limit {limit}");
+
+    f.destroy(&run).await;
+    assert_eq!(f.leftovers(&run), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[serial]
+async fn a_worker_restart_keeps_the_microvm_and_its_agent_channel() {
+    skip_if_not_root!();
+    let Some(kit) = kit_dir() else { return };
+    let mut f = Fixture::new(kit, busybox_drive).await;
+    let plan = f.plan("vm");
+    let run = plan.run_id.clone();
+    assert_eq!(f.start(&plan).await.state, ObservedState::Running);
+    let (out, _) = f
+        .exec(
+            &run,
+            "vm",
+            &["sh", "-c", "echo $$ > /tmp/marker; cat /tmp/marker"],
+            false,
+        )
+        .await;
+    let pid = f.qemu_pid(&run, "vm").expect("pid");
+
+    // The worker goes away and comes back: the VM keeps running, the new worker re-attaches
+    // to its agent over a fresh serial session, and what the user made is still there.
+    f.stop_worker().await;
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "QEMU survived the worker"
+    );
+    f.start_worker().await;
+    let st = f.status(&run, 0).await;
+    assert_eq!(st.state, ObservedState::Running, "{st:?}");
+    let (again, code) = f.exec(&run, "vm", &["cat", "/tmp/marker"], false).await;
+    assert_eq!((again.as_str(), code), (out.as_str(), 0));
+    assert_eq!(f.qemu_pid(&run, "vm"), Some(pid));
 
     f.destroy(&run).await;
     assert_eq!(f.leftovers(&run), Vec::<String>::new());

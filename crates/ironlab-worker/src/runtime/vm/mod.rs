@@ -829,17 +829,17 @@ impl MachineRuntime for VmRuntime {
     }
 
     async fn clean_leftovers(&self, runs_dir: &Path, keep: &[String]) -> anyhow::Result<()> {
-        // QEMUs of machines whose run directory is in this pool but not kept.
-        let Ok(rd) = std::fs::read_dir(runs_dir) else {
-            return Ok(());
-        };
-        let ours: Vec<String> = rd
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|r| !keep.contains(r))
-            .collect();
+        // QEMUs whose pid file lies in this pool's runs directory, of runs not kept (their
+        // directory may already be gone after an interrupted teardown).
+        let prefix = format!("{}/", runs_dir.display());
         for (pid, name) in Self::qemu_processes() {
-            if ours.iter().any(|r| name.starts_with(&format!("il-{r}-"))) {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let cmdline = String::from_utf8_lossy(&cmdline).into_owned();
+            let ours = cmdline.split('\0').any(|a| a.starts_with(&prefix));
+            let kept = keep.iter().any(|r| name.starts_with(&format!("il-{r}-")));
+            if ours && !kept {
                 tracing::info!(pid, %name, "killing leftover QEMU");
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),
