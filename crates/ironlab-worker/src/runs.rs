@@ -901,9 +901,12 @@ impl RunManager {
             if st != MachineState::Running {
                 anyhow::bail!("machine {} is {st:?}", m.name);
             }
-            agent_client::health(&self.runtime.agent(&h).socket, Duration::from_secs(3))
-                .await
-                .with_context(|| format!("machine {}", m.name))?;
+            agent_client::health(
+                &self.runtime.agent(&h).socket,
+                self.runtime.recover_timeout(&h),
+            )
+            .await
+            .with_context(|| format!("machine {}", m.name))?;
         }
         Ok(plan)
     }

@@ -130,6 +130,10 @@ pub trait MachineRuntime: Send + Sync {
     fn agent_timeout(&self, _m: &MachineHandle) -> Duration {
         Duration::from_secs(20)
     }
+    /// How long a worker starting up waits for the agent of a machine it rediscovers.
+    fn recover_timeout(&self, _m: &MachineHandle) -> Duration {
+        Duration::from_secs(3)
+    }
     /// Why a machine that is not running ended, when the runtime can tell (`None`: the caller
     /// shows the console log).
     fn exit_reason(&self, _m: &MachineHandle) -> Option<String> {
@@ -237,6 +241,9 @@ impl MachineRuntime for Runtimes {
     }
     fn exit_reason(&self, m: &MachineHandle) -> Option<String> {
         self.pick(m).exit_reason(m)
+    }
+    fn recover_timeout(&self, m: &MachineHandle) -> Duration {
+        self.pick(m).recover_timeout(m)
     }
     fn runtimes(&self) -> Vec<String> {
         let mut r = self.container.runtimes();

@@ -126,11 +126,11 @@ pub fn agent_cpio(agent: &[u8]) -> Vec<u8> {
         out.extend_from_slice(header.as_bytes());
         out.extend_from_slice(name.as_bytes());
         out.push(0);
-        while out.len() % 4 != 0 {
+        while !out.len().is_multiple_of(4) {
             out.push(0);
         }
         out.extend_from_slice(data);
-        while out.len() % 4 != 0 {
+        while !out.len().is_multiple_of(4) {
             out.push(0);
         }
     }
@@ -417,14 +417,15 @@ impl VmRuntime {
         let mut qmp_ok = false;
         loop {
             let started = tokio::time::Instant::now() + BANNER_TIMEOUT - deadline;
-            if !qmp_ok && qmp_path.exists() {
-                if let Ok(mut q) = qmp::Qmp::connect(&qmp_path, Duration::from_secs(5)).await {
-                    let st = q.query_status().await.unwrap_or_default();
-                    if st != "running" {
-                        anyhow::bail!("QEMU is {st}, not running");
-                    }
-                    qmp_ok = true;
+            if !qmp_ok
+                && qmp_path.exists()
+                && let Ok(mut q) = qmp::Qmp::connect(&qmp_path, Duration::from_secs(5)).await
+            {
+                let st = q.query_status().await.unwrap_or_default();
+                if st != "running" {
+                    anyhow::bail!("QEMU is {st}, not running");
                 }
+                qmp_ok = true;
             }
             if qmp_ok {
                 let console = std::fs::read(&config.console_log).unwrap_or_default();
@@ -633,7 +634,7 @@ pub async fn build_initrd(
         }
     };
     let mut img = base;
-    while img.len() % 4 != 0 {
+    while !img.len().is_multiple_of(4) {
         img.push(0);
     }
     img.extend_from_slice(&agent_cpio(&agent));
@@ -860,6 +861,12 @@ impl MachineRuntime for VmRuntime {
 
     fn exit_reason(&self, m: &MachineHandle) -> Option<String> {
         Some(Self::why_stopped(m))
+    }
+
+    /// The new worker's proxy needs a fresh serial session: the guest first has to see the old
+    /// one end, which a TCG guest on a busy host may take seconds to do.
+    fn recover_timeout(&self, _m: &MachineHandle) -> Duration {
+        Duration::from_secs(20)
     }
 }
 

@@ -40,13 +40,18 @@ type Upstream = Option<SendRequest<Incoming>>;
 pub struct AgentProxy {
     cancel: CancellationToken,
     listen: PathBuf,
+    /// Inode of our socket file: a newer proxy may have re-bound the path.
+    ino: u64,
     connected: watch::Receiver<Upstream>,
 }
 
 impl Drop for AgentProxy {
     fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
         self.cancel.cancel();
-        let _ = std::fs::remove_file(&self.listen);
+        if std::fs::symlink_metadata(&self.listen).is_ok_and(|m| m.ino() == self.ino) {
+            let _ = std::fs::remove_file(&self.listen);
+        }
     }
 }
 
@@ -78,9 +83,14 @@ pub fn spawn(listen: &Path, serial: &Path) -> anyhow::Result<AgentProxy> {
     let (tx, rx) = watch::channel::<Upstream>(None);
     tokio::spawn(connector(serial.to_path_buf(), tx, cancel.clone()));
     tokio::spawn(acceptor(listener, rx.clone(), cancel.clone()));
+    let ino = {
+        use std::os::unix::fs::MetadataExt;
+        fs_err::symlink_metadata(listen)?.ino()
+    };
     Ok(AgentProxy {
         cancel,
         listen: listen.to_path_buf(),
+        ino,
         connected: rx,
     })
 }
