@@ -51,6 +51,14 @@ impl SerialConn {
             .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
             .open(path)?;
+        // Register only while a host is connected: tokio keeps a HUP (no host) in the fd's
+        // readiness for good, after which reads would never wait for data again.
+        if !host_connected(&file) {
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "no host on the port",
+            ));
+        }
         // SAFETY: the `File` owns its fd: it stays open and the same until the `AsyncFd` (which
         // owns the `File`) is dropped.
         let fd = unsafe { AsyncFd::register(file) }.map_err(|e| e.into_parts().1)?;
@@ -60,8 +68,10 @@ impl SerialConn {
     async fn read_some(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             let mut guard = self.fd.readable().await?;
+            let closed = guard.ready().is_read_closed();
             match guard.try_io(|f| f.get_ref().read(buf)) {
                 Ok(r) => return r,
+                Err(_would_block) if closed => return Ok(0),
                 Err(_would_block) => continue,
             }
         }
@@ -70,10 +80,12 @@ impl SerialConn {
     async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
             let mut guard = self.fd.writable().await?;
+            let closed = guard.ready().is_write_closed();
             match guard.try_io(|f| f.get_ref().write(data)) {
                 Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(Ok(n)) => data = &data[n..],
                 Ok(Err(e)) => return Err(e),
+                Err(_would_block) if closed => return Err(io::ErrorKind::BrokenPipe.into()),
                 Err(_would_block) => continue,
             }
         }
@@ -87,10 +99,11 @@ impl SerialConn {
         loop {
             let n = self.read_some(&mut buf).await?;
             if n == 0 {
-                // No host connected (or it just left): nothing to read until one connects.
-                pending.clear();
-                tokio::time::sleep(IDLE_POLL).await;
-                continue;
+                // The host left: start over with a fresh registration once one connects.
+                return Err(io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    "the host left the port",
+                ));
             }
             pending.extend_from_slice(&buf[..n]);
             if let Some(nonce) = find_sync(&pending) {
@@ -107,6 +120,19 @@ impl SerialConn {
             }
         }
     }
+}
+
+/// Whether a host is connected to the port now (no `POLLHUP`).
+fn host_connected(file: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: file.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid `pollfd` for an open fd, zero timeout.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n >= 0 && pfd.revents & libc::POLLHUP == 0
 }
 
 /// The nonce of the last complete `IRONLAB-SYNC:<hex>\n` line in `buf`.
@@ -133,6 +159,7 @@ impl AsyncRead for SerialConn {
     ) -> Poll<io::Result<()>> {
         loop {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+            let closed = guard.ready().is_read_closed();
             let unfilled = buf.initialize_unfilled();
             match guard.try_io(|f| f.get_ref().read(unfilled)) {
                 Ok(Ok(n)) => {
@@ -140,6 +167,8 @@ impl AsyncRead for SerialConn {
                     return Poll::Ready(Ok(()));
                 }
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
+                // The host was gone at some point of this session: end it (EOF).
+                Err(_would_block) if closed => return Poll::Ready(Ok(())),
                 Err(_would_block) => continue,
             }
         }
@@ -154,8 +183,12 @@ impl AsyncWrite for SerialConn {
     ) -> Poll<io::Result<usize>> {
         loop {
             let mut guard = ready!(self.fd.poll_write_ready(cx))?;
+            let closed = guard.ready().is_write_closed();
             match guard.try_io(|f| f.get_ref().write(data)) {
                 Ok(r) => return Poll::Ready(r),
+                Err(_would_block) if closed => {
+                    return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+                }
                 Err(_would_block) => continue,
             }
         }
@@ -184,6 +217,10 @@ pub fn incoming(path: PathBuf) -> ReceiverStream<io::Result<SerialConn>> {
         loop {
             let conn = match SerialConn::open(&path) {
                 Ok(c) => c,
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                    tokio::time::sleep(IDLE_POLL).await;
+                    continue;
+                }
                 Err(e) => {
                     if !logged {
                         eprintln!("ironlab-agent: cannot open {}: {e}", path.display());
@@ -199,6 +236,10 @@ pub fn incoming(path: PathBuf) -> ReceiverStream<io::Result<SerialConn>> {
                     "ironlab-agent: serial session {nonce} on {}",
                     path.display()
                 ),
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                    tokio::time::sleep(IDLE_POLL).await;
+                    continue;
+                }
                 Err(e) => {
                     eprintln!("ironlab-agent: serial handshake on {}: {e}", path.display());
                     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -431,14 +431,6 @@ async fn microvm_runs_the_guest_kernel_with_the_planned_memory_and_cleans_up() {
     assert_eq!(f.leftovers(&run), Vec::<String>::new());
 }
 
-/// NOT WORKING YET (kept to reproduce): after the host side of the serial port reconnects, the
-/// guest's second session completes the SYNC/ACK handshake and sends its HTTP/2 SETTINGS, but
-/// the host's frames after the ACK never reach the guest's server, so a restarted worker cannot
-/// re-attach and tears the run down. Reproduced outside ironlab with QEMU 10 + Linux 6.1 (two
-/// sessions from a plain socket client); keeping the guest's port open across sessions did not
-/// help. A per-VM proxy process that outlives the worker (one host connection per QEMU, ever)
-/// is the likely fix.
-#[ignore = "worker restart does not re-attach to microVM agents yet (see the comment)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[serial]
 async fn a_worker_restart_keeps_the_microvm_and_its_agent_channel() {

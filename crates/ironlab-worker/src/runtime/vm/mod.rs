@@ -866,7 +866,7 @@ impl MachineRuntime for VmRuntime {
     /// The new worker's proxy needs a fresh serial session: the guest first has to see the old
     /// one end, which a TCG guest on a busy host may take seconds to do.
     fn recover_timeout(&self, _m: &MachineHandle) -> Duration {
-        Duration::from_secs(20)
+        Duration::from_secs(30)
     }
 }
 

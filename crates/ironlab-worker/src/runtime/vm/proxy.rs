@@ -32,7 +32,7 @@ pub const UPSTREAM_WAIT: Duration = Duration::from_secs(10);
 /// How long the guest has to answer a SYNC before the connection is re-made. Generous: a TCG
 /// guest on a busy host can take seconds to answer, and a shorter wait than one round trip
 /// would re-dial forever. (Before the guest opens its port the SYNC just waits in QEMU.)
-const ACK_TIMEOUT: Duration = Duration::from_secs(20);
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 type Upstream = Option<SendRequest<Incoming>>;
 
