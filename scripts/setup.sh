@@ -5,8 +5,9 @@
 #   sudo scripts/setup.sh
 #
 # It exports nothing. What it does:
-#   1. adds a bookworm-backports apt source (QEMU 10 for microVMs comes from there later);
-#   2. installs the Debian packages below (skipping `apt-get update` when all are present);
+#   1. adds a bookworm-backports apt source (QEMU 10 for microVMs comes from there);
+#   2. installs the Debian packages below (skipping `apt-get update` when all are present), and
+#      qemu-system-x86 from bookworm-backports (10.0; bookworm's 7.2 is blocked by qemu-utils 10);
 #   3. adds the Rust musl target for the static in-machine agent (tolerates failure: the agent
 #      build falls back to a static glibc build);
 #   4. installs cargo-nextest and s3s-fs (a real S3 server for the snapshot store's tests) when
@@ -26,7 +27,10 @@ PACKAGES=(
     busybox-static dnsmasq-base file ca-certificates util-linux procps curl openssh-client
     umoci build-essential pkg-config musl-tools
     chromium fonts-liberation
+    kmod
 )
+# From bookworm-backports where that suite exists (microVMs: QEMU 10 with qboot and microvm).
+BACKPORTS_PACKAGES=(qemu-system-x86)
 
 # --- 1. bookworm-backports source --------------------------------------------------------------
 codename=""
@@ -71,6 +75,23 @@ else
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     say "installed ${#missing[@]} package(s)"
+fi
+
+missing_bp=()
+for p in "${BACKPORTS_PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep 'install ok installed' >/dev/null; then
+        missing_bp+=("$p")
+    fi
+done
+if ((${#missing_bp[@]} > 0)); then
+    say "installing: ${missing_bp[*]} (bookworm-backports where available)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    if [[ $codename == bookworm ]]; then
+        apt-get install -y -qq --no-install-recommends -t bookworm-backports "${missing_bp[@]}" >/dev/null
+    else
+        apt-get install -y -qq --no-install-recommends "${missing_bp[@]}" >/dev/null
+    fi
 fi
 
 # --- 3. Rust toolchain: musl target for the static agent ---------------------------------------

@@ -10,7 +10,8 @@
 #   IRONLAB_FMT=0        skip `cargo fmt --check` (default: run it)
 # web/ is built first (npm ci + npm run build) so the binary embeds the terminal scripts; the
 # browser tests (npm test in web/) run after the cargo tests against the debug `ironlab`.
-# The tests get: IRONLAB_AGENT, IRONLAB_STOCK_IMAGES, IRONLAB_TEST_IMAGE_LAYOUT and
+# The tests get: IRONLAB_AGENT, IRONLAB_STOCK_IMAGES, IRONLAB_TEST_IMAGE_LAYOUT,
+# IRONLAB_VM_KERNEL_DIR (the microVM kit) and
 # IRONLAB_E2E_REQUIRED=1 (privileged tests fail instead of skipping when something is missing).
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
@@ -49,7 +50,11 @@ IRONLAB_STOCK_IMAGES=$images_dir/stock-images
 export IRONLAB_IMAGE_CACHE=${IRONLAB_IMAGE_CACHE:-$(ironlab_cache_dir image-cache)}
 images/debian/build.sh "$IRONLAB_STOCK_IMAGES/debian"
 
-export IRONLAB_AGENT IRONLAB_STOCK_IMAGES IRONLAB_TEST_IMAGE_LAYOUT
+step "build the microVM kit (Debian's cloud kernel, modules drive, initramfs)"
+IRONLAB_VM_KERNEL_DIR=$(ironlab_cache_dir kernel)
+images/kernel/build.sh "$IRONLAB_VM_KERNEL_DIR"
+
+export IRONLAB_AGENT IRONLAB_STOCK_IMAGES IRONLAB_TEST_IMAGE_LAYOUT IRONLAB_VM_KERNEL_DIR
 export IRONLAB_E2E_REQUIRED=1
 # No run of any test reaches the real network: workers get no uplink unless a test builds its own.
 export IRONLAB_UPLINK=none
@@ -57,6 +62,7 @@ export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
 echo "test: IRONLAB_AGENT=$IRONLAB_AGENT"
 echo "test: IRONLAB_STOCK_IMAGES=$IRONLAB_STOCK_IMAGES"
 echo "test: IRONLAB_TEST_IMAGE_LAYOUT=$IRONLAB_TEST_IMAGE_LAYOUT"
+echo "test: IRONLAB_VM_KERNEL_DIR=$IRONLAB_VM_KERNEL_DIR"
 
 # The checks below all run, so one CI run reports every problem; the exit status says whether
 # any failed.

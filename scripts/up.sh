@@ -5,7 +5,7 @@
 #
 # Environment: CARGO_TARGET_DIR (default /var/cache/ironlab-ci/target or target/),
 # IRONLAB_STOCK_IMAGES (default /var/lib/ironlab/stock-images), IRONLAB_IMAGE_CACHE (passed to
-# the image recipe).
+# the image recipe), IRONLAB_VM_KERNEL_DIR (the microVM kit, default /var/lib/ironlab/kernel).
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -18,5 +18,13 @@ stock=${IRONLAB_STOCK_IMAGES:-/var/lib/ironlab/stock-images}
 echo "up: building the stock debian image into $stock/debian"
 images/debian/build.sh "$stock/debian"
 export IRONLAB_STOCK_IMAGES=$stock
+
+kit=${IRONLAB_VM_KERNEL_DIR:-/var/lib/ironlab/kernel}
+echo "up: building the microVM kit into $kit"
+if images/kernel/build.sh "$kit"; then
+    export IRONLAB_VM_KERNEL_DIR=$kit
+else
+    echo "up: the microVM kit did not build; playgrounds run as containers only" >&2
+fi
 
 exec "$CARGO_TARGET_DIR/release/ironlab" up "$@"

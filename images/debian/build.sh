@@ -11,15 +11,15 @@
 # Cache: when OUT_DIR/index.json exists and OUT_DIR/.recipe-hash equals the recipe's hash (this
 # script, the layout script, the package list, suite and mirror), it does nothing.
 #
-# The image: bash coreutils procps iproute2 iputils-ping curl less vim-tiny nano sudo
+# The image: bash coreutils procps iproute2 iputils-ping curl less vim-tiny nano sudo systemd-sysv
 # ca-certificates git passwd openssh-server; user `laborant` (uid/gid 1000, /home/laborant, bash)
 # with passwordless sudo (/etc/sudoers.d/laborant); /etc/hostname `ironlab` (the runtime sets the
 # real hostname); no apt lists or caches, no man pages or docs (copyright files are kept).
-# sshd is installed but not started (no init system in a machine), has no host keys (they would
-# be shared by every machine) and pam_loginuid is optional for it (a container may not set the
-# audit login uid: without CAP_AUDIT_CONTROL every login would fail): `sudo sh -c 'ssh-keygen -A && mkdir -p /run/sshd &&
-# /usr/sbin/sshd'` starts it, for `ssh -o ProxyCommand='ironlab ssh-proxy RUN'` (VS Code
-# Remote-SSH).
+# sshd is installed but not started (containers have no init system; microVMs boot the agent as
+# init too), has no host keys (they would be shared by every machine) and pam_loginuid is
+# optional for it (a container may not set the audit login uid: without CAP_AUDIT_CONTROL every
+# login would fail): `sudo sh -c 'ssh-keygen -A && mkdir -p /run/sshd && /usr/sbin/sshd'` starts
+# it, for `ssh -o ProxyCommand='ironlab ssh-proxy RUN'` (VS Code Remote-SSH).
 set -euo pipefail
 
 say() { printf 'debian-image: %s\n' "$*"; }
@@ -29,7 +29,7 @@ out=${1:-/var/lib/ironlab/stock-images/debian}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 suite=bookworm
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-packages=(bash coreutils procps iproute2 iputils-ping curl less vim-tiny nano sudo
+packages=(bash coreutils procps iproute2 iputils-ping curl less vim-tiny nano sudo systemd-sysv
     ca-certificates git passwd openssh-server)
 
 [[ $(id -u) -eq 0 ]] || die "must run as root (mmdebstrap root mode)"

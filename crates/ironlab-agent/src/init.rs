@@ -58,7 +58,7 @@ struct ServeCommand {
 }
 
 impl ServeCommand {
-    fn new(socket: &Path) -> anyhow::Result<Self> {
+    fn new(socket: &Path, serial: Option<&Path>) -> anyhow::Result<Self> {
         // The real path keeps `ps` showing `ironlab-agent` (exec of /proc/self/exe shows `exe`);
         // /proc/self/exe still works when the file was replaced or deleted.
         let exe = match std::env::current_exe() {
@@ -82,14 +82,19 @@ impl ServeCommand {
         if !has_path {
             env.push(cstring(format!("PATH={DEFAULT_PATH}").as_bytes(), "PATH")?);
         }
+        let mut argv = vec![
+            cstring(b"ironlab-agent", "argv")?,
+            cstring(b"serve", "argv")?,
+            cstring(b"--socket", "argv")?,
+            cstring(socket.as_os_str().as_bytes(), "the socket path")?,
+        ];
+        if let Some(serial) = serial {
+            argv.push(cstring(b"--serial", "argv")?);
+            argv.push(cstring(serial.as_os_str().as_bytes(), "the serial path")?);
+        }
         Ok(ServeCommand {
             exe: cstring(exe.as_bytes(), "the executable path")?,
-            argv: vec![
-                cstring(b"ironlab-agent", "argv")?,
-                cstring(b"serve", "argv")?,
-                cstring(b"--socket", "argv")?,
-                cstring(socket.as_os_str().as_bytes(), "the socket path")?,
-            ],
+            argv,
             env,
         })
     }
@@ -118,9 +123,10 @@ fn status_code(status: WaitStatus) -> Option<(Pid, i32)> {
     }
 }
 
-/// Runs the init loop serving on `socket`; returns the exit code for the process.
-pub fn run(socket: &Path) -> anyhow::Result<i32> {
-    let cmd = ServeCommand::new(socket)?;
+/// Runs the init loop serving on `socket` (and the serial port `serial`, in microVMs); returns
+/// the exit code for the process.
+pub fn run(socket: &Path, serial: Option<&Path>) -> anyhow::Result<i32> {
+    let cmd = ServeCommand::new(socket, serial)?;
     let mut signals = SigSet::empty();
     for s in HANDLED {
         signals.add(s);

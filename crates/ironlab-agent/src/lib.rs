@@ -20,6 +20,7 @@ pub mod exec;
 pub mod files;
 pub mod init;
 pub mod pty;
+pub mod serial;
 pub mod server;
 pub mod tasks;
 pub mod users;

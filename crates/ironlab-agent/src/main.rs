@@ -8,13 +8,14 @@ use anyhow::{Context, bail};
 use ironlab_agent::{DEFAULT_SOCKET, VERSION, init, server, tasks};
 
 const USAGE: &str = "\
-usage: ironlab-agent init  [--socket PATH]               PID 1: reap zombies, supervise `serve`
-       ironlab-agent serve [--socket PATH] [--root DIR] [--tasks-state FILE]
+usage: ironlab-agent init  [--socket PATH] [--serial DEV] PID 1: reap zombies, supervise `serve`
+       ironlab-agent serve [--socket PATH] [--serial DEV] [--root DIR] [--tasks-state FILE]
                                                          serve the agent gRPC API
        ironlab-agent tasks [--socket PATH] list|watch|input NAME VALUE|wait NAME [--timeout S]
        ironlab-agent version
 
---socket defaults to /run/ironlab/agent.sock; --root (default /) is where /etc/passwd etc. are read;
+--socket defaults to /run/ironlab/agent.sock; --serial also serves on a virtio-serial port (microVMs,
+e.g. /dev/vport0p1); --root (default /) is where /etc/passwd etc. are read;
 --tasks-state (default /var/lib/ironlab-agent/tasks.json) is where task states survive restarts.";
 
 /// How long `serve` waits for open calls (sessions) after SIGTERM before it exits anyway.
@@ -22,6 +23,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 struct Opts {
     socket: PathBuf,
+    serial: Option<PathBuf>,
     root: PathBuf,
     tasks_state: PathBuf,
 }
@@ -29,6 +31,7 @@ struct Opts {
 fn parse(args: &[String], allow_root: bool) -> anyhow::Result<Opts> {
     let mut opts = Opts {
         socket: PathBuf::from(DEFAULT_SOCKET),
+        serial: None,
         root: PathBuf::from("/"),
         tasks_state: PathBuf::from(tasks::DEFAULT_STATE_PATH),
     };
@@ -49,6 +52,7 @@ fn parse(args: &[String], allow_root: bool) -> anyhow::Result<Opts> {
         };
         match name {
             "--socket" => opts.socket = PathBuf::from(value()?),
+            "--serial" => opts.serial = Some(PathBuf::from(value()?)),
             "--root" if allow_root => opts.root = PathBuf::from(value()?),
             "--tasks-state" if allow_root => opts.tasks_state = PathBuf::from(value()?),
             other => bail!("unknown option {other:?}\n\n{USAGE}"),
@@ -73,14 +77,18 @@ fn serve(opts: Opts) -> anyhow::Result<i32> {
 
         let listener = server::bind(&opts.socket)?;
         eprintln!(
-            "ironlab-agent {VERSION}: serving on {} (pid {})",
+            "ironlab-agent {VERSION}: serving on {}{} (pid {})",
             opts.socket.display(),
+            opts.serial
+                .as_ref()
+                .map(|p| format!(" and {}", p.display()))
+                .unwrap_or_default(),
             std::process::id()
         );
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let service = server::AgentService::new(&opts.root).with_task_state(&opts.tasks_state);
         let tasks = service.tasks().clone();
-        let server = server::serve(listener, service, async {
+        let server = server::serve_with_serial(listener, opts.serial.clone(), service, async {
             let _ = stop_rx.await;
         });
         tokio::pin!(server);
@@ -109,7 +117,7 @@ fn run(args: &[String]) -> anyhow::Result<i32> {
     match command.as_str() {
         "init" => {
             let opts = parse(rest, false)?;
-            init::run(&opts.socket)
+            init::run(&opts.socket, opts.serial.as_deref())
         }
         "serve" => serve(parse(rest, true)?),
         "tasks" => {

@@ -30,6 +30,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::dial::{self, DialError};
 use crate::exec::{self, ExecError};
 use crate::files::{self, FileError};
+use crate::serial::AgentConn;
 use crate::tasks::{self, BashExecutor, Engine, TaskError};
 use crate::users::{UserDb, UserError};
 
@@ -360,6 +361,26 @@ pub fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
     fs::set_permissions(socket, fs::Permissions::from_mode(0o600))
         .with_context(|| format!("cannot chmod 600 {}", socket.display()))?;
     Ok(listener)
+}
+
+/// Serves `service` on `listener` and, when given, on the virtio-serial port `serial` (see
+/// [`crate::serial`]) until `shutdown` resolves (then waits for open calls).
+pub async fn serve_with_serial(
+    listener: UnixListener,
+    serial: Option<PathBuf>,
+    service: AgentService,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let Some(serial) = serial else {
+        return serve(listener, service, shutdown).await;
+    };
+    let unix = UnixListenerStream::new(listener).map(|r| r.map(AgentConn::Unix));
+    let port = crate::serial::incoming(serial).map(|r| r.map(AgentConn::Serial));
+    tonic::transport::Server::builder()
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(unix.merge(port), shutdown)
+        .await
+        .context("agent gRPC server failed")
 }
 
 /// Serves `service` on `listener` until `shutdown` resolves (then waits for open calls).

@@ -124,6 +124,7 @@ fn api_router() -> OpenApiRouter<Ctx> {
         .routes(routes!(storage))
         .routes(routes!(set_quota))
         .routes(routes!(open_http_port))
+        .routes(routes!(machine_logs))
         .routes(routes!(crate::web::sse::events))
         .routes(routes!(crate::tasks::api::list_tasks))
         .routes(routes!(crate::tasks::api::task_input))
@@ -386,6 +387,21 @@ async fn destroy_run(
         StatusCode::ACCEPTED,
         Json(runs::destroy(&ctx, &user, &id).await?),
     ))
+}
+
+/// The end (256 KiB) of a machine's console log: the serial console of a microVM, the init's
+/// output of a container. Still there for a day after the run failed or was destroyed.
+#[utoipa::path(get, path = "/api/v1/runs/{id}/machines/{machine}/logs",
+    params(("id" = String, Path, description = "Run id"), ("machine" = String, Path, description = "Machine name")),
+    responses((status = 200, content_type = "text/plain", body = String), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn machine_logs(
+    State(ctx): State<Ctx>,
+    Auth(user): Auth,
+    ApiPath((id, machine)): ApiPath<(String, String)>,
+) -> ApiResult<Response> {
+    let text = runs::machine_logs(&ctx, &user, &id, &machine).await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }
 
 /// Issues a single-use, 30-second connection token for a machine of a running run: its terminal,

@@ -1108,6 +1108,7 @@ async fn openapi_documents_every_route() {
         ("patch", "/api/v1/runs/{id}"),
         ("delete", "/api/v1/runs/{id}"),
         ("post", "/api/v1/runs/{id}/connect"),
+        ("get", "/api/v1/runs/{id}/machines/{machine}/logs"),
         ("get", "/api/v1/runs/{id}/events"),
         ("get", "/api/v1/runs/{id}/tasks"),
         ("post", "/api/v1/runs/{id}/tasks/{task}/input"),
@@ -1138,7 +1139,8 @@ async fn openapi_documents_every_route() {
         let concrete = path
             .replace("{name}", "debian")
             .replace("{id}", "nosuchrun123")
-            .replace("{task}", "check");
+            .replace("{task}", "check")
+            .replace("{machine}", "m1");
         let (s, v) = h.admin(&method.to_uppercase(), &concrete, None).await;
         assert_ne!(s, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
         assert!(

@@ -158,6 +158,27 @@ impl WorkerClient {
         self.json(resp).await.map(Some)
     }
 
+    /// `GET /v1/runs/{run}/machines/{machine}/console`: the end of a machine's console log;
+    /// `None` when the worker has none.
+    pub async fn console(&self, run: &str, machine: &str) -> Result<Option<Vec<u8>>, WorkerError> {
+        let resp = self
+            .send(self.http.get(format!(
+                "{}/v1/runs/{run}/machines/{machine}/console",
+                self.base
+            )))
+            .await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !resp.status().is_success() {
+            return Err(self.error_of(resp).await);
+        }
+        resp.bytes()
+            .await
+            .map(|b| Some(b.to_vec()))
+            .map_err(|e| self.unreachable(e))
+    }
+
     /// `DELETE /v1/runs/{run}`; success when the worker removed it or never had it.
     pub async fn delete_run(&self, run: &str) -> Result<(), WorkerError> {
         let resp = self

@@ -53,8 +53,10 @@ pub struct ApiState {
     pub token: String,
     /// Base URL for terminal WebSockets.
     pub public_url: String,
-    /// Runtimes offered (`container`).
+    /// Runtimes offered (`container`, `microvm`).
     pub runtimes: Vec<String>,
+    /// `kvm`, `tcg` or `none`.
+    pub accel: String,
     /// Persistent terminal sessions.
     pub sessions: Arc<Sessions>,
     tokens: Mutex<HashMap<String, Grant>>,
@@ -81,11 +83,14 @@ impl ApiState {
         clock: Clock,
         sessions: Arc<Sessions>,
     ) -> Arc<Self> {
+        let runtimes = runs.runtimes();
+        let accel = runs.accel();
         Arc::new(Self {
             runs,
             token,
             public_url,
-            runtimes: vec!["container".to_string()],
+            runtimes,
+            accel,
             sessions,
             tokens: Mutex::new(HashMap::new()),
             clock,
@@ -186,6 +191,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/saved/{id}", delete(delete_saved))
         .route("/v1/tokens", post(grant_token))
         .merge(crate::api_tasks::routes())
+        .route("/v1/runs/{run}/machines/{machine}/console", get(console))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_bearer,
@@ -222,7 +228,7 @@ async fn require_bearer(
 async fn status(State(state): State<Arc<ApiState>>) -> Json<WorkerStatus> {
     Json(WorkerStatus {
         version: env!("CARGO_PKG_VERSION").to_string(),
-        accel: "none".to_string(),
+        accel: state.accel.clone(),
         runtimes: state.runtimes.clone(),
         cpus: std::thread::available_parallelism()
             .map(|n| n.get() as u32)
@@ -275,6 +281,26 @@ async fn get_run(
         _ => state.runs.status(&run).await?,
     };
     Ok(Json(st))
+}
+
+/// `?bytes=N`: how much of the end of the console log to return.
+#[derive(Debug, Deserialize)]
+struct ConsoleQuery {
+    bytes: Option<u64>,
+}
+
+/// The end of a machine's console log (text/plain); kept for a day after the run is gone.
+async fn console(
+    State(state): State<Arc<ApiState>>,
+    Path((run, machine)): Path<(String, String)>,
+    Query(q): Query<ConsoleQuery>,
+) -> Result<Response, ApiError> {
+    let max = q
+        .bytes
+        .unwrap_or(crate::runs::CONSOLE_TAIL)
+        .min(crate::runs::CONSOLE_KEEP);
+    let bytes = state.runs.console_log(&run, &machine, max)?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes).into_response())
 }
 
 async fn delete_run(

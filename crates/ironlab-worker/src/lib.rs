@@ -100,6 +100,28 @@ pub async fn start(
     start_with(config, runs_dir, Arc::new(drives), shutdown).await
 }
 
+/// The microVM kit directory: `IRONLAB_VM_KERNEL_DIR`, default `/var/lib/ironlab/kernel`
+/// (built by `images/kernel/build.sh`).
+pub fn vm_kernel_dir() -> PathBuf {
+    std::env::var_os("IRONLAB_VM_KERNEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/ironlab/kernel"))
+}
+
+/// The microVM runtime, or why there is none (no QEMU, no kernel kit, no agent). Its state
+/// (the initramfs with the agent, the accelerator probe's cache) lives beside the runs, in
+/// `pool/vm/`.
+async fn vm_runtime(
+    agent_bin: &std::path::Path,
+    runs_dir: &std::path::Path,
+) -> Result<Arc<runtime::vm::VmRuntime>, String> {
+    let state = runs_dir.parent().unwrap_or(runs_dir).join("vm");
+    runtime::vm::VmRuntime::new(&vm_kernel_dir(), agent_bin, &state, None)
+        .await
+        .map(Arc::new)
+        .map_err(|e| format!("{e:#}"))
+}
+
 /// Like [`start`] with a given drive provider and runs directory (tests, benchmarks).
 pub async fn start_with(
     config: WorkerConfig,
@@ -114,7 +136,12 @@ pub async fn start_with(
             "agent binary not found; machines will fail to start until it exists"
         );
     }
-    let runtime = Arc::new(ContainerRuntime::new(info.oci, config.agent_bin.clone()));
+    let container = Arc::new(ContainerRuntime::new(info.oci, config.agent_bin.clone()));
+    let vm = vm_runtime(&config.agent_bin, &runs_dir).await;
+    if let Err(why) = &vm {
+        tracing::info!("microVMs unavailable: {why}");
+    }
+    let runtime = Arc::new(runtime::Runtimes::new(container, vm));
     let runs = RunManager::with_net(runs_dir, runtime, drives, config.net.clone());
     runs.recover().await.context("cannot recover runs")?;
 

@@ -33,10 +33,18 @@ use crate::runtime::{MachineHandle, MachineRuntime, MachineSpec, MachineState, t
 
 pub mod lifecycle;
 
-/// How long a machine's agent has to answer after the machine started.
+/// How long a container's agent has to answer after the machine started (microVMs: see
+/// `MachineRuntime::agent_timeout`).
 pub const AGENT_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long creating users and writing startup files may take.
 pub const PROVISION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Default length of the console log tail served by [`RunManager::console_log`].
+pub const CONSOLE_TAIL: u64 = 256 << 10;
+/// The most of a console log kept after its run is gone (and served).
+pub const CONSOLE_KEEP: u64 = 1 << 20;
+/// How long console logs are kept after their run is gone.
+pub const CONSOLE_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
 /// Run manager errors (mapped to HTTP status codes in `api.rs`).
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +89,11 @@ impl Run {
                 .map(|m| MachineStatus {
                     name: m.name.clone(),
                     state,
-                    runtime: runtime.to_string(),
+                    runtime: if m.runtime == "microvm" {
+                        "microvm".to_string()
+                    } else {
+                        runtime.to_string()
+                    },
                     error: None,
                 })
                 .collect(),
@@ -202,9 +214,9 @@ pub fn validate_plan(run_id: &str, plan: &RunPlan) -> Result<(), RunError> {
                 m.name
             )));
         }
-        if m.runtime != "container" && m.runtime != "auto" {
+        if !["container", "auto", "microvm"].contains(&m.runtime.as_str()) {
             return Err(RunError::BadRequest(format!(
-                "machines[{i}].runtime {:?} is not available on this worker (it runs: container)",
+                "machines[{i}].runtime {:?} is unknown (container, microvm or auto)",
                 m.runtime
             )));
         }
@@ -315,6 +327,16 @@ impl RunManager {
         self.tasks.start(plan, sockets);
     }
 
+    /// Runtimes the worker offers (`container`, `microvm`).
+    pub fn runtimes(&self) -> Vec<String> {
+        self.runtime.runtimes()
+    }
+
+    /// The microVM accelerator: `kvm`, `tcg`, or `none` without microVMs.
+    pub fn accel(&self) -> String {
+        self.runtime.accel()
+    }
+
     /// The directory holding the runs.
     pub fn runs_dir(&self) -> &Path {
         &self.runs_dir
@@ -337,6 +359,15 @@ impl RunManager {
     /// Creates and starts a run (idempotent: the same plan again returns the same run).
     pub fn create(self: &Arc<Self>, plan: RunPlan) -> Result<RunStatus, RunError> {
         validate_plan(&plan.run_id.clone(), &plan)?;
+        let offered = self.runtime.runtimes();
+        for (i, m) in plan.machines.iter().enumerate() {
+            if m.runtime == "microvm" && !offered.iter().any(|r| r == "microvm") {
+                return Err(RunError::BadRequest(format!(
+                    "machines[{i}].runtime \"microvm\" is not available on this worker (it runs: {})",
+                    offered.join(", ")
+                )));
+            }
+        }
         let run = {
             let mut runs = self.lock();
             if let Some(existing) = runs.get(&plan.run_id) {
@@ -592,7 +623,8 @@ impl RunManager {
     /// Waits until the machine's agent answers `Health`, failing early if the machine stops.
     async fn wait_agent(&self, m: &MachineHandle) -> anyhow::Result<Agent> {
         let socket = self.runtime.agent(m).socket;
-        let deadline = tokio::time::Instant::now() + AGENT_TIMEOUT;
+        let timeout = self.runtime.agent_timeout(m);
+        let deadline = tokio::time::Instant::now() + timeout;
         let mut last_observe = tokio::time::Instant::now();
         let mut last_err = String::from("socket did not appear");
         loop {
@@ -608,21 +640,89 @@ impl RunManager {
             if last_observe.elapsed() > Duration::from_millis(250) {
                 last_observe = tokio::time::Instant::now();
                 if self.runtime.observe(m).await? != MachineState::Running {
-                    anyhow::bail!(
-                        "the machine stopped before its agent answered (console.log: {})",
-                        tail(&m.console_log(), 10)
-                    );
+                    match self.runtime.exit_reason(m) {
+                        Some(why) => anyhow::bail!(
+                            "the machine stopped before its agent answered: {why} (console.log: {})",
+                            tail(&m.console_log(), 10)
+                        ),
+                        None => anyhow::bail!(
+                            "the machine stopped before its agent answered (console.log: {})",
+                            tail(&m.console_log(), 10)
+                        ),
+                    }
                 }
             }
             if tokio::time::Instant::now() >= deadline {
                 anyhow::bail!(
                     "agent did not answer within {} s ({last_err}; see console.log: {})",
-                    AGENT_TIMEOUT.as_secs(),
+                    timeout.as_secs(),
                     tail(&m.console_log(), 10)
                 );
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// Where console logs of runs that are gone are kept: `pool/logs/<run>/<machine>.log`.
+    fn logs_dir(&self) -> PathBuf {
+        self.runs_dir
+            .parent()
+            .unwrap_or(&self.runs_dir)
+            .join("logs")
+    }
+
+    /// Copies the end of each machine's console log of `run_id` out of the run directory (so a
+    /// failed run's log can still be read), and drops logs older than [`CONSOLE_RETENTION`].
+    fn retain_console_logs(&self, run_id: &str, names: &[String]) {
+        let logs = self.logs_dir();
+        for n in names {
+            let src = self.runs_dir.join(run_id).join(n).join("console.log");
+            let Ok(data) = std::fs::read(&src) else {
+                continue;
+            };
+            let keep = CONSOLE_KEEP as usize;
+            let tail = &data[data.len().saturating_sub(keep)..];
+            let dir = logs.join(run_id);
+            if let Err(e) = fs_err::create_dir_all(&dir)
+                .and_then(|()| fs_err::write(dir.join(format!("{n}.log")), tail))
+            {
+                tracing::warn!(run = %run_id, machine = %n, "cannot keep the console log: {e}");
+            }
+        }
+        if let Ok(rd) = std::fs::read_dir(&logs) {
+            for e in rd.flatten() {
+                let old = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > CONSOLE_RETENTION);
+                if old {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
+
+    /// The last `max` bytes of the console log of `machine` in `run_id`: live while the run is
+    /// on this worker, else the copy kept at teardown.
+    pub fn console_log(&self, run_id: &str, machine: &str, max: u64) -> Result<Vec<u8>, RunError> {
+        if !valid_run_id(run_id) || !valid_machine_name(machine) {
+            return Err(RunError::BadRequest(format!(
+                "run {run_id:?} / machine {machine:?} is not a valid name"
+            )));
+        }
+        let live = MachineHandle::new(&self.runs_dir, run_id, machine).console_log();
+        let kept = self.logs_dir().join(run_id).join(format!("{machine}.log"));
+        let data = std::fs::read(&live)
+            .or_else(|_| std::fs::read(&kept))
+            .map_err(|_| {
+                RunError::NotFound(format!(
+                    "no console log of machine {machine} in run {run_id} on this worker"
+                ))
+            })?;
+        let max = max as usize;
+        Ok(data[data.len().saturating_sub(max)..].to_vec())
     }
 
     /// Removes everything of a run on the host: machines, namespace, cgroup, files.
@@ -642,6 +742,7 @@ impl RunManager {
                 }
             }
         }
+        self.retain_console_logs(run_id, &names);
         let mut errors = Vec::new();
         let results = futures::future::join_all(names.iter().map(|n| {
             let h = MachineHandle::new(&self.runs_dir, run_id, n);
@@ -733,11 +834,18 @@ impl RunManager {
                     .await
                     .map_err(anyhow::Error::from)?;
                 if st != MachineState::Running {
-                    let msg = format!(
-                        "machine {} is no longer running (console.log: {})",
-                        m.name,
-                        tail(&h.console_log(), 5)
-                    );
+                    let msg = match self.runtime.exit_reason(&h) {
+                        Some(why) => format!(
+                            "machine {} is no longer running: {why} (console.log: {})",
+                            m.name,
+                            tail(&h.console_log(), 5)
+                        ),
+                        None => format!(
+                            "machine {} is no longer running (console.log: {})",
+                            m.name,
+                            tail(&h.console_log(), 5)
+                        ),
+                    };
                     run.set_machine(&m.name, ObservedState::Failed, Some(msg.clone()));
                     run.status.send_modify(|s| {
                         s.state = ObservedState::Failed;
@@ -918,9 +1026,12 @@ impl RunManager {
             if st != MachineState::Running {
                 anyhow::bail!("machine {} is {st:?}", m.name);
             }
-            agent_client::health(&self.runtime.agent(&h).socket, Duration::from_secs(3))
-                .await
-                .with_context(|| format!("machine {}", m.name))?;
+            agent_client::health(
+                &self.runtime.agent(&h).socket,
+                self.runtime.recover_timeout(&h),
+            )
+            .await
+            .with_context(|| format!("machine {}", m.name))?;
         }
         if !plan.networks.is_empty() {
             self.net.ensure(&plan).await.context("its network")?;
@@ -1069,9 +1180,14 @@ mod tests {
         let e = validate_plan("abd", &plan("abc")).expect_err("mismatch");
         assert!(e.to_string().contains("does not match"));
         let mut p = plan("abc");
-        p.machines[0].runtime = "microvm".into();
+        p.machines[0].runtime = "firecracker".into();
         let e = validate_plan("abc", &p).expect_err("runtime");
         assert!(e.to_string().contains("machines[0].runtime"));
+        p.machines[0].runtime = "microvm".into();
+        assert!(
+            validate_plan("abc", &p).is_ok(),
+            "availability is checked by create"
+        );
         let mut p = plan("abc");
         p.machines.push(p.machines[0].clone());
         let e = validate_plan("abc", &p).expect_err("dup");

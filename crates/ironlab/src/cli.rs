@@ -203,6 +203,23 @@ pub enum PlaygroundCommand {
         #[arg(long)]
         all: bool,
     },
+    /// Show a run: state, failure reason, machines.
+    Status {
+        /// Run id.
+        run: String,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Print the end of a machine's console log (a microVM's serial console, a container's
+    /// init output); still there for a day after the run failed or was destroyed.
+    Logs {
+        /// Run id.
+        run: String,
+        /// Machine [default: the first machine of the run].
+        #[arg(long, short)]
+        machine: Option<String>,
+    },
     /// Destroy a run and everything it holds on its host.
     Destroy {
         /// Run id.

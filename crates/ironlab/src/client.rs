@@ -171,6 +171,16 @@ impl Api {
             .with_context(|| format!("unexpected answer to {method} {path}"))
     }
 
+    /// GETs `path` and returns the answer's body as bytes (plain-text endpoints).
+    pub async fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        let resp = self.send(self.http.get(self.url(path))).await?;
+        Ok(resp
+            .bytes()
+            .await
+            .with_context(|| format!("unexpected answer to GET {path}"))?
+            .to_vec())
+    }
+
     /// Sends a request and ignores the answer's body.
     pub async fn call_empty(&self, method: Method, path: &str) -> anyhow::Result<()> {
         self.send(self.http.request(method, self.url(path))).await?;

@@ -335,15 +335,15 @@ pub async fn create(ctx: &Ctx, user: &User, req: StartRun) -> ApiResult<RunView>
         None => pg.view.title.clone(),
     };
     check_active_limit(ctx, user).await?;
-    let runtimes = match ctx.worker.cached_status().await {
-        Ok(s) => s.runtimes,
+    let (runtimes, accel) = match ctx.worker.cached_status().await {
+        Ok(s) => (s.runtimes, s.accel),
         Err(e) => {
             tracing::warn!(error = %e, "worker status unavailable; assuming the container runtime only");
-            vec!["container".to_string()]
+            (vec!["container".to_string()], "none".to_string())
         }
     };
     let id = db::random_id(12);
-    let plan = plan::resolve(&id, &pg.manifest, &runtimes)?;
+    let plan = plan::resolve_with_accel(&id, &pg.manifest, &runtimes, &accel)?;
     let plan_text = serde_json::to_string(&plan)
         .map_err(|e| anyhow::anyhow!("failed to serialize the plan of run {id}: {e}"))?;
     let now = db::now_ms();
@@ -541,6 +541,26 @@ pub async fn connect(
         port,
         expires_at,
     })
+}
+
+/// The end of the console log of `machine` of run `id` (as the worker keeps it).
+pub async fn machine_logs(ctx: &Ctx, user: &User, id: &str, machine: &str) -> ApiResult<Vec<u8>> {
+    let run = get_for(&ctx.db, user, id).await?;
+    if !run.plan.machines.iter().any(|p| p.name == machine) {
+        let names: Vec<&str> = run.plan.machines.iter().map(|p| p.name.as_str()).collect();
+        return Err(ApiError::NotFound(format!(
+            "run {id} has no machine {machine} (machines: {})",
+            names.join(", ")
+        )));
+    }
+    match ctx.worker.console(&run.id, machine).await {
+        Ok(Some(bytes)) => Ok(bytes),
+        Ok(None) => Err(ApiError::NotFound(format!(
+            "machine {machine} of run {id} has no console log (it never started, or the log \
+             was dropped a day after the run ended)"
+        ))),
+        Err(e) => Err(worker_unavailable(e)),
+    }
 }
 
 pub(crate) fn worker_unavailable(e: WorkerError) -> ApiError {

@@ -37,13 +37,28 @@ pub const DEFAULT_BANDWIDTH_BPS: u64 = 100_000_000;
 
 /// Turns a validated manifest into a [`RunPlan`] for run `run_id`.
 ///
-/// `worker_runtimes` is what the worker's status lists; `auto` and `container` resolve to
-/// `container` for now, and `microvm` is refused unless the worker offers it.
+/// `worker_runtimes` is what the worker's status lists; `container` resolves to `container`,
+/// `auto` to `container` (see [`resolve_with_accel`]), and `microvm` is refused unless the
+/// worker offers it.
 pub fn resolve(
     run_id: &str,
     manifest: &Manifest,
     worker_runtimes: &[String],
 ) -> ApiResult<RunPlan> {
+    resolve_with_accel(run_id, manifest, worker_runtimes, "none")
+}
+
+/// Like [`resolve`], knowing the worker's microVM accelerator (`kvm`, `tcg`, `none`): `auto`
+/// becomes `microvm` only where the worker offers microVMs on KVM. Under TCG (software
+/// emulation, seconds per boot) `auto` stays a container; `runtime: microvm` asks for a VM
+/// regardless.
+pub fn resolve_with_accel(
+    run_id: &str,
+    manifest: &Manifest,
+    worker_runtimes: &[String],
+    accel: &str,
+) -> ApiResult<RunPlan> {
+    let offers_vm = worker_runtimes.iter().any(|r| r == "microvm");
     let (networks, interfaces) = resolve_networks(manifest)?;
     let mut machines = Vec::new();
     for ((i, m), interfaces) in manifest
@@ -55,9 +70,10 @@ pub fn resolve(
     {
         let path = format!("playground.machines[{i}]");
         let runtime = match m.runtime {
+            RuntimeKind::Auto if offers_vm && accel == "kvm" => "microvm",
             RuntimeKind::Auto | RuntimeKind::Container => "container",
             RuntimeKind::Microvm => {
-                if worker_runtimes.iter().any(|r| r == "microvm") {
+                if offers_vm {
                     "microvm"
                 } else {
                     return Err(ApiError::BadRequest(format!(
@@ -517,5 +533,23 @@ playground:
         );
         let plan = resolve("r", &m, &["container".into(), "microvm".into()]).expect("offered");
         assert_eq!(plan.machines[0].runtime, "microvm");
+        let both: Vec<String> = vec!["container".into(), "microvm".into()];
+        let auto = manifest(
+            r#"
+kind: playground
+name: auto-lab
+title: Auto
+playground:
+  machines:
+    - {name: m, drives: [{source: debian, mount: /, size: 4GiB}]}
+"#,
+        );
+        // `auto` is a microVM only on KVM; under TCG it stays a container.
+        let on_kvm = resolve_with_accel("r", &auto, &both, "kvm").expect("kvm");
+        assert_eq!(on_kvm.machines[0].runtime, "microvm");
+        let on_tcg = resolve_with_accel("r", &auto, &both, "tcg").expect("tcg");
+        assert_eq!(on_tcg.machines[0].runtime, "container");
+        let no_vm = resolve_with_accel("r", &auto, &["container".into()], "kvm").expect("no vm");
+        assert_eq!(no_vm.machines[0].runtime, "container");
     }
 }

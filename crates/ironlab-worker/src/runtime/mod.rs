@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use ironlab_api::worker::MachinePlan;
 
 pub mod container;
+pub mod vm;
 
 /// Everything a runtime needs to start one machine.
 #[derive(Debug, Clone)]
@@ -134,6 +135,141 @@ pub trait MachineRuntime: Send + Sync {
     /// Removes runtime objects that belong to no known machine: those of runs under `runs_dir`
     /// that are not in `keep` (run ids).
     async fn clean_leftovers(&self, runs_dir: &Path, keep: &[String]) -> anyhow::Result<()>;
+    /// How long the agent of the started machine `m` has to answer.
+    fn agent_timeout(&self, _m: &MachineHandle) -> Duration {
+        Duration::from_secs(20)
+    }
+    /// How long a worker starting up waits for the agent of a machine it rediscovers.
+    fn recover_timeout(&self, _m: &MachineHandle) -> Duration {
+        Duration::from_secs(3)
+    }
+    /// Why a machine that is not running ended, when the runtime can tell (`None`: the caller
+    /// shows the console log).
+    fn exit_reason(&self, _m: &MachineHandle) -> Option<String> {
+        None
+    }
+    /// Runtimes offered (`container`, `microvm`).
+    fn runtimes(&self) -> Vec<String> {
+        vec![self.name().to_string()]
+    }
+    /// `kvm`, `tcg` or `none` (no microVMs).
+    fn accel(&self) -> String {
+        "none".to_string()
+    }
+}
+
+/// Dispatches per machine: `microvm` machines to the VM runtime, everything else to containers.
+/// A machine's directory says which runtime made it (`vm::VmRuntime::owns`), so teardown after
+/// a crash reaches the right one.
+pub struct Runtimes {
+    container: std::sync::Arc<dyn MachineRuntime>,
+    vm: Option<std::sync::Arc<vm::VmRuntime>>,
+    /// Why there is no VM runtime (for error messages).
+    vm_missing: String,
+}
+
+impl Runtimes {
+    /// Containers plus, when available, microVMs (`vm_missing` says why not otherwise).
+    pub fn new(
+        container: std::sync::Arc<dyn MachineRuntime>,
+        vm: Result<std::sync::Arc<vm::VmRuntime>, String>,
+    ) -> Self {
+        match vm {
+            Ok(vm) => Runtimes {
+                container,
+                vm: Some(vm),
+                vm_missing: String::new(),
+            },
+            Err(why) => Runtimes {
+                container,
+                vm: None,
+                vm_missing: why,
+            },
+        }
+    }
+
+    fn pick(&self, m: &MachineHandle) -> &dyn MachineRuntime {
+        match &self.vm {
+            Some(vm) if vm::VmRuntime::owns(&m.dir) => vm.as_ref(),
+            _ => self.container.as_ref(),
+        }
+    }
+}
+
+#[async_trait]
+impl MachineRuntime for Runtimes {
+    fn name(&self) -> &'static str {
+        self.container.name()
+    }
+    async fn start(&self, spec: &MachineSpec) -> Result<MachineHandle, RuntimeError> {
+        if spec.plan.runtime == "microvm" {
+            return match &self.vm {
+                Some(vm) => vm.start(spec).await,
+                None => Err(RuntimeError::new(
+                    "start",
+                    format!("il-{}-{}", spec.run_id, spec.plan.name),
+                    format!(
+                        "microVMs are not available on this worker: {}",
+                        self.vm_missing
+                    ),
+                )),
+            };
+        }
+        self.container.start(spec).await
+    }
+    async fn stop(&self, m: &MachineHandle, grace: Duration) -> Result<(), RuntimeError> {
+        self.pick(m).stop(m, grace).await
+    }
+    async fn release(&self, m: &MachineHandle) -> Result<(), RuntimeError> {
+        self.pick(m).release(m).await
+    }
+    async fn destroy(&self, m: &MachineHandle) -> Result<(), RuntimeError> {
+        self.pick(m).destroy(m).await
+    }
+    async fn observe(&self, m: &MachineHandle) -> Result<MachineState, RuntimeError> {
+        self.pick(m).observe(m).await
+    }
+    fn agent(&self, m: &MachineHandle) -> AgentEndpoint {
+        self.pick(m).agent(m)
+    }
+    async fn knows_run(&self, run_id: &str) -> anyhow::Result<bool> {
+        if let Some(vm) = &self.vm
+            && vm.knows_run(run_id).await?
+        {
+            return Ok(true);
+        }
+        self.container.knows_run(run_id).await
+    }
+    async fn clean_leftovers(&self, runs_dir: &Path, keep: &[String]) -> anyhow::Result<()> {
+        if let Some(vm) = &self.vm
+            && let Err(e) = vm.clean_leftovers(runs_dir, keep).await
+        {
+            tracing::warn!("cleaning microVM leftovers: {e:#}");
+        }
+        self.container.clean_leftovers(runs_dir, keep).await
+    }
+    fn agent_timeout(&self, m: &MachineHandle) -> Duration {
+        self.pick(m).agent_timeout(m)
+    }
+    fn exit_reason(&self, m: &MachineHandle) -> Option<String> {
+        self.pick(m).exit_reason(m)
+    }
+    fn recover_timeout(&self, m: &MachineHandle) -> Duration {
+        self.pick(m).recover_timeout(m)
+    }
+    fn runtimes(&self) -> Vec<String> {
+        let mut r = self.container.runtimes();
+        if self.vm.is_some() {
+            r.push("microvm".into());
+        }
+        r
+    }
+    fn accel(&self) -> String {
+        match &self.vm {
+            Some(vm) => vm.accel().as_str().to_string(),
+            None => "none".to_string(),
+        }
+    }
 }
 
 /// The last `n` lines of a log file, for error messages ("" when unreadable).

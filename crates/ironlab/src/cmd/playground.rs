@@ -79,6 +79,8 @@ pub async fn run(cmd: PlaygroundCommand, api: &Api) -> anyhow::Result<i32> {
             println!("{}", p.name);
             Ok(0)
         }
+        PlaygroundCommand::Status { run, output } => status(api, &run, output).await,
+        PlaygroundCommand::Logs { run, machine } => logs(api, &run, machine).await,
     }
 }
 
@@ -439,6 +441,44 @@ async fn restart(api: &Api, id: &str, no_wait: bool) -> anyhow::Result<i32> {
             Ok(1)
         }
     }
+}
+
+async fn status(api: &Api, id: &str, output: Output) -> anyhow::Result<i32> {
+    let run: RunView = api.call(Method::GET, &format!("/runs/{id}"), None).await?;
+    match output {
+        Output::Json => print_json(&run)?,
+        Output::Text => {
+            println!("run:        {}", run.id);
+            println!("playground: {}", run.playground);
+            println!("title:      {}", run.title);
+            println!("state:      {}", run.state.as_str());
+            if let Some(r) = &run.reason {
+                println!("reason:     {r}");
+            }
+            println!("machines:   {}", run.machines.join(", "));
+            println!("age:        {}", age(run.created_at));
+        }
+    }
+    Ok(0)
+}
+
+async fn logs(api: &Api, id: &str, machine: Option<String>) -> anyhow::Result<i32> {
+    let machine = match machine {
+        Some(m) => m,
+        None => {
+            let run: RunView = api.call(Method::GET, &format!("/runs/{id}"), None).await?;
+            run.machines
+                .first()
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("run {id} has no machines"))?
+        }
+    };
+    let bytes = api
+        .get_bytes(&format!("/runs/{id}/machines/{machine}/logs"))
+        .await?;
+    use std::io::Write;
+    std::io::stdout().write_all(&bytes)?;
+    Ok(0)
 }
 
 async fn destroy(api: &Api, id: &str, no_wait: bool) -> anyhow::Result<i32> {

@@ -1356,6 +1356,9 @@ pub fn leftovers(run: &str, run_dir: &Path) -> Vec<String> {
     for (rt, id) in containers_matching(run) {
         left.push(format!("{rt} container {id}"));
     }
+    for pid in qemus_matching(run) {
+        left.push(format!("QEMU process {pid}"));
+    }
     for cg in cgroups_matching(run) {
         left.push(format!("cgroup {cg}"));
     }
@@ -1402,11 +1405,33 @@ fn resolvers(run: &str) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// QEMU processes of the microVMs of `run` (QEMU's `-name guest=il-<run>-<machine>`).
+pub fn qemus_matching(run: &str) -> Vec<u32> {
+    let want = format!("guest=il-{run}-");
+    let mut found = Vec::new();
+    if let Ok(rd) = fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if let Ok(c) = fs::read(e.path().join("cmdline"))
+                && String::from_utf8_lossy(&c).contains(&want)
+            {
+                found.push(pid);
+            }
+        }
+    }
+    found
+}
+
 /// Removes whatever a run left (best effort, for `Drop`).
 pub fn scrub_run(run: &str) {
     for (rt, id) in containers_matching(run) {
         quiet(&rt, &["kill", &id, "KILL"]);
         quiet(&rt, &["delete", "-f", &id]);
+    }
+    for pid in qemus_matching(run) {
+        quiet("kill", &["-9", &pid.to_string()]);
     }
     for m in mounts_matching(run) {
         quiet("umount", &["-l", &m]);

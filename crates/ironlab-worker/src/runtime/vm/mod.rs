@@ -1,0 +1,979 @@
+//! The microVM runtime: one QEMU per machine, the same agent as in containers.
+//!
+//! Split as kata does: [`cmdline`] builds QEMU's arguments, [`qmp`] talks to a running QEMU,
+//! [`proxy`] carries the agent's gRPC over the virtio-serial port, and this module holds the
+//! state: start (supervised, with one retry), stop (ACPI power button, then `quit`), observe,
+//! exit reasons, destroy, leftovers.
+//!
+//! Per machine, under `pool/runs/<run>/<machine>/`: `runtime` (the word `microvm`: tells the
+//! dispatcher whose machine this is), `root.ext4` (virtio-blk `/dev/vda`), `qmp.sock`,
+//! `agent.serial` (QEMU's end of the agent port), `agent/agent.sock` (the proxy: what every
+//! agent client dials, as with containers), `console.log` (the guest's serial console),
+//! `qemu.log` (QEMU's stderr), `qemu.pid`, `stopped` (written when the worker stopped it).
+//!
+//! QEMU runs detached (`setsid -f`: it outlives the worker), in the run's network namespace
+//! (its tap is created there and vanishes with it), in the cgroup `/ironlab/<run>/<machine>`
+//! (cpu, memory = guest RAM + [`MEMORY_OVERHEAD`], pids) and, after start-up, as an unprivileged
+//! uid of its own (`-run-with user=`) under `-sandbox on`.
+//!
+//! The guest kit (`--vm-kernel-dir`, built by `images/kernel/build.sh`): `vmlinuz`,
+//! `initramfs.cpio`, `modules.ext4`, `VERSION`. The agent is appended to the initramfs as a
+//! second cpio archive (`pool/vm/initrd-<hash>.img`, made once per agent binary).
+
+pub mod cmdline;
+pub mod proxy;
+pub mod qmp;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use sha2::Digest;
+
+use self::cmdline::{Accel, BootMode, VmConfig};
+use super::{
+    AgentEndpoint, MachineHandle, MachineRuntime, MachineSpec, MachineState, RuntimeError,
+};
+use crate::host;
+
+/// Memory the cgroup allows QEMU beyond the guest's RAM (TCG cache, device emulation, I/O).
+pub const MEMORY_OVERHEAD: u64 = 192 << 20;
+/// TCG translation cache (MiB).
+pub const TCG_TB_MIB: u32 = 32;
+/// How long a boot may take to print the kernel banner before it counts as hung.
+pub const BANNER_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the agent of a microVM has to answer (TCG boots are slow on a busy host);
+/// `IRONLAB_VM_AGENT_TIMEOUT` (seconds) overrides it.
+pub const AGENT_TIMEOUT: Duration = Duration::from_secs(90);
+/// Base of the unprivileged uids/gids QEMU processes run as.
+const UID_BASE: u32 = 3_000_000;
+/// The marker file's name and content.
+const MARKER: &str = "runtime";
+
+/// The guest kit: kernel, initramfs, modules drive.
+#[derive(Debug, Clone)]
+pub struct Kit {
+    /// The directory.
+    pub dir: PathBuf,
+    /// bzImage.
+    pub kernel: PathBuf,
+    /// The kit's initramfs (without the agent).
+    pub initramfs: PathBuf,
+    /// Read-only modules drive, when present.
+    pub modules: Option<PathBuf>,
+    /// Kernel release.
+    pub release: String,
+}
+
+impl Kit {
+    /// The kit in `dir`, if its kernel and initramfs are there.
+    pub fn find(dir: &Path) -> anyhow::Result<Self> {
+        let kernel = dir.join("vmlinuz");
+        let initramfs = dir.join("initramfs.cpio");
+        if !kernel.is_file() || !initramfs.is_file() {
+            anyhow::bail!(
+                "no microVM kernel in {} (build it with images/kernel/build.sh {})",
+                dir.display(),
+                dir.display()
+            );
+        }
+        let modules = Some(dir.join("modules.ext4")).filter(|p| p.is_file());
+        let release = std::fs::read_to_string(dir.join("VERSION"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        Ok(Kit {
+            dir: dir.to_path_buf(),
+            kernel,
+            initramfs,
+            modules,
+            release,
+        })
+    }
+}
+
+/// `qemu-system-x86_64` on PATH or in the usual places.
+pub fn find_qemu() -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    dirs.push("/usr/bin".into());
+    dirs.push("/usr/local/bin".into());
+    dirs.into_iter()
+        .map(|d| d.join("qemu-system-x86_64"))
+        .find(|p| p.is_file())
+}
+
+/// A newc cpio archive holding `ironlab/agent` (appended to the kit's initramfs).
+pub fn agent_cpio(agent: &[u8]) -> Vec<u8> {
+    fn entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
+        let namesize = name.len() + 1;
+        let header = format!(
+            "070701{ino:08x}{mode:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{namesize:08x}{:08x}",
+            0,
+            0,
+            1,
+            0,
+            data.len(),
+            0,
+            0,
+            0,
+            0,
+            0
+        );
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        while !out.len().is_multiple_of(4) {
+            out.push(0);
+        }
+        out.extend_from_slice(data);
+        while !out.len().is_multiple_of(4) {
+            out.push(0);
+        }
+    }
+    let mut out = Vec::with_capacity(agent.len() + 512);
+    entry(&mut out, 1, "ironlab", 0o040755, &[]);
+    entry(&mut out, 2, "ironlab/agent", 0o100755, agent);
+    entry(&mut out, 0, "TRAILER!!!", 0, &[]);
+    out
+}
+
+/// The uid/gid QEMU of `name` (`il-<run>-<machine>`) runs as: one per machine, from a range no
+/// account uses.
+pub fn vm_uid(name: &str) -> u32 {
+    let h = sha2::Sha256::digest(name.as_bytes());
+    UID_BASE + (u32::from_be_bytes([h[0], h[1], h[2], h[3]]) % 1_000_000)
+}
+
+/// What QEMU's console and log say about why it ended.
+pub fn exit_reason(console: &str, qemu_log: &str, stopped_by_worker: bool) -> String {
+    if stopped_by_worker {
+        return "the machine was stopped".into();
+    }
+    let last = |pat: &str| console.rfind(pat);
+    if let Some(p) = last("Kernel panic") {
+        let line = console[p..].lines().next().unwrap_or("").trim();
+        return format!("the guest kernel panicked: {line}");
+    }
+    if last("reboot: Power down").is_some() || last("System halted").is_some() {
+        return "the guest powered itself off".into();
+    }
+    if last("reboot: Restarting system").is_some() {
+        return "the guest rebooted (a microVM ends when its guest reboots)".into();
+    }
+    if let Some(p) = last("ironlab-init: ") {
+        let line = console[p..].lines().next().unwrap_or("").trim();
+        return format!("the guest's boot failed: {line}");
+    }
+    let qlog = qemu_log.trim();
+    if let Some(sig) = qlog
+        .lines()
+        .rev()
+        .find(|l| l.contains("terminating on signal"))
+    {
+        return format!("QEMU was stopped from outside ({})", sig.trim());
+    }
+    if qlog.is_empty() {
+        "QEMU exited unexpectedly (killed?)".into()
+    } else {
+        let tail: Vec<&str> = qlog.lines().rev().take(3).collect();
+        format!(
+            "QEMU exited unexpectedly: {}",
+            tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+        )
+    }
+}
+
+/// Runs machines as QEMU microVMs.
+pub struct VmRuntime {
+    qemu: PathBuf,
+    kit: Kit,
+    initrd: PathBuf,
+    firmware: Option<PathBuf>,
+    accel: Accel,
+    proxies: Mutex<HashMap<PathBuf, proxy::AgentProxy>>,
+}
+
+impl std::fmt::Debug for VmRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmRuntime")
+            .field("qemu", &self.qemu)
+            .field("kit", &self.kit.dir)
+            .field("accel", &self.accel)
+            .finish()
+    }
+}
+
+impl VmRuntime {
+    /// A runtime using the kit in `kit_dir`, the agent `agent_bin` and `state_dir` for the
+    /// generated initramfs. `accel`: `None` probes (see [`probe_accel`]).
+    pub async fn new(
+        kit_dir: &Path,
+        agent_bin: &Path,
+        state_dir: &Path,
+        accel: Option<Accel>,
+    ) -> anyhow::Result<Self> {
+        let qemu =
+            find_qemu().context("qemu-system-x86_64 not found (scripts/setup.sh installs it)")?;
+        let kit = Kit::find(kit_dir)?;
+        let initrd = build_initrd(&kit, agent_bin, state_dir).await?;
+        let firmware = Some(PathBuf::from("/usr/share/qemu/qboot.rom")).filter(|p| p.is_file());
+        let accel = match accel {
+            Some(a) => a,
+            None => probe_accel(&qemu, &kit, &initrd, state_dir).await,
+        };
+        tracing::info!(accel = accel.as_str(), kernel = %kit.release, "microVM runtime ready");
+        Ok(VmRuntime {
+            qemu,
+            kit,
+            initrd,
+            firmware,
+            accel,
+            proxies: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The accelerator in use.
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    /// The guest kit.
+    pub fn kit(&self) -> &Kit {
+        &self.kit
+    }
+
+    /// The initramfs with the agent.
+    pub fn initrd(&self) -> &Path {
+        &self.initrd
+    }
+
+    /// Whether the machine directory belongs to this runtime.
+    pub fn owns(dir: &Path) -> bool {
+        std::fs::read_to_string(dir.join(MARKER)).is_ok_and(|s| s.trim() == "microvm")
+    }
+
+    fn proxies(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, proxy::AgentProxy>> {
+        self.proxies.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn ensure_proxy(&self, m: &MachineHandle) -> anyhow::Result<()> {
+        let mut proxies = self.proxies();
+        if !proxies.contains_key(&m.dir) {
+            let p = proxy::spawn(&m.agent_socket(), &m.dir.join("agent.serial"))?;
+            proxies.insert(m.dir.clone(), p);
+        }
+        Ok(())
+    }
+
+    /// The QEMU process of `m`, if it runs (pid file + the process's command line names it).
+    pub fn pid(m: &MachineHandle) -> Option<i32> {
+        let pid: i32 = std::fs::read_to_string(m.dir.join("qemu.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let want = format!("guest={},", vm_name(&m.run_id, &m.machine));
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let zombie = stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z'));
+        (!zombie && String::from_utf8_lossy(&cmdline).contains(&want)).then_some(pid)
+    }
+
+    fn config(&self, spec: &MachineSpec, mode: BootMode) -> VmConfig {
+        let name = vm_name(&spec.run_id, &spec.plan.name);
+        let uid = vm_uid(&name);
+        let memory_mib = if spec.plan.memory_bytes > 0 {
+            spec.plan.memory_bytes.div_ceil(1 << 20)
+        } else {
+            512
+        };
+        let h = sha2::Sha256::digest(name.as_bytes());
+        VmConfig {
+            name,
+            hostname: spec.plan.name.clone(),
+            accel: self.accel,
+            mode,
+            memory_mib,
+            cpus: spec.plan.cpus.max(1),
+            kernel: self.kit.kernel.clone(),
+            initrd: self.initrd.clone(),
+            firmware: self.firmware.clone(),
+            root_drive: Some(spec.root_drive.clone()),
+            modules_drive: self.kit.modules.clone(),
+            agent_socket: Some(spec.dir.join("agent.serial")),
+            qmp_socket: Some(spec.dir.join("qmp.sock")),
+            console_log: spec.dir.join("console.log"),
+            pidfile: Some(spec.dir.join("qemu.pid")),
+            tap: Some("tap0".into()),
+            mac: Some(format!("52:54:00:{:02x}:{:02x}:{:02x}", h[0], h[1], h[2])),
+            run_as: Some((uid, uid)),
+            tcg_tb_mib: TCG_TB_MIB,
+        }
+    }
+
+    /// Creates the machine's cgroup (cpu, memory, pids) with its limits; returns the
+    /// `cgroup.procs` files QEMU joins.
+    fn make_cgroup(&self, spec: &MachineSpec, memory_mib: u64) -> Vec<PathBuf> {
+        let rel = super::container::cgroup_path(&spec.run_id, &spec.plan.name);
+        let mut procs = Vec::new();
+        let mut set = |ctrl: &str, files: &[(&str, String)]| {
+            let dir = host::cgroup_dir(ctrl, &rel);
+            if let Err(e) = fs_err::create_dir_all(&dir) {
+                tracing::warn!("cannot create cgroup {}: {e}", dir.display());
+                return;
+            }
+            for (f, v) in files {
+                let p = dir.join(f);
+                if p.exists()
+                    && let Err(e) = std::fs::write(&p, v)
+                {
+                    tracing::warn!("cannot set {}={v}: {e}", p.display());
+                }
+            }
+            procs.push(dir.join("cgroup.procs"));
+        };
+        let cpus = u64::from(spec.plan.cpus.max(1));
+        // vCPU threads plus half a CPU for QEMU's main loop and I/O.
+        set(
+            "cpu",
+            &[
+                ("cpu.cfs_period_us", "100000".into()),
+                ("cpu.cfs_quota_us", (cpus * 100_000 + 50_000).to_string()),
+            ],
+        );
+        let limit = (memory_mib << 20) + MEMORY_OVERHEAD;
+        set(
+            "memory",
+            &[
+                ("memory.limit_in_bytes", limit.to_string()),
+                ("memory.memsw.limit_in_bytes", limit.to_string()),
+            ],
+        );
+        set("pids", &[("pids.max", "256".into())]);
+        procs
+    }
+
+    /// Launches QEMU once; returns when QMP answers and the kernel printed its banner.
+    async fn launch(&self, spec: &MachineSpec, m: &MachineHandle) -> anyhow::Result<()> {
+        let config = self.config(spec, BootMode::Auto);
+        for f in ["qmp.sock", "agent.serial", "qemu.pid", "stopped"] {
+            let _ = std::fs::remove_file(m.dir.join(f));
+        }
+        let procs = self.make_cgroup(spec, config.memory_mib);
+        let (uid, gid) = config.run_as.unwrap_or((0, 0));
+        // QEMU drops to `uid` once set up; files it may reopen later stay reachable.
+        for f in [&spec.root_drive, &config.console_log] {
+            if !f.exists() {
+                fs_err::write(f, b"")?;
+            }
+            if let Err(e) = std::os::unix::fs::chown(f, Some(uid), Some(gid)) {
+                tracing::warn!("cannot chown {}: {e}", f.display());
+            }
+        }
+        let qemu_log = m.dir.join("qemu.log");
+        let log = fs_err::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&qemu_log)?;
+        let log2 = log.file().try_clone()?;
+        // sh joins the cgroups and execs nsenter, which execs QEMU: one pid all along.
+        let mut script = String::new();
+        for p in &procs {
+            script.push_str(&format!("echo $$ > '{}' || exit 1; ", p.display()));
+        }
+        script.push_str("exec \"$@\"");
+        let mut args: Vec<String> = vec![
+            "-f".into(),
+            "sh".into(),
+            "-c".into(),
+            script,
+            "sh".into(),
+            "nsenter".into(),
+            format!("--net={}", spec.netns.display()),
+            "--".into(),
+            self.qemu.to_string_lossy().into_owned(),
+        ];
+        args.extend(cmdline::qemu_args(&config));
+        let status = tokio::process::Command::new("setsid")
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::from(log.into_parts().0))
+            .stderr(std::process::Stdio::from(log2))
+            .status()
+            .await
+            .context("cannot run setsid")?;
+        if !status.success() {
+            anyhow::bail!("setsid failed ({status})");
+        }
+        // QMP up (QEMU running), then the kernel banner (the rare hang is before it).
+        let deadline = tokio::time::Instant::now() + BANNER_TIMEOUT;
+        let qmp_path = m.dir.join("qmp.sock");
+        let mut qmp_ok = false;
+        loop {
+            let started = tokio::time::Instant::now() + BANNER_TIMEOUT - deadline;
+            if !qmp_ok
+                && qmp_path.exists()
+                && let Ok(mut q) = qmp::Qmp::connect(&qmp_path, Duration::from_secs(5)).await
+            {
+                let st = q.query_status().await.unwrap_or_default();
+                if st != "running" {
+                    anyhow::bail!("QEMU is {st}, not running");
+                }
+                qmp_ok = true;
+            }
+            if qmp_ok {
+                let console = std::fs::read(&config.console_log).unwrap_or_default();
+                if memchr_find(&console, b"Linux version") {
+                    return Ok(());
+                }
+            }
+            if started > Duration::from_millis(500) && Self::pid(m).is_none() {
+                anyhow::bail!(
+                    "QEMU exited during boot: {}",
+                    exit_reason(
+                        &String::from_utf8_lossy(
+                            &std::fs::read(&config.console_log).unwrap_or_default()
+                        ),
+                        &std::fs::read_to_string(&qemu_log).unwrap_or_default(),
+                        false
+                    )
+                );
+            }
+            if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!(
+                    "the guest did not start its kernel within {} s",
+                    BANNER_TIMEOUT.as_secs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn start_inner(&self, spec: &MachineSpec) -> anyhow::Result<MachineHandle> {
+        let m = MachineHandle {
+            run_id: spec.run_id.clone(),
+            machine: spec.plan.name.clone(),
+            dir: spec.dir.clone(),
+        };
+        fs_err::create_dir_all(&m.dir)?;
+        fs_err::write(m.dir.join(MARKER), "microvm\n")?;
+        fs_err::create_dir_all(m.dir.join("agent"))?;
+        let mut last = None;
+        for attempt in 0..2 {
+            match self.launch(spec, &m).await {
+                Ok(()) => {
+                    self.ensure_proxy(&m)?;
+                    return Ok(m);
+                }
+                Err(e) => {
+                    tracing::warn!(machine = %m.machine, attempt, "microVM boot failed: {e:#}");
+                    self.kill(&m).await;
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("boot failed")))
+            .context("the microVM did not boot (tried twice)")
+    }
+
+    /// SIGKILLs QEMU and waits (≤ 5 s) until it is gone.
+    async fn kill(&self, m: &MachineHandle) {
+        let Some(pid) = Self::pid(m) else {
+            return;
+        };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        for _ in 0..250 {
+            if Self::pid(m).is_none() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::warn!(machine = %m.machine, pid, "QEMU did not go away after SIGKILL");
+    }
+
+    async fn teardown(&self, m: &MachineHandle) -> anyhow::Result<()> {
+        self.proxies().remove(&m.dir);
+        let _ = fs_err::write(m.dir.join("stopped"), b"");
+        self.kill(m).await;
+        let mut errors = Vec::new();
+        if Self::pid(m).is_some() {
+            errors.push(format!("QEMU of {} still runs", m.machine));
+        }
+        let rel = super::container::cgroup_path(&m.run_id, &m.machine);
+        let mut removed = false;
+        for _ in 0..50 {
+            if host::remove_cgroup(&rel).is_ok() {
+                removed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !removed && let Err(e) = host::remove_cgroup(&rel) {
+            errors.push(format!("{e:#}"));
+        }
+        match std::fs::remove_dir_all(&m.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => errors.push(format!("cannot remove {}: {e}", m.dir.display())),
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            anyhow::bail!("{}", errors.join("; "))
+        }
+    }
+
+    /// What `release` does: QEMU gone, its proxy, cgroup, sockets and pid file removed; the
+    /// directory and its drives kept.
+    async fn release_inner(&self, m: &MachineHandle) -> anyhow::Result<()> {
+        self.proxies().remove(&m.dir);
+        if Self::pid(m).is_some() {
+            let _ = fs_err::write(m.dir.join("stopped"), b"");
+            self.kill(m).await;
+        }
+        if Self::pid(m).is_some() {
+            anyhow::bail!("QEMU of {} still runs", m.machine);
+        }
+        let rel = super::container::cgroup_path(&m.run_id, &m.machine);
+        for _ in 0..50 {
+            if host::remove_cgroup(&rel).is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        host::remove_cgroup(&rel).or_else(|e| {
+            if std::path::Path::new("/sys/fs/cgroup").join(&rel).exists() {
+                Err(e)
+            } else {
+                Ok(())
+            }
+        })?;
+        for f in ["qemu.pid", "qmp.sock", "stopped"] {
+            let _ = std::fs::remove_file(m.dir.join(f));
+        }
+        let _ = std::fs::remove_file(m.agent_socket());
+        Ok(())
+    }
+
+    /// Why the machine is not running (console, QEMU's log, whether the worker stopped it).
+    pub fn why_stopped(m: &MachineHandle) -> String {
+        let console = std::fs::read(m.console_log()).unwrap_or_default();
+        let console = String::from_utf8_lossy(&console);
+        let qlog = std::fs::read_to_string(m.dir.join("qemu.log")).unwrap_or_default();
+        exit_reason(&console, &qlog, m.dir.join("stopped").exists())
+    }
+
+    /// QEMU processes (pid, `-name` guest value) of ironlab machines on this host.
+    fn qemu_processes() -> Vec<(i32, String)> {
+        let mut out = Vec::new();
+        let Ok(rd) = std::fs::read_dir("/proc") else {
+            return out;
+        };
+        for e in rd.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            if !args
+                .first()
+                .is_some_and(|a| a.ends_with("qemu-system-x86_64"))
+            {
+                continue;
+            }
+            if let Some(name) = args
+                .windows(2)
+                .find(|w| w[0] == "-name")
+                .and_then(|w| w[1].strip_prefix("guest="))
+                .and_then(|v| v.split(',').next())
+                && name.starts_with("il-")
+            {
+                out.push((pid, name.to_string()));
+            }
+        }
+        out
+    }
+}
+
+/// QEMU's `-name` of a machine.
+pub fn vm_name(run_id: &str, machine: &str) -> String {
+    format!("il-{run_id}-{machine}")
+}
+
+fn memchr_find(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Writes `state_dir/initrd-<hash>.img` = the kit's initramfs + a cpio with the agent (stripped
+/// of debug info when `strip` is available: a debug agent is ~70 MB, stripped ~9 MB).
+pub async fn build_initrd(
+    kit: &Kit,
+    agent_bin: &Path,
+    state_dir: &Path,
+) -> anyhow::Result<PathBuf> {
+    let base = fs_err::read(&kit.initramfs)?;
+    let agent = fs_err::read(agent_bin).with_context(|| {
+        format!(
+            "the agent binary {} is needed for microVMs",
+            agent_bin.display()
+        )
+    })?;
+    let mut h = sha2::Sha256::new();
+    h.update(&base);
+    h.update(&agent);
+    let hex = hex::encode(&h.finalize()[..8]);
+    fs_err::create_dir_all(state_dir)?;
+    let out = state_dir.join(format!("initrd-{hex}.img"));
+    if out.is_file() {
+        return Ok(out);
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix(".agent-")
+        .tempfile_in(state_dir)?;
+    let stripped = tmp.path().with_extension("strip");
+    let agent = match crate::cmd::run(
+        "strip",
+        &[
+            "-o",
+            &stripped.to_string_lossy(),
+            &agent_bin.to_string_lossy(),
+        ],
+    )
+    .await
+    {
+        Ok(_) => {
+            let a = fs_err::read(&stripped)?;
+            let _ = std::fs::remove_file(&stripped);
+            a
+        }
+        Err(e) => {
+            tracing::debug!("strip: {e}; using the agent as is");
+            agent
+        }
+    };
+    let mut img = base;
+    while !img.len().is_multiple_of(4) {
+        img.push(0);
+    }
+    img.extend_from_slice(&agent_cpio(&agent));
+    fs_err::write(tmp.path(), &img)?;
+    tmp.persist(&out)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    // Older initramfs images of other agent builds are no longer used by new boots.
+    if let Ok(rd) = std::fs::read_dir(state_dir) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with("initrd-") && e.path() != out {
+                let old = e
+                    .metadata()
+                    .and_then(|md| md.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > Duration::from_secs(24 * 3600));
+                if old {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Whether KVM boots the kit here: a tiny boot (`ironlab.mode=probe`) that must print its
+/// marker within 10 s. This host kind's `/dev/kvm` is PVM, which cannot run a stock kernel, so
+/// the answer there is TCG. The result is cached until the host reboots in
+/// `/run/ironlab/vm-accel-<kernel release>`; `IRONLAB_VM_ACCEL=kvm|tcg` skips the probe.
+pub async fn probe_accel(qemu: &Path, kit: &Kit, initrd: &Path, state_dir: &Path) -> Accel {
+    match std::env::var("IRONLAB_VM_ACCEL").as_deref() {
+        Ok("kvm") => return Accel::Kvm,
+        Ok("tcg") => return Accel::Tcg,
+        _ => {}
+    }
+    // /run is emptied at boot: the answer holds until the host reboots, for every worker.
+    let cache_dir = Path::new("/run/ironlab");
+    let _ = std::fs::create_dir_all(cache_dir);
+    let cache = cache_dir.join(format!("vm-accel-{}", kit.release));
+    if let Ok(s) = std::fs::read_to_string(&cache) {
+        match s.trim() {
+            "kvm" => return Accel::Kvm,
+            "tcg" => return Accel::Tcg,
+            _ => {}
+        }
+    }
+    let accel = if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        tracing::info!("no usable /dev/kvm: microVMs use TCG");
+        Accel::Tcg
+    } else {
+        match probe_kvm(qemu, kit, initrd, state_dir).await {
+            Ok(()) => Accel::Kvm,
+            Err(e) => {
+                tracing::info!("KVM probe failed ({e:#}): microVMs use TCG");
+                Accel::Tcg
+            }
+        }
+    };
+    let _ = std::fs::write(&cache, accel.as_str());
+    accel
+}
+
+async fn probe_kvm(qemu: &Path, kit: &Kit, initrd: &Path, state_dir: &Path) -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix(".probe-")
+        .tempdir_in(state_dir)?;
+    let console = dir.path().join("console.log");
+    let config = VmConfig {
+        name: "il-probe".into(),
+        hostname: "probe".into(),
+        accel: Accel::Kvm,
+        mode: BootMode::Probe,
+        memory_mib: 128,
+        cpus: 1,
+        kernel: kit.kernel.clone(),
+        initrd: initrd.to_path_buf(),
+        firmware: Some(PathBuf::from("/usr/share/qemu/qboot.rom")).filter(|p| p.is_file()),
+        root_drive: None,
+        modules_drive: None,
+        agent_socket: None,
+        qmp_socket: None,
+        console_log: console.clone(),
+        pidfile: None,
+        tap: None,
+        mac: None,
+        run_as: None,
+        tcg_tb_mib: TCG_TB_MIB,
+    };
+    let mut child = tokio::process::Command::new(qemu)
+        .args(cmdline::qemu_args(&config))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let done = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    let out = std::fs::read_to_string(&console).unwrap_or_default();
+    if out.contains("IRONLAB-PROBE-OK") {
+        return Ok(());
+    }
+    match done {
+        Err(_) => anyhow::bail!("no marker within 10 s"),
+        Ok(s) => anyhow::bail!("QEMU ended ({:?}) without the marker", s.ok()),
+    }
+}
+
+#[async_trait]
+impl MachineRuntime for VmRuntime {
+    fn name(&self) -> &'static str {
+        "microvm"
+    }
+
+    async fn start(&self, spec: &MachineSpec) -> Result<MachineHandle, RuntimeError> {
+        self.start_inner(spec)
+            .await
+            .map_err(|e| RuntimeError::new("start", vm_name(&spec.run_id, &spec.plan.name), e))
+    }
+
+    async fn stop(&self, m: &MachineHandle, grace: Duration) -> Result<(), RuntimeError> {
+        if Self::pid(m).is_none() {
+            return Ok(());
+        }
+        let _ = fs_err::write(m.dir.join("stopped"), b"");
+        let qmp_path = m.dir.join("qmp.sock");
+        if let Ok(mut q) = qmp::Qmp::connect(&qmp_path, Duration::from_secs(2)).await {
+            let _ = q.system_powerdown().await;
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        while tokio::time::Instant::now() < deadline {
+            if Self::pid(m).is_none() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if let Ok(mut q) = qmp::Qmp::connect(&qmp_path, Duration::from_secs(2)).await {
+            let _ = q.quit().await;
+        }
+        for _ in 0..100 {
+            if Self::pid(m).is_none() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.kill(m).await;
+        Ok(())
+    }
+
+    async fn release(&self, m: &MachineHandle) -> Result<(), RuntimeError> {
+        self.release_inner(m)
+            .await
+            .map_err(|e| RuntimeError::new("release", vm_name(&m.run_id, &m.machine), e))
+    }
+
+    async fn destroy(&self, m: &MachineHandle) -> Result<(), RuntimeError> {
+        self.teardown(m)
+            .await
+            .map_err(|e| RuntimeError::new("destroy", vm_name(&m.run_id, &m.machine), e))
+    }
+
+    async fn observe(&self, m: &MachineHandle) -> Result<MachineState, RuntimeError> {
+        if Self::pid(m).is_some() {
+            // A worker restart finds QEMU running without its proxy.
+            if let Err(e) = self.ensure_proxy(m) {
+                return Err(RuntimeError::new(
+                    "observe",
+                    vm_name(&m.run_id, &m.machine),
+                    e,
+                ));
+            }
+            return Ok(MachineState::Running);
+        }
+        self.proxies().remove(&m.dir);
+        if m.dir.join("qemu.pid").exists() {
+            Ok(MachineState::Stopped)
+        } else {
+            Ok(MachineState::Missing)
+        }
+    }
+
+    fn agent(&self, m: &MachineHandle) -> AgentEndpoint {
+        AgentEndpoint {
+            socket: m.agent_socket(),
+        }
+    }
+
+    async fn knows_run(&self, run_id: &str) -> anyhow::Result<bool> {
+        let prefix = format!("il-{run_id}-");
+        Ok(Self::qemu_processes()
+            .iter()
+            .any(|(_, n)| n.starts_with(&prefix)))
+    }
+
+    async fn clean_leftovers(&self, runs_dir: &Path, keep: &[String]) -> anyhow::Result<()> {
+        // QEMUs whose pid file lies in this pool's runs directory, of runs not kept (their
+        // directory may already be gone after an interrupted teardown).
+        let prefix = format!("{}/", runs_dir.display());
+        for (pid, name) in Self::qemu_processes() {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let cmdline = String::from_utf8_lossy(&cmdline).into_owned();
+            let ours = cmdline.split('\0').any(|a| a.starts_with(&prefix));
+            let kept = keep.iter().any(|r| name.starts_with(&format!("il-{r}-")));
+            if ours && !kept {
+                tracing::info!(pid, %name, "killing leftover QEMU");
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn agent_timeout(&self, _m: &MachineHandle) -> Duration {
+        std::env::var("IRONLAB_VM_AGENT_TIMEOUT")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map(Duration::from_secs)
+            .unwrap_or(AGENT_TIMEOUT)
+    }
+
+    fn exit_reason(&self, m: &MachineHandle) -> Option<String> {
+        Some(Self::why_stopped(m))
+    }
+
+    /// The new worker's proxy needs a fresh serial session: the guest first has to see the old
+    /// one end, which a TCG guest on a busy host may take seconds to do.
+    fn recover_timeout(&self, _m: &MachineHandle) -> Duration {
+        Duration::from_secs(30)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpio_is_newc_with_the_agent() {
+        let c = agent_cpio(b"\x7fELFdata");
+        assert!(c.starts_with(b"070701"));
+        let text = String::from_utf8_lossy(&c);
+        assert!(text.contains("ironlab/agent"));
+        assert!(text.contains("TRAILER!!!"));
+        assert_eq!(c.len() % 4, 0);
+        // The file size field of the agent entry (the 7th field, after magic and 6 fields).
+        let pos = c
+            .windows(13)
+            .position(|w| w == b"ironlab/agent")
+            .expect("name");
+        let header = &c[pos - 110..pos];
+        assert_eq!(&header[54..62], b"00000008");
+    }
+
+    #[test]
+    fn uids_are_per_machine_and_unprivileged() {
+        let a = vm_uid("il-abc-web");
+        assert!(a >= UID_BASE);
+        assert_eq!(a, vm_uid("il-abc-web"));
+        assert_ne!(a, vm_uid("il-abc-db"));
+    }
+
+    #[test]
+    fn exit_reasons_read_like_a_user_would_say_them() {
+        assert_eq!(
+            exit_reason("...\n[ 5.1] reboot: Power down\n", "", false),
+            "the guest powered itself off"
+        );
+        assert!(
+            exit_reason(
+                "[1.0] Kernel panic - not syncing: Attempted to kill init!\n",
+                "",
+                false
+            )
+            .starts_with("the guest kernel panicked: Kernel panic - not syncing")
+        );
+        assert!(
+            exit_reason(
+                "",
+                "qemu-system-x86_64: terminating on signal 15 from pid 42 (bash)",
+                false
+            )
+            .starts_with("QEMU was stopped from outside")
+        );
+        assert_eq!(
+            exit_reason("booting...", "", false),
+            "QEMU exited unexpectedly (killed?)"
+        );
+        assert_eq!(
+            exit_reason("reboot: Power down", "", true),
+            "the machine was stopped"
+        );
+        assert!(
+            exit_reason(
+                "ironlab-init: no root drive /dev/vda after 5 s\n",
+                "",
+                false
+            )
+            .contains("no root drive")
+        );
+    }
+}

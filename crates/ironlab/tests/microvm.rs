@@ -1,0 +1,122 @@
+//! A `runtime: microvm` playground through the whole platform: the stock debian image booted by
+//! QEMU (TCG on hosts whose KVM cannot boot a stock kernel) with systemd as PID 1, reached with
+//! `ironlab ssh`, its console log through `ironlab playground logs`, nothing left after destroy.
+//!
+//! Needs, beyond the other whole-system tests: qemu-system-x86_64 and the guest kit
+//! (`images/kernel/build.sh DIR`, `IRONLAB_VM_KERNEL_DIR=DIR`).
+
+mod common;
+
+use common::{Needs, Platform, preflight, required, serial};
+
+fn kit() -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("IRONLAB_VM_KERNEL_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/var/lib/ironlab/kernel".into());
+    let qemu = [
+        "/usr/bin/qemu-system-x86_64",
+        "/usr/local/bin/qemu-system-x86_64",
+    ]
+    .iter()
+    .any(|p| std::path::Path::new(p).is_file());
+    if qemu && dir.join("vmlinuz").is_file() && dir.join("initramfs.cpio").is_file() {
+        return Some(dir);
+    }
+    let reason = format!(
+        "needs qemu-system-x86_64 and the microVM kit in {} (images/kernel/build.sh)",
+        dir.display()
+    );
+    if required() {
+        panic!("microvm_debian_playground: cannot run: {reason}");
+    }
+    eprintln!("SKIPPED microvm_debian_playground: {reason}");
+    None
+}
+
+const MANIFEST: &str = r#"
+kind: playground
+name: vm-debian
+title: Debian as a microVM
+playground:
+  machines:
+    - name: vm
+      runtime: microvm
+      resources: {cpu: 1, memory: 256MiB}
+      drives: [{source: debian, mount: /, size: 2GiB}]
+"#;
+
+#[test]
+fn microvm_debian_playground() {
+    let _serial = serial();
+    let Some(env) = preflight(
+        "microvm_debian_playground",
+        Needs {
+            debian: true,
+            ..Needs::default()
+        },
+    ) else {
+        return;
+    };
+    let Some(kit) = kit() else { return };
+    let release = std::fs::read_to_string(kit.join("VERSION")).expect("kit VERSION");
+    let mut p = Platform::start(&env);
+    let out = p.create_playground(MANIFEST);
+    assert!(
+        out.status.success(),
+        "create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let run = p.start_run("vm-debian");
+    assert_eq!(run["state"], "running", "start printed {run}");
+    let id = run["id"].as_str().expect("id").to_string();
+
+    // The guest's own kernel, the planned memory, the image's user, sudo, systemd.
+    assert_eq!(p.ssh_ok(&id, &["uname", "-r"]).trim(), release.trim());
+    let mem = p.ssh_ok(&id, &["grep", "MemTotal", "/proc/meminfo"]);
+    let kb: u64 = mem
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("MemTotal in {mem:?}"));
+    assert!((200 * 1024..=256 * 1024).contains(&kb), "MemTotal {kb} kB");
+    assert_eq!(p.ssh_ok(&id, &["id", "-u", "laborant"]), "1000\n");
+    assert_eq!(p.ssh_ok(&id, &["sudo", "-n", "id", "-u"]), "0\n");
+    assert_eq!(p.ssh_ok(&id, &["cat", "/proc/1/comm"]).trim(), "systemd");
+    let state = p.ssh(&id, &["systemctl", "is-system-running"]);
+    let state = String::from_utf8_lossy(&state.stdout).trim().to_string();
+    assert!(
+        [
+            "initializing",
+            "starting",
+            "running",
+            "degraded",
+            "maintenance"
+        ]
+        .contains(&state.as_str()),
+        "systemctl is-system-running answered {state:?}"
+    );
+    assert_eq!(p.ssh_ok(&id, &["hostname"]).trim(), "vm");
+
+    // Status and the console log through the control plane.
+    let status = p.cli_ok(&["playground", "status", &id]);
+    assert!(status.contains("state:      running"), "{status}");
+    let logs = p.cli_ok(&["playground", "logs", &id, "--machine", "vm"]);
+    assert!(logs.contains("Linux version"), "console log:\n{logs}");
+    let bad = p.cli(&["playground", "logs", &id, "--machine", "nope"]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("has no machine nope"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+
+    p.destroy(&id);
+    p.assert_clean(&id);
+    // The console log outlives the run (for a day).
+    let logs = p.cli_ok(&["playground", "logs", &id, "--machine", "vm"]);
+    assert!(
+        logs.contains("Linux version"),
+        "console log after destroy:\n{logs}"
+    );
+}

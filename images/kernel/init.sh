@@ -1,0 +1,136 @@
+#!/bin/busybox sh
+# ironlab microVM initramfs /init (PID 1 until switch_root).
+#
+# Loads the virtio modules of the boot path, mounts the root drive (/dev/vda, ext4) and the
+# read-only modules drive (/dev/vdb) at /lib/modules/<release> inside it, puts the agent (from
+# the cpio the worker appends: /ironlab/agent) on a tmpfs at /.ironlab, writes the hostname, and
+# hands over:
+#   - systemd, when the image has /sbin/init and /lib/systemd/systemd: the agent starts from a
+#     runtime unit in /run/systemd/system (a tmpfs: nothing is written into the image for it);
+#   - otherwise the agent is PID 1 (`ironlab-agent init`).
+# The agent serves on /run/ironlab/agent.sock and on the virtio-serial port /dev/virtio-ports/org.ironlab.agent.
+#
+# Kernel command line: ironlab.hostname=NAME, ironlab.mode=auto|agent|bare|probe (bare: print
+# IRONLAB-BARE-READY once the root drive is mounted and power off, the benchmark's baseline;
+# probe: print IRONLAB-PROBE-OK once the modules are loaded and power off, the worker's
+# accelerator probe).
+export PATH=/bin
+mount -t devtmpfs -o mode=0755,nosuid devtmpfs /dev
+mount -t proc -o nosuid,nodev,noexec proc /proc
+mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
+
+fail() {
+    echo "ironlab-init: $*" >/dev/console
+    echo o >/proc/sysrq-trigger
+    sleep 5
+    poweroff -f
+}
+
+hostname=ironlab
+mode=auto
+for arg in $(cat /proc/cmdline); do
+    case $arg in
+    ironlab.hostname=*) hostname=${arg#ironlab.hostname=} ;;
+    ironlab.mode=*) mode=${arg#ironlab.mode=} ;;
+    esac
+done
+release=$(cat /release)
+
+for m in $(cat /modules/order); do
+    insmod "/modules/$m.ko" || fail "cannot load module $m"
+done
+if [ "$mode" = probe ]; then
+    echo "IRONLAB-PROBE-OK" >/dev/console
+    poweroff -f
+fi
+
+i=0
+while [ ! -b /dev/vda ]; do
+    i=$((i + 1))
+    [ $i -gt 500 ] && fail "no root drive /dev/vda after 5 s"
+    usleep 10000
+done
+mount -t ext4 -o rw /dev/vda /newroot || fail "cannot mount the root drive /dev/vda"
+
+# The agent's port, by name (what udev would link): /dev/virtio-ports/org.ironlab.agent.
+port=
+i=0
+while [ -z "$port" ] && [ "$mode" != bare ]; do
+    for d in /sys/class/virtio-ports/*; do
+        [ "$(cat "$d/name" 2>/dev/null)" = org.ironlab.agent ] && port=${d##*/}
+    done
+    if [ -z "$port" ]; then
+        i=$((i + 1))
+        [ $i -gt 500 ] && fail "no virtio-serial port org.ironlab.agent after 5 s"
+        usleep 10000
+    fi
+done
+if [ -n "$port" ]; then
+    mkdir -p /dev/virtio-ports
+    ln -sf "../$port" /dev/virtio-ports/org.ironlab.agent
+fi
+
+if [ "$mode" = bare ]; then
+    echo "IRONLAB-BARE-READY" >/dev/console
+    umount /newroot
+    poweroff -f
+fi
+
+if [ -b /dev/vdb ]; then
+    mkdir -p "/newroot/lib/modules/$release" 2>/dev/null
+    mount -t ext4 -o ro /dev/vdb "/newroot/lib/modules/$release" ||
+        echo "ironlab-init: cannot mount the modules drive" >/dev/console
+fi
+
+[ -x /ironlab/agent ] || fail "no agent in the initramfs"
+mkdir -p /newroot/.ironlab
+mount -t tmpfs -o mode=0755,size=256m,nodev,nosuid tmpfs /newroot/.ironlab
+cp /ironlab/agent /newroot/.ironlab/agent || fail "cannot copy the agent"
+chmod 0755 /newroot/.ironlab/agent
+mount -o remount,ro,bind /newroot/.ironlab 2>/dev/null
+
+echo "$hostname" >/newroot/etc/hostname
+printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\tlocalhost ip6-localhost ip6-loopback\n' "$hostname" >/newroot/etc/hosts
+hostname "$hostname"
+
+mkdir -p /newroot/run /newroot/dev /newroot/proc /newroot/sys
+mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /newroot/run
+mkdir -p /newroot/run/ironlab
+
+init=agent
+# (/sbin/init is usually an absolute symlink: test it inside the new root, not through it.)
+if [ "$mode" != agent ] && { [ -L /newroot/sbin/init ] || [ -e /newroot/sbin/init ]; } &&
+    [ -x /newroot/lib/systemd/systemd ]; then
+    init=systemd
+fi
+
+if [ $init = systemd ]; then
+    mkdir -p /newroot/run/systemd/system/sysinit.target.wants
+    cat >/newroot/run/systemd/system/ironlab-agent.service <<'UNIT'
+[Unit]
+Description=ironlab agent
+DefaultDependencies=no
+Before=sysinit.target
+
+[Service]
+ExecStart=/.ironlab/agent serve --socket /run/ironlab/agent.sock --serial /dev/virtio-ports/org.ironlab.agent
+Restart=always
+RestartSec=200ms
+KillMode=process
+StandardOutput=journal+console
+StandardError=journal+console
+UNIT
+    ln -s ../ironlab-agent.service /newroot/run/systemd/system/sysinit.target.wants/ironlab-agent.service
+fi
+
+mount --move /dev /newroot/dev
+mount --move /proc /newroot/proc
+mount --move /sys /newroot/sys
+
+if [ $init = systemd ]; then
+    exec switch_root /newroot /sbin/init
+fi
+mkdir -p /newroot/dev/pts /newroot/dev/shm
+mount -t devpts -o nosuid,noexec,newinstance,ptmxmode=0666,mode=0620,gid=5 devpts /newroot/dev/pts
+mount -t tmpfs -o nosuid,nodev,mode=1777 shm /newroot/dev/shm
+exec switch_root /newroot /.ironlab/agent init --socket /run/ironlab/agent.sock --serial /dev/virtio-ports/org.ironlab.agent
