@@ -339,6 +339,39 @@ pub struct RunStatus {
     /// saves are not counted); measured while the run is stopped, `None` otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_bytes: Option<u64>,
+    /// The off-host snapshot of a stopped run's drives (`None` while the run is not stopped,
+    /// or when the worker has no snapshot store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotStatus>,
+}
+
+/// Where a stopped run's off-host snapshot stands. A run is `stopped` as soon as its machines
+/// are down; the upload of its drives to the snapshot store follows in the background.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotState {
+    /// The drives are being uploaded (only the chunks the store lacks).
+    Uploading,
+    /// Every drive is in the store: the run can be restored if the pool loses its files.
+    Uploaded,
+    /// The last upload failed (see `error`); it is tried again.
+    Failed,
+}
+
+/// The off-host snapshot of a stopped run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotStatus {
+    /// Upload state.
+    pub state: SnapshotState,
+    /// Manifest id per machine (when `uploaded`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub manifests: BTreeMap<String, String>,
+    /// Bytes the last upload sent to the store (chunks it already had are not sent).
+    #[serde(default)]
+    pub bytes_uploaded: u64,
+    /// Why the last upload failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Body of `POST /v1/runs/{run}/clone`.

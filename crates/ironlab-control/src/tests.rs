@@ -73,6 +73,7 @@ fn status_of(id: &str, plan: &RunPlan, state: ObservedState, error: Option<Strin
             .collect(),
         error,
         storage_bytes: (state == ObservedState::Stopped).then_some(3 << 20),
+        snapshot: None,
     }
 }
 

@@ -57,6 +57,29 @@ pub struct WorkerConfig {
     pub insecure_registries: Vec<String>,
     /// Runs' networks: where uplinks lead, upstream resolvers.
     pub net: net::NetConfig,
+    /// Where stopped runs' drives are uploaded (`--snapshot-store`): an absolute path,
+    /// `file:///path` or `s3://BUCKET[/PREFIX]`; `None` = `DATA_DIR/objects/snapshots`;
+    /// `"none"` = no off-host snapshots.
+    pub snapshot_store: Option<String>,
+}
+
+/// The snapshot store configuration of `config`, or `None` when disabled. The GC grace period
+/// comes from `IRONLAB_SNAPSHOT_GC_GRACE_SECS` (default 3600; tests use 0).
+pub fn snapshot_config(
+    config: &WorkerConfig,
+) -> anyhow::Result<Option<runs::snapshots::SnapshotConfig>> {
+    let location = match config.snapshot_store.as_deref().map(str::trim) {
+        Some("none") => return Ok(None),
+        Some("") | None => runs::snapshots::SnapshotConfig::default_location(&config.data_dir),
+        Some(l) => l.to_string(),
+    };
+    let gc_grace = match std::env::var("IRONLAB_SNAPSHOT_GC_GRACE_SECS") {
+        Ok(v) => std::time::Duration::from_secs(v.trim().parse().map_err(|_| {
+            anyhow::anyhow!("IRONLAB_SNAPSHOT_GC_GRACE_SECS={v:?} is not a number of seconds")
+        })?),
+        Err(_) => std::time::Duration::from_secs(3600),
+    };
+    Ok(Some(runs::snapshots::SnapshotConfig { location, gc_grace }))
 }
 
 /// A worker serving in the background.
@@ -143,6 +166,12 @@ pub async fn start_with(
     }
     let runtime = Arc::new(runtime::Runtimes::new(container, vm));
     let runs = RunManager::with_net(runs_dir, runtime, drives, config.net.clone());
+    if let Some(snap) = snapshot_config(&config).context("--snapshot-store")? {
+        let snaps = runs::snapshots::Snapshots::open(&snap, config.data_dir.join("snapshots"))
+            .context("--snapshot-store")?;
+        tracing::info!(store = %snaps.location(), "snapshot store");
+        runs.set_snapshots(snaps);
+    }
     runs.recover().await.context("cannot recover runs")?;
 
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -32,6 +32,7 @@ use crate::net::{self, NetConfig, Networks};
 use crate::runtime::{MachineHandle, MachineRuntime, MachineSpec, MachineState, tail};
 
 pub mod lifecycle;
+pub mod snapshots;
 
 /// How long a container's agent has to answer after the machine started (microVMs: see
 /// `MachineRuntime::agent_timeout`).
@@ -76,6 +77,8 @@ struct Run {
     op: Arc<tokio::sync::Mutex<()>>,
     /// When the storage use of the stopped run was last measured.
     storage_at: Mutex<Option<std::time::Instant>>,
+    /// The background upload of the stopped run's drives (see [`snapshots`]).
+    upload: Mutex<Option<(CancellationToken, tokio::task::JoinHandle<()>)>>,
 }
 
 impl Run {
@@ -99,6 +102,7 @@ impl Run {
                 .collect(),
             error: None,
             storage_bytes: None,
+            snapshot: None,
         };
         Arc::new(Self {
             plan,
@@ -110,6 +114,7 @@ impl Run {
             agents: Mutex::new(HashMap::new()),
             op: Arc::new(tokio::sync::Mutex::new(())),
             storage_at: Mutex::new(None),
+            upload: Mutex::new(None),
         })
     }
 
@@ -164,6 +169,8 @@ pub struct RunManager {
     runs: Mutex<HashMap<String, Arc<Run>>>,
     tasks: Arc<crate::tasks::TaskRelay>,
     net: Networks,
+    /// The off-host snapshot store, when configured.
+    snapshots: std::sync::OnceLock<Arc<snapshots::Snapshots>>,
 }
 
 /// Checks a run id: 1–12 characters `[a-z0-9]` (the netns `il-<run>` must fit 15 characters).
@@ -306,7 +313,19 @@ impl RunManager {
             drives,
             runs: Mutex::new(HashMap::new()),
             tasks: crate::tasks::TaskRelay::new(),
+            snapshots: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Uploads stopped runs' drives to `snapshots` and restores them from it (call before
+    /// [`Self::recover`]; only the first call counts).
+    pub fn set_snapshots(&self, snapshots: Arc<snapshots::Snapshots>) {
+        let _ = self.snapshots.set(snapshots);
+    }
+
+    /// The off-host snapshot store, when configured.
+    pub fn snapshots(&self) -> Option<&Arc<snapshots::Snapshots>> {
+        self.snapshots.get()
     }
 
     /// The task relay (tasks of running runs).
@@ -790,8 +809,13 @@ impl RunManager {
         }
         let Some(run) = self.get_run(run_id) else {
             // Not held, but files may remain (e.g. a failed recovery): clean them.
+            let had_snapshot = self.snapshots().is_some_and(|s| s.record(run_id).is_some());
+            self.forget_snapshot(run_id)?;
             if self.runs_dir.join(run_id).exists() {
                 self.teardown(run_id, None).await?;
+            }
+            if had_snapshot {
+                self.collect_snapshots();
             }
             return Ok(());
         };
@@ -812,10 +836,13 @@ impl RunManager {
         // Wait for a stop, clone or save of this run in progress.
         let _op = run.op.clone().lock_owned().await;
         run.agents.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.cancel_upload(&run).await;
+        self.forget_snapshot(run_id)?;
         self.teardown(run_id, Some(&run.plan)).await?;
         *done = true;
         self.lock().remove(run_id);
         tracing::info!(run = %run_id, "destroyed");
+        self.collect_snapshots();
         Ok(())
     }
 
@@ -982,7 +1009,8 @@ impl RunManager {
                 match self.recover_stopped(&run_id, why).await {
                     Ok(run) => {
                         tracing::info!(run = %run_id, "rediscovered stopped run");
-                        self.lock().insert(run_id.clone(), run);
+                        self.lock().insert(run_id.clone(), run.clone());
+                        self.snapshot_after_stop(&run);
                         keep.push(run_id);
                     }
                     Err(e) => {
@@ -1007,6 +1035,12 @@ impl RunManager {
                     }
                 }
             }
+        }
+        for run in self.recreate_from_snapshots(&keep) {
+            keep.push(run.plan.run_id.clone());
+        }
+        if self.snapshots().is_some() {
+            self.collect_snapshots();
         }
         self.clean_leftovers(&keep).await
     }

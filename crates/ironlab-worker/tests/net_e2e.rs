@@ -318,6 +318,7 @@ impl Fixture {
                 upstream_dns: vec![FAKE_DNS.parse().expect("ip")],
                 ..Default::default()
             },
+            snapshot_store: None,
         };
         let drives = Arc::new(FileDrives {
             file: self.drive.clone(),

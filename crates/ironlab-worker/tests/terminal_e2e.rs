@@ -78,6 +78,7 @@ impl Fixture {
             stock_dir: tmp.path().join("stock"),
             insecure_registries: vec![],
             net: Default::default(),
+            snapshot_store: None,
         };
         let drives = Arc::new(FileDrives {
             file: drive,

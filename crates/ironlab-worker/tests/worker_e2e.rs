@@ -77,6 +77,7 @@ impl Fixture {
             stock_dir: self._tmp.path().join("stock"),
             insecure_registries: vec![],
             net: Default::default(),
+            snapshot_store: None,
         };
         let drives = Arc::new(FileDrives {
             file: self.drive.clone(),

@@ -92,6 +92,11 @@ pub struct WorkerOptions {
         value_delimiter = ','
     )]
     pub upstream_dns: Vec<std::net::Ipv4Addr>,
+    /// Where stopped runs' drives are uploaded: a directory, `file:///DIR` or
+    /// `s3://BUCKET[/PREFIX]` (endpoint and keys from IRONLAB_S3_ENDPOINT, AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_REGION), or `none` [default: WORKER_DIR/objects/snapshots].
+    #[arg(long, env = "IRONLAB_SNAPSHOT_STORE", value_name = "LOCATION")]
+    pub snapshot_store: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -83,6 +83,7 @@ fn running(id: &str, plan: &RunPlan) -> RunStatus {
             .collect(),
         error: None,
         storage_bytes: None,
+        snapshot: None,
     }
 }
 

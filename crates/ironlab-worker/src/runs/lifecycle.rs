@@ -281,6 +281,7 @@ impl RunManager {
         write_lifecycle(&dir, Some(Lifecycle::Stopped))?;
         self.set_stopped(&run, None).await;
         tracing::info!(run = %run_id, elapsed_ms = t0.elapsed().as_millis() as u64, "run stopped");
+        self.snapshot_after_stop(&run);
         Ok(run.status.borrow().clone())
     }
 
@@ -384,6 +385,9 @@ impl RunManager {
             }
         }
         let dir = self.runs_dir.join(run_id);
+        // The drives are about to change: an upload of them now is pointless.
+        self.cancel_upload(&run).await;
+        self.invalidate_snapshot(&run)?;
         write_lifecycle(&dir, Some(Lifecycle::Restarting))?;
         run.status.send_modify(|s| {
             s.state = ObservedState::Starting;
@@ -436,6 +440,7 @@ impl RunManager {
                     tracing::warn!(run = %run_id, "{we:#}");
                 }
                 self.set_stopped(&run, Some(msg)).await;
+                self.snapshot_after_stop(&run);
             }
         }
     }
@@ -449,7 +454,7 @@ impl RunManager {
                 let h = MachineHandle::new(&self.runs_dir, run_id, &m.name);
                 let root = h.dir.join("root.ext4");
                 if !root.is_file() {
-                    restore_drives(run_id, &m.name, &root)?;
+                    self.restore_drive(run_id, &m.name, &root).await?;
                 }
                 let image_env: Vec<String> = std::fs::read(h.dir.join("image-env.json"))
                     .ok()
@@ -545,6 +550,7 @@ impl RunManager {
             let mut runs = self.lock();
             runs.insert(new_id.to_string(), new.clone());
         }
+        self.snapshot_after_stop(&new);
         tracing::info!(run = %src, clone = %new_id, elapsed_ms = t0.elapsed().as_millis() as u64, "run cloned");
         Ok(new.status.borrow().clone())
     }
@@ -768,17 +774,6 @@ impl From<SavedMeta> for SavedDrives {
             allocated_bytes: m.allocated_bytes,
         }
     }
-}
-
-/// The seam for off-host snapshots: called when a stopped run is restarted and a drive is
-/// missing from the pool. The chunk store (`ironlab-store`) is not wired in yet, so this fails
-/// with a clear error; once it is, this restores the drive from the run's manifest.
-fn restore_drives(run_id: &str, machine: &str, root: &Path) -> anyhow::Result<()> {
-    anyhow::bail!(
-        "the drive of machine {machine} of run {run_id} is missing from the pool ({}) and \
-         restoring from the off-host store is not available yet",
-        root.display()
-    )
 }
 
 fn state_word(s: ObservedState) -> &'static str {

@@ -101,6 +101,7 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<i32> {
             upstream_dns: args.options.upstream_dns,
             ..Default::default()
         },
+        snapshot_store: args.options.snapshot_store,
     };
     ironlab_worker::serve(config, shutdown_signal()).await?;
     Ok(0)
@@ -183,8 +184,12 @@ impl WorkerSpec {
                 .collect();
             cmd.arg("--upstream-dns").arg(dns.join(","));
         }
+        if let Some(store) = &self.options.snapshot_store {
+            cmd.arg("--snapshot-store").arg(store);
+        }
         // Flags win over the environment we pass down; avoid clap seeing both.
         cmd.env_remove("IRONLAB_AGENT")
+            .env_remove("IRONLAB_SNAPSHOT_STORE")
             .env_remove("IRONLAB_UPLINK")
             .env_remove("IRONLAB_UPSTREAM_DNS")
             .env_remove("IRONLAB_STOCK_IMAGES")
