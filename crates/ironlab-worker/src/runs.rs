@@ -1039,9 +1039,6 @@ impl RunManager {
         for run in self.recreate_from_snapshots(&keep) {
             keep.push(run.plan.run_id.clone());
         }
-        if self.snapshots().is_some() {
-            self.collect_snapshots();
-        }
         self.clean_leftovers(&keep).await
     }
 

@@ -16,7 +16,8 @@
 //!   directory is gone is recreated at worker start as a stopped run with no drives: restarting
 //!   it restores them.
 //! - **GC.** The manifests of the index are the live set; destroying a run removes its index
-//!   entry and runs [`ironlab_store::gc`] in the background (also once at worker start).
+//!   entry and runs [`ironlab_store::gc`] in the background (not at worker start: a killed
+//!   upload's lock marker, live for 10 min, would make it wait and hold uploads back).
 //!   Uploads and GC of this worker are serialised by a lock (uploads shared, GC exclusive), so
 //!   a fresh manifest is always in the index before a GC of this worker looks; the store's own
 //!   lock markers protect against other processes. The store must be this worker's own.
