@@ -210,3 +210,40 @@ pub async fn start_with(
     });
     Ok(RunningWorker { addr, runs, task })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(store: Option<&str>) -> WorkerConfig {
+        WorkerConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            data_dir: PathBuf::from("/var/lib/ironlab/worker"),
+            token: String::new(),
+            public_url: None,
+            agent_bin: PathBuf::new(),
+            stock_dir: PathBuf::new(),
+            insecure_registries: vec![],
+            net: Default::default(),
+            snapshot_store: store.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn snapshot_store_defaults_to_the_worker_dir_and_can_be_turned_off() {
+        let default = snapshot_config(&config(None)).expect("ok").expect("on");
+        assert_eq!(
+            default.location,
+            "/var/lib/ironlab/worker/objects/snapshots"
+        );
+        let s3 = snapshot_config(&config(Some("s3://b/p")))
+            .expect("ok")
+            .expect("on");
+        assert_eq!(s3.location, "s3://b/p");
+        assert!(
+            snapshot_config(&config(Some("none")))
+                .expect("ok")
+                .is_none()
+        );
+    }
+}

@@ -302,6 +302,17 @@ fn wiped_pool_restores_from_the_store(test: &str, backend: Backend) {
         "every chunk the manifest names is stored"
     );
 
+    // A clone of a run whose snapshot is current shares it: nothing to upload.
+    let clone = p.cli_ok(&["playground", "clone", &id]).trim().to_string();
+    p.track(&clone);
+    let c = worker_run(&p, &clone).json();
+    assert_eq!(
+        c["snapshot"]["state"], "uploaded",
+        "a fresh clone shares its origin's snapshot: {c}"
+    );
+    assert_eq!(c["snapshot"]["manifests"]["box"], m1.as_str());
+    p.destroy(&clone);
+
     // The drive is wiped from the pool: restart brings it back from the store.
     let drive = p.run_dir(&id).join("box/root.ext4");
     std::fs::remove_file(&drive).expect("wipe the drive");

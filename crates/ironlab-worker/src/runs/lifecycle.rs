@@ -550,7 +550,7 @@ impl RunManager {
             let mut runs = self.lock();
             runs.insert(new_id.to_string(), new.clone());
         }
-        self.snapshot_after_stop(&new);
+        self.snapshot_of_clone(src, &new);
         tracing::info!(run = %src, clone = %new_id, elapsed_ms = t0.elapsed().as_millis() as u64, "run cloned");
         Ok(new.status.borrow().clone())
     }

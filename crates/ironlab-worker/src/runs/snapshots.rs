@@ -219,6 +219,27 @@ impl Snapshots {
         Ok(record)
     }
 
+    /// Records, for clone `plan` in `run_dir`, the snapshot of its origin (`origin`, current:
+    /// the clone's drives are reflinks of exactly those drives), so the clone needs no upload.
+    pub fn adopt(
+        &self,
+        origin: &SnapshotRecord,
+        run_dir: &Path,
+        plan: &RunPlan,
+    ) -> anyhow::Result<SnapshotRecord> {
+        let record = SnapshotRecord {
+            run_id: plan.run_id.clone(),
+            plan: plan.clone(),
+            machines: origin.machines.clone(),
+            bytes_uploaded: 0,
+            uploaded_at: chrono::Utc::now().to_rfc3339(),
+        };
+        let json = serde_json::to_vec_pretty(&record)?;
+        write_durable(&self.index_path(&plan.run_id), &json)?;
+        write_durable(&run_dir.join(RUN_RECORD), &json)?;
+        Ok(record)
+    }
+
     /// Restores machine `machine`'s drive of `run_id` to `dest` (and its `image-env.json`
     /// beside it when missing) from the run's last complete snapshot.
     pub async fn restore(&self, run_id: &str, machine: &str, dest: &Path) -> anyhow::Result<()> {
@@ -386,6 +407,23 @@ impl super::RunManager {
             }
         });
         *slot = Some((cancel, task));
+    }
+
+    /// A new clone of `src` shares its snapshot when `src`'s is current (no upload needed);
+    /// otherwise it is uploaded like any stopped run.
+    pub(super) fn snapshot_of_clone(self: &Arc<Self>, src: &str, clone: &Arc<super::Run>) {
+        if let Some(snaps) = self.snapshots()
+            && let Some(origin) = snaps.current(&self.runs_dir.join(src), src)
+        {
+            let dir = self.runs_dir.join(&clone.plan.run_id);
+            match snaps.adopt(&origin, &dir, &clone.plan) {
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(run = %clone.plan.run_id, "cannot record the origin's snapshot for the clone: {e:#}")
+                }
+            }
+        }
+        self.snapshot_after_stop(clone);
     }
 
     /// Cancels the run's upload in progress and waits until it stopped (before a restart or a
