@@ -3,7 +3,9 @@
 #   - clone of a stopped run: N clones (CLI round trip, and the worker's own time from its log)
 #     and the pool's used space per clone;
 #   - restart of a stopped run to ready, next to a fresh start of the same playground
-#     (alternating, R times each).
+#     (alternating, R times each);
+#   - the off-host snapshot upload of a stopped run's changed data (64 MiB of new random data per
+#     machine) to the worker's default (local directory) snapshot store, from the worker's log.
 #
 #   sudo bench/persist.sh [-n N] [-r R] [--record]
 #
@@ -13,7 +15,9 @@
 #
 # Needs: root; `ironlab` built ($IRONLAB_BIN overrides, default $CARGO_TARGET_DIR/release/ironlab);
 # the stock debian image under $IRONLAB_STOCK_IMAGES (default /var/lib/ironlab/stock-images).
-# Targets (issue 7): clone median < 100 ms and < 1 MiB of space; restart ≤ 1.2x a fresh start.
+# Targets (issue 7): clone median < 100 ms and < 1 MiB of space; restart ≤ 1.2x a fresh start;
+# snapshot upload ≥ 200 MiB/s of changed data. Every stop is followed by the upload of the run's
+# drives in the background: the script waits for it (untimed) so it never overlaps a measurement.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
@@ -37,7 +41,7 @@ while (($#)); do
             shift
             ;;
         -h | --help)
-            sed -n '2,17p' "$0"
+            sed -n '2,22p' "$0"
             exit 0
             ;;
         *)
@@ -95,6 +99,20 @@ bench_persist_cleanup() {
 trap bench_persist_cleanup EXIT
 
 bench_up
+WORKER_URL=http://127.0.0.1:$((${IRONLAB_SERVER##*:} + 1))
+# wait_uploaded RUN: until the worker reports the stopped run's snapshot uploaded (≤ 10 min).
+wait_uploaded() {
+    local body
+    for _ in $(seq 1 3000); do
+        body=$(curl -fsS -H "Authorization: Bearer $(cat "$WORK/data/worker-token")" "$WORKER_URL/v1/runs/$1" 2>/dev/null || true)
+        if [[ $body == *'"state":"uploaded"'* ]]; then
+            return 0
+        fi
+        sleep 0.2
+    done
+    echo "bench: the snapshot of run $1 was not uploaded within 10 min: $body" >&2
+    exit 1
+}
 cat >"$WORK/trio.yaml" <<'YAML'
 kind: playground
 name: bench-trio
@@ -116,6 +134,7 @@ for m in m1 m2 m3; do
     "$IRONLAB" ssh "$ORIGIN" --machine "$m" -- sh -c 'head -c 8M /dev/urandom > ~/data.bin'
 done
 "$IRONLAB" playground stop "$ORIGIN" 2>/dev/null
+wait_uploaded "$ORIGIN"
 
 echo "bench: $N clones of the stopped 3-machine run"
 : >"$WORK/clone.ms"
@@ -150,6 +169,7 @@ for i in $(seq 1 "$R"); do
     ms "$t0" "$t1" >>"$WORK/restart.ms"
     "$IRONLAB" ssh "$ORIGIN" --machine m3 -- test -s data.bin
     "$IRONLAB" playground stop "$ORIGIN" 2>/dev/null
+    wait_uploaded "$ORIGIN"
     printf '  %2d: start %s ms, restart %s ms\n' "$i" "$(tail -n1 "$WORK/start.ms")" "$(tail -n1 "$WORK/restart.ms")"
 done
 
@@ -159,6 +179,24 @@ sed 's/\x1b\[[0-9;]*m//g' "$WORK/data/worker.log" |
     awk -v n="$R" '{ v[NR] = $0 } END { for (i = NR - n + 1; i <= NR; i++) if (i > 0) print v[i] }' >"$WORK/start-worker.ms"
 sed 's/\x1b\[[0-9;]*m//g' "$WORK/data/worker.log" |
     awk '/run restarted/ && match($0, /elapsed_ms=[0-9]+/) { print substr($0, RSTART + 11, RLENGTH - 11) }' >"$WORK/restart-worker.ms"
+echo "bench: snapshot upload of changed data (64 MiB of new random data on each machine)"
+"$IRONLAB" playground restart "$ORIGIN" >/dev/null
+for m in m1 m2 m3; do
+    "$IRONLAB" ssh "$ORIGIN" --machine "$m" -- sh -c 'head -c 64M /dev/urandom > ~/changed.bin && sync'
+done
+"$IRONLAB" playground stop "$ORIGIN" 2>/dev/null
+wait_uploaded "$ORIGIN"
+# The last upload's line: bytes_read (drive data scanned), bytes_uploaded (new chunks), elapsed_ms.
+up_line=$(sed 's/\x1b\[[0-9;]*m//g' "$WORK/data/worker.log" | awk '/snapshot uploaded/ { l = $0 } END { print l }')
+field() { awk -v k="$1" '{ for (i = 1; i <= NF; i++) if (index($i, k "=") == 1) print substr($i, length(k) + 2) }' <<<"$up_line"; }
+up_read=$(field bytes_read)
+up_sent=$(field bytes_uploaded)
+up_ms=$(field elapsed_ms)
+up_changed_mibs=$(awk -v b="$up_sent" -v t="$up_ms" 'BEGIN { if (t > 0) printf "%.0f", b / 1048576 / (t / 1000); else print "-" }')
+up_scan_mibs=$(awk -v b="$up_read" -v t="$up_ms" 'BEGIN { if (t > 0) printf "%.0f", b / 1048576 / (t / 1000); else print "-" }')
+up_sent_mib=$(awk -v b="$up_sent" 'BEGIN { printf "%.1f", b / 1048576 }')
+up_read_mib=$(awk -v b="$up_read" 'BEGIN { printf "%.1f", b / 1048576 }')
+
 read -r c_med c_p90 c_min c_max < <(stats "$WORK/clone.ms")
 read -r sw_med sw_p90 sw_min sw_max < <(stats "$WORK/start-worker.ms")
 read -r rw_med rw_p90 rw_min rw_max < <(stats "$WORK/restart-worker.ms")
@@ -177,12 +215,13 @@ table=$(
 | \`ironlab playground restart RUN\` (stopped→ready) | $R | $r_med | $r_p90 | $r_min | $r_max | $ratio of a fresh start |
 | worker's fresh start→ready (from its log) | $R | $sw_med | $sw_p90 | $sw_min | $sw_max | |
 | worker's restart→ready (from its log) | $R | $rw_med | $rw_p90 | $rw_min | $rw_max | $wratio of a fresh start |
+| snapshot upload after 3 x 64 MiB changed (worker's log) | 1 | $up_ms | | | | $up_sent_mib MiB sent (**$up_changed_mibs MiB/s** of changed data); $up_read_mib MiB of drive data scanned ($up_scan_mibs MiB/s) |
 TABLE
 )
 echo
 echo "$table"
 echo
-echo "targets: clone median < 100 ms and < 1 MiB per clone; restart ≤ 1.2x a fresh start"
+echo "targets: clone median < 100 ms and < 1 MiB per clone; restart ≤ 1.2x a fresh start; upload ≥ 200 MiB/s of changed data"
 
 if ((RECORD)); then
     {

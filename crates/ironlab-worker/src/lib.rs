@@ -112,6 +112,11 @@ pub async fn start(
     config: WorkerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<RunningWorker> {
+    // A bad --snapshot-store is refused before anything is set up.
+    if let Some(snap) = snapshot_config(&config).context("--snapshot-store")? {
+        ironlab_store::StoreConfig::parse(&snap.location, |k| std::env::var(k).ok())
+            .map_err(|e| anyhow::anyhow!("--snapshot-store: {e}"))?;
+    }
     let pool = pool::Pool::open(&config.data_dir, POOL_SIZE_HINT).with_context(|| {
         format!(
             "cannot open the storage pool in {}",

@@ -460,3 +460,40 @@ fn a_worker_killed_during_the_upload_finishes_it_after_restart() {
     p.destroy(&id);
     p.assert_clean(&id);
 }
+
+/// A snapshot store the worker cannot use is refused at start, naming the flag and the reason,
+/// before the worker sets anything up.
+#[test]
+fn a_bad_snapshot_store_is_refused_at_start() {
+    let dir = common::TempDir::new("badstore");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t").expect("token");
+    for (location, reason) in [
+        ("relative/dir", "expected an absolute path"),
+        ("s3://", "the bucket name is missing"),
+    ] {
+        let data = dir.path().join("data");
+        let out = Command::new(common::bin())
+            .args(["worker", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .arg("--token-file")
+            .arg(&token)
+            .args(["--snapshot-store", location])
+            .env_remove("IRONLAB_SNAPSHOT_STORE")
+            .output()
+            .expect("run the worker");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{location}: the worker refuses to start"
+        );
+        assert!(
+            stderr.contains("--snapshot-store") && stderr.contains(reason),
+            "{location}: the error names the flag and the reason: {stderr}"
+        );
+        assert!(
+            !data.join("pool").exists(),
+            "{location}: nothing was set up"
+        );
+    }
+}

@@ -371,6 +371,22 @@ impl super::RunManager {
                 .send_modify(|s| s.snapshot = Some(record.status()));
             return;
         }
+        let missing = run
+            .plan
+            .machines
+            .iter()
+            .any(|m| !dir.join(&m.name).join("root.ext4").is_file());
+        if missing {
+            // Nothing to upload (e.g. a restore failed): the last complete snapshot stands.
+            let status = match snaps.record(&run_id) {
+                Some(r) => r.status(),
+                None => failed(format!(
+                    "a drive of run {run_id} is missing from the pool and it has no snapshot"
+                )),
+            };
+            run.status.send_modify(|s| s.snapshot = Some(status));
+            return;
+        }
         let mut slot = run.upload.lock().unwrap_or_else(|p| p.into_inner());
         if slot.as_ref().is_some_and(|(_, t)| !t.is_finished()) {
             return;
