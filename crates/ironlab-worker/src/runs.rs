@@ -837,12 +837,15 @@ impl RunManager {
         let _op = run.op.clone().lock_owned().await;
         run.agents.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.cancel_upload(&run).await;
+        let had_snapshot = self.snapshots().is_some_and(|s| s.record(run_id).is_some());
         self.forget_snapshot(run_id)?;
         self.teardown(run_id, Some(&run.plan)).await?;
         *done = true;
         self.lock().remove(run_id);
         tracing::info!(run = %run_id, "destroyed");
-        self.collect_snapshots();
+        if had_snapshot {
+            self.collect_snapshots();
+        }
         Ok(())
     }
 
