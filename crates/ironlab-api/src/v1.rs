@@ -199,6 +199,10 @@ pub struct RunView {
     /// The run this one was cloned from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloned_from: Option<String>,
+    /// A stopped run's off-host snapshot: `uploading`, `uploaded` (its drives are in the
+    /// snapshot store: the run survives the loss of its worker's pool) or `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
 }
 
 /// Clone a stopped run.

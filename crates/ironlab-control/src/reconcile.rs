@@ -46,6 +46,8 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(300);
 pub const RUNNING_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 /// How often a stopped run is checked on its worker.
 pub const STOPPED_CHECK_INTERVAL: Duration = Duration::from_secs(30);
+/// How often a stopped run whose off-host snapshot is not uploaded yet is looked at.
+pub const UPLOAD_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// Long-poll of a starting run on the worker, seconds.
 const START_POLL_SECS: u64 = 5;
 /// Longest retry delay when the worker is unreachable.
@@ -110,6 +112,9 @@ pub async fn run(ctx: Ctx) {
                     }
                     let interval = match run.state {
                         RunState::Running => Some(RUNNING_CHECK_INTERVAL),
+                        RunState::Stopped if run.snapshot.as_deref() == Some("uploading") => {
+                            Some(UPLOAD_CHECK_INTERVAL)
+                        }
                         RunState::Stopped => Some(STOPPED_CHECK_INTERVAL),
                         _ => None,
                     };
@@ -322,6 +327,7 @@ async fn mark_stopped(
     if let Some(b) = s.storage_bytes {
         runs::persist::record_storage(&ctx.db, &run.id, b).await?;
     }
+    runs::persist::record_snapshot(&ctx.db, &run.id, runs::persist::snapshot_word(s)).await?;
     runs::apply(&ctx.db, &ctx.signals, &run.id, RunEvent::Stopped, reason)
         .await?
         .ok();
@@ -404,6 +410,11 @@ async fn check_stopped(ctx: &Ctx, run: &Run) -> Result<(), StepError> {
                 runs::persist::record_storage(&ctx.db, &run.id, b).await?;
                 ctx.signals.notify_changed();
             }
+            let snapshot = runs::persist::snapshot_word(&s);
+            if run.snapshot.as_deref() != snapshot {
+                runs::persist::record_snapshot(&ctx.db, &run.id, snapshot).await?;
+                ctx.signals.notify_changed();
+            }
             Ok(())
         }
         None => {
@@ -422,7 +433,8 @@ async fn check_stopped(ctx: &Ctx, run: &Run) -> Result<(), StepError> {
                     Err(e) => return Err(e.into()),
                 }
             }
-            // Seam for off-host snapshots: restore the run's drives from the object store here.
+            // A worker that lost the run but kept its snapshot index brings it back by itself
+            // (see the worker's `runs::snapshots`); recreating it from SQL is not built.
             fail(ctx, run, "the worker lost this stopped run and its drives").await
         }
     }

@@ -290,6 +290,18 @@ fn wiped_pool_restores_from_the_store(test: &str, backend: Backend) {
         .as_str()
         .expect("manifest of box")
         .to_string();
+    // The control plane learns it (it looks every 2 s while an upload runs) and the CLI says so.
+    let seen = wait_for(Duration::from_secs(20), Duration::from_millis(200), || {
+        (p.run_view(&id)["snapshot"] == "uploaded").then_some(())
+    });
+    assert!(
+        seen.is_some(),
+        "the API shows the snapshot uploaded: {}\n{}",
+        p.run_view(&id),
+        p.logs()
+    );
+    let list = p.cli_ok(&["playground", "list"]);
+    assert!(list.contains("stopped · saved off host"), "{list}");
     let (in_store, chunks) = store_objects(&objects);
     assert!(
         in_store.contains(&m1),

@@ -112,6 +112,8 @@ pub struct Run {
     pub storage_bytes: Option<i64>,
     /// The run this one was cloned from.
     pub cloned_from: Option<String>,
+    /// Off-host snapshot state as the worker last reported it (`uploading|uploaded|failed`).
+    pub snapshot: Option<String>,
 }
 
 impl Run {
@@ -129,6 +131,10 @@ impl Run {
             updated_at: db::from_ms(self.updated_at),
             storage_bytes: self.storage_bytes.map(|b| b.max(0) as u64),
             cloned_from: self.cloned_from.clone(),
+            snapshot: self
+                .snapshot
+                .clone()
+                .filter(|_| self.state == RunState::Stopped),
         }
     }
 }
@@ -146,9 +152,10 @@ type Row = (
     i64,
     Option<i64>,
     Option<String>,
+    Option<String>,
 );
 
-const COLUMNS: &str = "id, owner, playground, title, state, reason, plan, worker_attempts, created_at, updated_at, storage_bytes, cloned_from";
+const COLUMNS: &str = "id, owner, playground, title, state, reason, plan, worker_attempts, created_at, updated_at, storage_bytes, cloned_from, snapshot";
 
 fn from_row(row: Row) -> ApiResult<Run> {
     let (
@@ -164,6 +171,7 @@ fn from_row(row: Row) -> ApiResult<Run> {
         updated_at,
         storage_bytes,
         cloned_from,
+        snapshot,
     ) = row;
     let state = RunState::parse(&state)
         .ok_or_else(|| anyhow::anyhow!("run {id} has an unknown state {state:?}"))?;
@@ -182,6 +190,7 @@ fn from_row(row: Row) -> ApiResult<Run> {
         updated_at,
         storage_bytes,
         cloned_from,
+        snapshot,
     })
 }
 

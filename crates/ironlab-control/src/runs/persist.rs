@@ -301,6 +301,26 @@ pub async fn record_storage(db: &Db, id: &str, bytes: u64) -> ApiResult<()> {
     Ok(())
 }
 
+/// Records where the off-host snapshot of a stopped run stands (as the worker reported it).
+pub async fn record_snapshot(db: &Db, id: &str, state: Option<&str>) -> ApiResult<()> {
+    sqlx::query("UPDATE runs SET snapshot = $1 WHERE id = $2")
+        .bind(state)
+        .bind(id)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// The snapshot state word of a worker's run status.
+pub fn snapshot_word(s: &ironlab_api::worker::RunStatus) -> Option<&'static str> {
+    use ironlab_api::worker::SnapshotState;
+    s.snapshot.as_ref().map(|sn| match sn.state {
+        SnapshotState::Uploading => "uploading",
+        SnapshotState::Uploaded => "uploaded",
+        SnapshotState::Failed => "failed",
+    })
+}
+
 /// Saves a stopped run as a new playground owned by the caller: its machines start from the
 /// run's drives as they are now (`saved://ID` sources); its `parent` is the run's playground.
 /// Startup files are dropped from the new manifest (the drives hold them already, and any

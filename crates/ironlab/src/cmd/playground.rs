@@ -336,7 +336,11 @@ async fn list(api: &Api, output: Output, all: bool) -> anyhow::Result<i32> {
                         r.id.clone(),
                         r.playground.clone(),
                         r.title.clone(),
-                        r.state.as_str().to_string(),
+                        match r.snapshot.as_deref() {
+                            Some("uploaded") => format!("{} · saved off host", r.state.as_str()),
+                            Some(other) => format!("{} · {other}", r.state.as_str()),
+                            None => r.state.as_str().to_string(),
+                        },
                         age(r.created_at),
                         r.storage_bytes
                             .map(human_bytes)
