@@ -605,7 +605,7 @@ pub async fn dashboard(
             let kept = runs::state::holds_storage(r.state);
             context! {
                 id => r.id, title => r.title, state => r.state.as_str(), reason => r.reason,
-                playground => r.playground, active, kept,
+                playground => r.playground, active, kept, snapshot => r.snapshot,
                 storage => r.storage_bytes.filter(|_| kept).map(runs::persist::human_bytes).unwrap_or_else(|| "—".to_string()),
                 created => r.created_at.to_rfc3339(), created_ms => created,
                 age => human_duration(now - created),

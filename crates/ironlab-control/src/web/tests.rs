@@ -515,10 +515,14 @@ async fn dashboard_lists_stopped_runs_first_with_their_actions_and_storage() {
         (&ids[0], "stopped", Some(3i64 << 20)),
         (&ids[1], "running", None),
     ] {
-        sqlx::query("UPDATE runs SET state = $1, storage_bytes = $2, expires_at = 1 WHERE id = $3")
-            .bind(state)
-            .bind(bytes)
-            .bind(id)
+        let snapshot = (state == "stopped").then_some("uploaded");
+        sqlx::query(
+            "UPDATE runs SET state = $1, storage_bytes = $2, snapshot = $3, expires_at = 1 WHERE id = $4",
+        )
+        .bind(state)
+        .bind(bytes)
+        .bind(snapshot)
+        .bind(id)
             .execute(db)
             .await
             .expect("set state");
@@ -550,6 +554,7 @@ async fn dashboard_lists_stopped_runs_first_with_their_actions_and_storage() {
         "action=\"/runs/{}/destroy\"",
         "3.0 MiB",
         ">kept<",
+        ">saved off host<",
     ] {
         let needle = needle.replace("{}", &ids[0]);
         assert!(stopped_row.contains(&needle), "stopped row lacks {needle}");
