@@ -539,6 +539,11 @@ impl RunManager {
             .with_context(|| {
                 format!("cannot prepare the root drive from image {}", image.digest)
             })?;
+        // The drive it grew from: restores from the snapshot store take unchanged chunks from it.
+        write_atomic(
+            &handle.dir.join(snapshots::BASE_DRIVE),
+            image.path.to_string_lossy().as_bytes(),
+        )?;
         check_cancel(cancel)?;
         let t_drive = t0.elapsed();
         let namespaces = netns

@@ -337,6 +337,18 @@ fn wiped_pool_restores_from_the_store(test: &str, backend: Backend) {
         worker_run(&p, &id).json()["snapshot"].is_null(),
         "a restarted run's snapshot no longer matches its drives"
     );
+    // Chunks the run never changed came from the image drive it grew from, not the store.
+    let logs = p.logs();
+    let reused: Option<u64> = logs
+        .lines()
+        .filter(|l| l.contains("drive restored from the snapshot store"))
+        .filter_map(|l| l.split("chunks_reused=").nth(1))
+        .filter_map(|r| r.split_whitespace().next()?.parse().ok())
+        .last();
+    assert!(
+        reused.is_some_and(|n| n > 0),
+        "the restore reused chunks of the image drive: {reused:?}\n{logs}"
+    );
     p.ssh_ok(
         &id,
         &["sh", "-c", "echo 'more work' >> /home/laborant/work.txt"],

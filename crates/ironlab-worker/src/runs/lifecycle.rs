@@ -566,9 +566,11 @@ impl RunManager {
             fs_err::create_dir(&to)?;
             reflink(&from.join("root.ext4"), &to.join("root.ext4"))?;
             fsync_file(&to.join("root.ext4"))?;
-            let env = from.join("image-env.json");
-            if env.exists() {
-                write_durable(&to.join("image-env.json"), &fs_err::read(&env)?)?;
+            for file in ["image-env.json", super::snapshots::BASE_DRIVE] {
+                let f = from.join(file);
+                if f.exists() {
+                    write_durable(&to.join(file), &fs_err::read(&f)?)?;
+                }
             }
             fsync_dir(&to)?;
         }

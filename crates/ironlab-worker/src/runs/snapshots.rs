@@ -65,6 +65,10 @@ pub struct MachineSnapshot {
     /// The image environment (`image-env.json`), so a restore needs no run directory.
     #[serde(default)]
     pub image_env: Vec<String>,
+    /// The image (or saved) drive the machine's drive grew from, when known: a restore takes
+    /// the chunks it shares from there (reflinked) instead of fetching them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<PathBuf>,
 }
 
 /// A run's last complete snapshot (`snapshots/<run>.json` and `runs/<run>/snapshot.json`).
@@ -111,6 +115,8 @@ pub struct Snapshots {
 
 /// The run directory's record name.
 pub const RUN_RECORD: &str = "snapshot.json";
+/// `<machine>/base-drive`: the path of the image drive the machine's drive grew from.
+pub const BASE_DRIVE: &str = "base-drive";
 
 impl Snapshots {
     /// Opens the store at `config.location`; the index lives in `index_dir`.
@@ -187,11 +193,16 @@ impl Snapshots {
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok())
                 .unwrap_or_default();
+            let base = std::fs::read_to_string(dir.join(BASE_DRIVE))
+                .ok()
+                .map(|p| PathBuf::from(p.trim()))
+                .filter(|p| p.is_absolute());
             machines.insert(
                 m.name.clone(),
                 MachineSnapshot {
                     manifest: report.manifest.id.clone(),
                     image_env,
+                    base,
                 },
             );
             crash_point("upload:machine");
@@ -257,20 +268,19 @@ impl Snapshots {
         let dir = dest.parent().context("drive path has no parent")?;
         fs_err::create_dir_all(dir)?;
         let t0 = std::time::Instant::now();
-        let report = ironlab_store::restore_drive(
-            &self.store,
-            &m.manifest,
-            dest,
-            &RestoreOptions::default(),
-        )
-        .await
-        .with_context(|| {
-            format!(
-                "cannot restore the drive of machine {machine} of run {run_id} from {} \
+        let opts = RestoreOptions {
+            have: m.base.clone().filter(|b| b.is_file()),
+            ..RestoreOptions::default()
+        };
+        let report = ironlab_store::restore_drive(&self.store, &m.manifest, dest, &opts)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot restore the drive of machine {machine} of run {run_id} from {} \
                          (manifest {})",
-                self.location, m.manifest
-            )
-        })?;
+                    self.location, m.manifest
+                )
+            })?;
         let env = dir.join("image-env.json");
         if !env.exists() {
             write_durable(&env, &serde_json::to_vec(&m.image_env)?)?;
@@ -281,6 +291,8 @@ impl Snapshots {
             manifest = %m.manifest,
             chunks_fetched = report.chunks_fetched,
             bytes_fetched = report.bytes_fetched,
+            chunks_reused = report.chunks_reused,
+            reflinked = report.reflinked,
             elapsed_ms = t0.elapsed().as_millis() as u64,
             "drive restored from the snapshot store"
         );
