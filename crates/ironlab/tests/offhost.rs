@@ -341,10 +341,10 @@ fn wiped_pool_restores_from_the_store(test: &str, backend: Backend) {
     let logs = p.logs();
     let reused: Option<u64> = logs
         .lines()
+        .rev()
         .filter(|l| l.contains("drive restored from the snapshot store"))
         .filter_map(|l| l.split("chunks_reused=").nth(1))
-        .filter_map(|r| r.split_whitespace().next()?.parse().ok())
-        .last();
+        .find_map(|r| r.split_whitespace().next()?.parse().ok());
     assert!(
         reused.is_some_and(|n| n > 0),
         "the restore reused chunks of the image drive: {reused:?}\n{logs}"
