@@ -428,8 +428,8 @@ pub enum ContentCommand {
         /// Item name.
         name: String,
         /// A version [default: the latest].
-        #[arg(long)]
-        version: Option<i64>,
+        #[arg(long = "at", value_name = "VERSION")]
+        at_version: Option<i64>,
         /// Folder to write into [default: ./NAME]; must not exist or be empty.
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,

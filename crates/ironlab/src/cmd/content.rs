@@ -42,7 +42,11 @@ pub async fn run(
         }
         ContentCommand::Push { dir } => push(&api()?, dir.as_deref()).await,
         ContentCommand::List { kind, query, json } => list(&api()?, kind, query, json).await,
-        ContentCommand::Pull { name, version, dir } => pull(&api()?, &name, version, dir).await,
+        ContentCommand::Pull {
+            name,
+            at_version,
+            dir,
+        } => pull(&api()?, &name, at_version, dir).await,
         ContentCommand::Rm { name } => {
             api()?
                 .call_empty(Method::DELETE, &format!("/content/{name}"))
