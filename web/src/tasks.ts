@@ -39,9 +39,18 @@ function summarize(root: HTMLElement): void {
   if (broken) broken.hidden = !all.some((r) => r.dataset.state === 'failed');
 }
 
+/** The `::task{name=…}` placeholders of the content text show the same state as the row. */
+function placeholders(name: string, state: string, label: string): void {
+  for (const el of document.querySelectorAll<HTMLElement>(`.content-task[data-task="${CSS.escape(name)}"]`)) {
+    el.dataset.state = state;
+    el.textContent = `${label}: ${state}`;
+  }
+}
+
 function apply(root: HTMLElement, t: TaskView): void {
   const row = root.querySelector<HTMLElement>(`li.task[data-task="${CSS.escape(t.name)}"]`);
   if (!row) return;
+  placeholders(t.name, t.state, row.querySelector('.task-name')?.textContent ?? t.name);
   row.dataset.state = t.state;
   const state = row.querySelector<HTMLElement>('.task-state');
   if (state) state.textContent = t.state;
@@ -117,6 +126,9 @@ function answers(root: HTMLElement): void {
 
 const root = document.getElementById('tasks');
 if (root) {
+  for (const row of rows(root)) {
+    placeholders(row.dataset.task ?? '', row.dataset.state ?? 'blocked', row.querySelector('.task-name')?.textContent ?? '');
+  }
   follow(root);
   answers(root);
   summarize(root);

@@ -69,7 +69,7 @@ impl FromRequestParts<Ctx> for PageSession {
 
 /// What every page's layout needs.
 #[derive(Debug, Serialize)]
-struct Base {
+pub(super) struct Base {
     user: String,
     is_admin: bool,
     csrf: String,
@@ -77,7 +77,7 @@ struct Base {
     scripts_built: bool,
 }
 
-fn base(s: &Session, nav: &'static str) -> Base {
+pub(super) fn base(s: &Session, nav: &'static str) -> Base {
     Base {
         user: s.user.name.clone(),
         is_admin: s.user.is_admin(),
@@ -102,7 +102,7 @@ const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsa
      connect-src 'self' ws: wss:; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; \
      form-action 'self'";
 
-fn page(html: String) -> Response {
+pub(super) fn page(html: String) -> Response {
     (
         [
             (header::CACHE_CONTROL, "no-store"),
@@ -137,7 +137,7 @@ pub fn human_duration(ms: i64) -> String {
     }
 }
 
-fn is_active(state: RunState) -> bool {
+pub(super) fn is_active(state: RunState) -> bool {
     matches!(
         state,
         RunState::Pending | RunState::Starting | RunState::Running
@@ -283,7 +283,7 @@ pub async fn login_admin_link(
 /// A form that carries only the CSRF token.
 #[derive(Debug, Deserialize)]
 pub struct CsrfForm {
-    csrf: Option<String>,
+    pub(super) csrf: Option<String>,
 }
 
 /// `POST /logout`.
@@ -451,6 +451,7 @@ pub async fn run_page(
     let port_tabs = port_tabs(&ctx, &s, &run).await;
     let expires_at = expiry::expires_at(&ctx.db, &run).await?;
     let checklist = super::tasks_page::checklist(&ctx, &run).await;
+    let content = super::content_pages::text_of_run(&ctx, &s, &run.id).await;
     let view = run.view();
     let kept = runs::state::holds_storage(run.state);
     let time_left = if is_active(run.state) {
@@ -467,7 +468,7 @@ pub async fn run_page(
             transient => runs::state::is_transient(run.state),
             active => is_active(run.state),
             kept,
-            tabs, port_tabs, time_left, expires_at, checklist,
+            tabs, port_tabs, time_left, expires_at, checklist, content,
         },
     )?))
 }

@@ -614,6 +614,8 @@ fn every_template_compiles() {
         "error.html",
         "macros.html",
         "tasks.html",
+        "content_catalog.html",
+        "content_item.html",
     ] {
         if let Err(e) = super::TEMPLATES.get_template(name) {
             panic!("template {name}: {e:#}");
@@ -682,4 +684,120 @@ playground:
     let (status, _, resp) = h.get(&format!("/runs/{id}/ports/web/8000"), None).await;
     assert_eq!(status, StatusCode::SEE_OTHER);
     assert!(location(&resp).starts_with("/login?next="));
+}
+
+/// Publishes an item straight through the service (what `POST /api/v1/content` calls).
+async fn publish(h: &H, name: &str, files: &[(&str, &[u8])]) {
+    let mut b = ironlab_spec::content::Bundle::default();
+    for (p, d) in files {
+        b.insert(p, d.to_vec()).expect("insert");
+    }
+    let admin = crate::auth::authenticate(
+        &h.control.ctx().db,
+        Some(&format!("Bearer {}", h.control.admin_token())),
+    )
+    .await
+    .expect("admin");
+    crate::content::push(h.control.ctx(), &admin, name, &b)
+        .await
+        .expect("published");
+}
+
+const EVIL: &str = "---\nkind: challenge\ntitle: Evil text\ndescription: Sanitised.\ndifficulty: hard\n\
+visibility: public\nplayground: {name: debian}\ntasks:\n  made:\n    run: test -e /tmp/made\n---\n\n\
+# Hello\n\n<script>window.pwned=1</script>\n\n<img src=x onerror=\"window.pwned=2\">\n\n\
+[click](javascript:window.pwned=3)\n\n<iframe src=\"/\"></iframe>\n\n![d](__static__/d.png)\n\n\
+::task{name=made}\n\n```sh\ntouch /tmp/made\n```\n";
+
+#[tokio::test]
+async fn content_catalog_item_page_run_page_and_static_files() {
+    let h = H::new().await;
+    let (cookie, csrf) = h.sign_in_admin().await;
+    publish(
+        &h,
+        "evil-text",
+        &[
+            ("index.md", EVIL.as_bytes()),
+            ("__static__/d.png", b"PNG-DATA"),
+        ],
+    )
+    .await;
+    publish(
+        &h,
+        "easy-tour",
+        &[("index.md", b"---\nkind: tutorial\ntitle: Easy tour\ndifficulty: easy\nvisibility: public\n---\nText.\n")],
+    )
+    .await;
+
+    let (status, page, _) = h.get("/content", Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        page.contains("data-content=\"evil-text\"") && page.contains("data-content=\"easy-tour\"")
+    );
+    let (_, page, _) = h.get("/content?kind=tutorial", Some(&cookie)).await;
+    assert!(
+        !page.contains("data-content=\"evil-text\"") && page.contains("data-content=\"easy-tour\"")
+    );
+    let (_, page, _) = h
+        .get("/content?difficulty=hard&q=sanitised", Some(&cookie))
+        .await;
+    assert!(
+        page.contains("data-content=\"evil-text\"") && !page.contains("data-content=\"easy-tour\"")
+    );
+
+    let (status, page, _) = h.get("/content/evil-text", Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK);
+    let lower = page.to_lowercase();
+    for bad in ["window.pwned", "onerror", "javascript:", "<iframe"] {
+        assert!(!lower.contains(bad), "{bad} in the page");
+    }
+    for good in [
+        "<h1>Hello</h1>",
+        "src=\"/content/evil-text/static/v1/d.png\"",
+        "data-task=\"made\"",
+        "data-action=\"run\"",
+        "action=\"/content/evil-text/start\"",
+    ] {
+        assert!(page.contains(good), "page lacks {good}");
+    }
+    let (status, body, resp) = h
+        .get("/content/evil-text/static/v1/d.png", Some(&cookie))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.as_bytes(), b"PNG-DATA");
+    assert_eq!(resp.headers()[header::CONTENT_TYPE], "image/png");
+    let (status, _, _) = h
+        .get("/content/evil-text/static/v1/nope.png", Some(&cookie))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Start: a run of the item whose page shows the text beside the terminals and checklist.
+    let (status, resp) = h
+        .post_form(
+            "/content/evil-text/start",
+            Some(&cookie),
+            &format!("csrf={csrf}"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let to = location(&resp);
+    assert!(to.starts_with("/runs/"), "{to}");
+    let (_, page, _) = h.get(&to, Some(&cookie)).await;
+    for good in [
+        "class=\"content-text content-beside\"",
+        "<h1>Hello</h1>",
+        "li id=\"task-made\"",
+        "id=\"terminals\"",
+    ] {
+        assert!(page.contains(good), "run page lacks {good}");
+    }
+    assert!(!page.to_lowercase().contains("window.pwned"));
+    // The item page now offers to continue that run.
+    let (_, page, _) = h.get("/content/evil-text", Some(&cookie)).await;
+    assert!(page.contains(&format!("href=\"{to}\"")), "continue link");
+    // Without CSRF: refused.
+    let (status, _) = h
+        .post_form("/content/evil-text/start", Some(&cookie), "")
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
 }

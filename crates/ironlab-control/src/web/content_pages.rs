@@ -1,0 +1,192 @@
+//! Content pages: `/content` (the catalog with kind/difficulty/text filters), `/content/{name}`
+//! (the rendered text, Start or Continue), `POST /content/{name}/start` (a run of the item, then
+//! its run page, where the text sits beside the terminals and the checklist), and
+//! `/content/{name}/static/…` (the item's `__static__/` files, of the version given by `?v=`).
+
+use axum::Form;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use ironlab_api::v1::ContentFilter;
+use minijinja::context;
+use serde::{Deserialize, Serialize};
+
+use super::pages::{CsrfForm, PageSession, base, is_active, page};
+use super::session::{self, Session};
+use super::{PageResult, expiry, render};
+use crate::Ctx;
+use crate::content::{self, render as md};
+use crate::error::ApiError;
+use crate::runs;
+
+/// The rendered text of an item version, for a page.
+#[derive(Debug, Serialize)]
+pub struct ContentText {
+    /// Item name.
+    pub name: String,
+    /// Title.
+    pub title: String,
+    /// Kind.
+    pub kind: String,
+    /// Version shown.
+    pub version: i64,
+    /// Sanitised HTML of `index.md`.
+    pub html: String,
+}
+
+fn static_base(name: &str, version: i64) -> String {
+    format!("/content/{name}/static/v{version}/")
+}
+
+/// The text of the item a run serves (the version it was started with), if any.
+pub async fn text_of_run(ctx: &Ctx, s: &Session, run: &str) -> Option<ContentText> {
+    let (name, version) = content::of_run(&ctx.db, run).await.ok()??;
+    let loaded = content::load(ctx, &s.user, &name, Some(version))
+        .await
+        .ok()?;
+    Some(ContentText {
+        html: md::render(&loaded.item.body, &static_base(&name, version)),
+        title: loaded.item.front.title.clone(),
+        kind: loaded.view.kind.clone(),
+        name,
+        version,
+    })
+}
+
+/// `GET /content`.
+pub async fn catalog(
+    State(ctx): State<Ctx>,
+    PageSession(s): PageSession,
+    Query(filter): Query<ContentFilter>,
+) -> PageResult<Response> {
+    let items = content::list(&ctx.db, &s.user, &filter).await?;
+    Ok(page(render(
+        "content_catalog.html",
+        context! {
+            base => base(&s, "content"), items,
+            kind => filter.kind.unwrap_or_default(),
+            difficulty => filter.difficulty.unwrap_or_default(),
+            q => filter.q.unwrap_or_default(),
+        },
+    )?))
+}
+
+/// `GET /content/{name}`.
+pub async fn item(
+    State(ctx): State<Ctx>,
+    PageSession(s): PageSession,
+    Path(name): Path<String>,
+) -> PageResult<Response> {
+    let loaded = content::load(&ctx, &s.user, &name, None).await?;
+    let html = md::render(&loaded.item.body, &static_base(&name, loaded.version));
+    // The user's newest active run of this item, if any.
+    let mut current = None;
+    for r in runs::list(&ctx.db, &s.user, false).await? {
+        if is_active(r.state)
+            && content::of_run(&ctx.db, &r.id)
+                .await?
+                .is_some_and(|(n, _)| n == name)
+        {
+            current = Some(r.id);
+            break;
+        }
+    }
+    let f = &loaded.item.front;
+    let tasks: Vec<_> = f
+        .tasks
+        .iter()
+        .filter(|(_, t)| !t.helper && !t.init)
+        .map(|(n, _)| n.clone())
+        .collect();
+    Ok(page(render(
+        "content_item.html",
+        context! {
+            base => base(&s, "content"),
+            item => loaded.view,
+            html,
+            has_playground => f.playground.is_some(),
+            tasks,
+            current,
+            units => f.units,
+            modules => loaded.item.modules.iter().map(|m| context! {
+                title => m.front.title,
+                lessons => m.lessons.iter().map(|l| l.front.title.clone()).collect::<Vec<_>>(),
+            }).collect::<Vec<_>>(),
+        },
+    )?))
+}
+
+/// `POST /content/{name}/start`: starts a run of the item and opens its page.
+pub async fn start(
+    State(ctx): State<Ctx>,
+    PageSession(s): PageSession,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> PageResult<Response> {
+    session::check_csrf(&s, &headers, form.csrf.as_deref())?;
+    let run = content::start_run(&ctx, &s.user, &name, None).await?;
+    expiry::set_default_expiry(&ctx.db, &run.id).await?;
+    Ok(Redirect::to(&format!("/runs/{}", run.id)).into_response())
+}
+
+/// Query of a static file.
+#[derive(Debug, Deserialize)]
+pub struct StaticPath {
+    name: String,
+    path: String,
+}
+
+fn content_type(path: &str) -> &'static str {
+    let ext = path.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
+    match ext.as_deref() {
+        Some("png") => "image/png",
+        Some("jpg" | "jpeg") => "image/jpeg",
+        Some("gif") => "image/gif",
+        Some("webp") => "image/webp",
+        // SVG can carry scripts: served as a download-only type, never rendered as a document.
+        Some("txt" | "md" | "sh" | "yaml" | "yml" | "json" | "conf") => "text/plain; charset=utf-8",
+        _ => "application/octet-stream",
+    }
+}
+
+/// `GET /content/{name}/static/v{version}/{path}`: one file of the item's `__static__/`.
+pub async fn static_file(
+    State(ctx): State<Ctx>,
+    PageSession(s): PageSession,
+    Path(p): Path<StaticPath>,
+) -> PageResult<Response> {
+    let (version, rest) = p
+        .path
+        .split_once('/')
+        .and_then(|(v, rest)| Some((v.strip_prefix('v')?.parse::<i64>().ok()?, rest)))
+        .ok_or_else(|| ApiError::NotFound("no such file".into()))?;
+    let loaded = content::load(&ctx, &s.user, &p.name, Some(version)).await?;
+    if !loaded.item.statics.iter().any(|x| x == rest) {
+        return Err(ApiError::NotFound(format!("{} has no file __static__/{rest}", p.name)).into());
+    }
+    let tar = ctx
+        .content
+        .get(&loaded.digest)
+        .map_err(ApiError::Internal)?;
+    let bundle = ironlab_spec::content::Bundle::from_tar(&tar)
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("{e}")))?;
+    let data = bundle
+        .files
+        .get(&format!("__static__/{rest}"))
+        .cloned()
+        .unwrap_or_default();
+    Ok((
+        [
+            (header::CONTENT_TYPE, content_type(rest)),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::CACHE_CONTROL, "private, max-age=3600"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; sandbox",
+            ),
+        ],
+        data,
+    )
+        .into_response())
+}
