@@ -1,7 +1,9 @@
 // Content text (content pages and the run page of an item): the Copy and "Run in terminal"
-// buttons of code blocks. Run types the block into the active terminal of the run page (through
-// window.ironlab.tabs from terminal.ts); where there is no terminal (the item page before Start)
-// the Run buttons are hidden.
+// buttons of code blocks, and hot reload. Run types the block into the active terminal of the run
+// page (through window.ironlab.tabs from terminal.ts); where there is no terminal (the item page
+// before Start) the Run buttons are hidden. Hot reload: /content/{name}/events sends
+// `content` {version, html} for every version published while the page is open; the text is
+// replaced in place (the terminals and the checklist are not touched).
 
 interface Typing {
   typeText(text: string): void;
@@ -17,11 +19,39 @@ function codeOf(button: HTMLElement): string {
   return button.closest('.code-block')?.querySelector('pre code')?.textContent ?? '';
 }
 
-function setup(root: HTMLElement): void {
+function decorate(root: HTMLElement): void {
   const hasTerminal = document.getElementById('terminals') !== null;
   for (const run of root.querySelectorAll<HTMLButtonElement>('.code-block button[data-action="run"]')) {
     run.hidden = !hasTerminal;
   }
+  // ::task placeholders show the state of their checklist row (tasks.ts keeps them live).
+  for (const el of root.querySelectorAll<HTMLElement>('.content-task[data-task]')) {
+    const row = document.querySelector<HTMLElement>(`li.task[data-task="${CSS.escape(el.dataset.task ?? '')}"]`);
+    if (!row) continue;
+    el.dataset.state = row.dataset.state ?? 'blocked';
+    el.textContent = `${row.querySelector('.task-name')?.textContent ?? el.dataset.task}: ${el.dataset.state}`;
+  }
+}
+
+function hotReload(root: HTMLElement): void {
+  const holder = root.closest<HTMLElement>('[data-content]') ?? root;
+  const name = holder.dataset.content;
+  if (!name) return;
+  const source = new EventSource(`/content/${encodeURIComponent(name)}/events`);
+  source.addEventListener('content', (e) => {
+    const msg = JSON.parse((e as MessageEvent<string>).data) as { version: number; html?: string };
+    if (msg.html === undefined || String(msg.version) === holder.dataset.version) return;
+    root.innerHTML = msg.html;
+    holder.dataset.version = String(msg.version);
+    decorate(root);
+    root.dispatchEvent(new CustomEvent('ironlab:content', { bubbles: true, detail: { version: msg.version } }));
+  });
+  window.addEventListener('pagehide', () => source.close());
+}
+
+function setup(root: HTMLElement): void {
+  decorate(root);
+  hotReload(root);
   root.addEventListener('click', (e) => {
     const button = (e.target as HTMLElement).closest<HTMLButtonElement>('.code-block button[data-action]');
     if (!button) return;

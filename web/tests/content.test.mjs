@@ -3,11 +3,13 @@
 // iframe is published with `ironlab content push`; none of them is in the served HTML and none
 // runs in the browser. The challenge starts from its page, the run page shows the text beside
 // the terminal and the checklist, and "Run in terminal" on a code block types it into the
-// terminal, which ticks the task in the checklist and in the text's ::task placeholder.
+// terminal, which ticks the task in the checklist and in the text's ::task placeholder. Hot
+// reload: with `content push --watch` running, saving an edited statement updates the open run
+// page within 2 s without a reload, the terminal session untouched.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
@@ -73,10 +75,8 @@ test('content: sanitised in the browser, start a challenge, Run in terminal tick
     const dir = path.join(p.dir, 'sanitised-challenge');
     fs.mkdirSync(dir, { recursive: true });
     fs.writeFileSync(path.join(dir, 'index.md'), INDEX);
-    execFileSync(ironlabBin(), ['content', 'push', dir], {
-      env: { ...process.env, IRONLAB_SERVER: p.base, IRONLAB_TOKEN: p.token, HOME: p.dir, XDG_CONFIG_HOME: path.join(p.dir, 'cli') },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
+    const cliEnv = { ...process.env, IRONLAB_SERVER: p.base, IRONLAB_TOKEN: p.token, HOME: p.dir, XDG_CONFIG_HOME: path.join(p.dir, 'cli') };
+    execFileSync(ironlabBin(), ['content', 'push', dir], { env: cliEnv, stdio: ['ignore', 'pipe', 'pipe'] });
 
     const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
     const page = await context.newPage();
@@ -131,6 +131,46 @@ test('content: sanitised in the browser, start a challenge, Run in terminal tick
       await shot(page, 'content-02-run');
       await page.reload();
       assert.equal(await page.locator('.content-task[data-task="made"]').getAttribute('data-state'), 'completed', 'still ticked after a reload');
+    });
+
+    await t.test('push --watch: a saved edit re-renders the open page within 2 s, terminal untouched', async () => {
+      await page.waitForFunction(() => window.ironlab?.terminals?.[0]?.phase === 'open', null, { timeout: 30_000 });
+      const before = await page.evaluate(() => {
+        window.notReloaded = true;
+        return { session: window.ironlab.terminals[0].session, starts: window.ironlab.terminals[0].starts };
+      });
+      const watcher = spawn(ironlabBin(), ['content', 'push', '--watch', dir], { env: cliEnv, stdio: ['ignore', 'ignore', 'pipe'] });
+      let watchLog = '';
+      watcher.stderr.on('data', (d) => (watchLog += d));
+      try {
+        // The watcher publishes once at start (version 2); wait for the page to take it.
+        await page.waitForFunction(() => document.getElementById('content-text')?.dataset.version === '2', null, { timeout: 10_000 });
+        const samples = [];
+        for (let i = 1; i <= 3; i++) {
+          const edited = INDEX.replace('# Make a file', `# Make a file, edit ${i}`);
+          const t0 = Date.now();
+          fs.writeFileSync(path.join(dir, 'index.md'), edited);
+          await page.waitForFunction((n) => document.querySelector('#content-text h1')?.textContent === `Make a file, edit ${n}`, i, { timeout: 2000 });
+          samples.push(Date.now() - t0);
+        }
+        samples.sort((a, b) => a - b);
+        console.log(`hot reload save→page ms: ${samples.join(', ')} (median ${samples[1]})`);
+      } catch (e) {
+        console.error(watchLog);
+        throw e;
+      } finally {
+        watcher.kill('SIGINT');
+      }
+      const after = await page.evaluate(() => ({
+        notReloaded: window.notReloaded,
+        session: window.ironlab.terminals[0].session,
+        starts: window.ironlab.terminals[0].starts,
+        phase: window.ironlab.terminals[0].phase,
+      }));
+      assert.deepEqual(after, { notReloaded: true, session: before.session, starts: before.starts, phase: 'open' });
+      assert.equal(await page.locator('.content-task[data-task="made"]').getAttribute('data-state'), 'completed', 'placeholders keep their state');
+      assert.equal(await page.locator('.code-block button[data-action="run"]').isVisible(), true);
+      await shot(page, 'content-03-hot-reload');
     });
     assert.deepEqual(errors, [], 'no script errors');
     assert.deepEqual(dialogs, [], 'no dialogs');

@@ -409,6 +409,9 @@ pub enum ContentCommand {
     Push {
         /// The item's folder [default: the current directory]; its name is the item's name.
         dir: Option<PathBuf>,
+        /// Keep running and publish again on every saved change (open pages re-render).
+        #[arg(long)]
+        watch: bool,
     },
     /// List the items you can see.
     #[command(alias = "ls")]

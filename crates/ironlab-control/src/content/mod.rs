@@ -35,6 +35,8 @@ pub struct BundleStore {
     dir: PathBuf,
     /// Parsed items by digest (a bundle never changes, so neither does its parse).
     cache: Mutex<BTreeMap<String, Arc<Item>>>,
+    /// `(name, version)` of every publication, for open pages (hot reload).
+    published: tokio::sync::broadcast::Sender<(String, i64)>,
 }
 
 impl BundleStore {
@@ -44,7 +46,13 @@ impl BundleStore {
         Ok(BundleStore {
             dir: dir.to_path_buf(),
             cache: Mutex::new(BTreeMap::new()),
+            published: tokio::sync::broadcast::channel(64).0,
         })
+    }
+
+    /// Publications from now on: `(name, version)`.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<(String, i64)> {
+        self.published.subscribe()
     }
 
     fn path(&self, digest: &str) -> PathBuf {
@@ -286,6 +294,8 @@ pub async fn push(ctx: &Ctx, user: &User, name: &str, bundle: &Bundle) -> ApiRes
     if let Ok(mut c) = ctx.content.cache.lock() {
         c.insert(digest, Arc::new(item));
     }
+    // Nobody listening is fine.
+    let _ = ctx.content.published.send((name.to_string(), version));
     get_row(&ctx.db, name).await?.ok_or_else(|| not_found(name))
 }
 

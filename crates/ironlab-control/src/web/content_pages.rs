@@ -1,7 +1,10 @@
 //! Content pages: `/content` (the catalog with kind/difficulty/text filters), `/content/{name}`
 //! (the rendered text, Start or Continue), `POST /content/{name}/start` (a run of the item, then
 //! its run page, where the text sits beside the terminals and the checklist), and
-//! `/content/{name}/static/…` (the item's `__static__/` files, of the version given by `?v=`).
+//! `/content/{name}/static/vV/…` (the item's `__static__/` files of version V), and
+//! `/content/{name}/events` (hot reload: Server-Sent Events `content` with `{version, html}` for
+//! every version published while the page is open; the first event carries only the current
+//! version).
 
 use axum::Form;
 use axum::extract::{Path, Query, State};
@@ -188,5 +191,80 @@ pub async fn static_file(
         ],
         data,
     )
+        .into_response())
+}
+
+/// One `content` event.
+#[derive(Debug, Serialize)]
+struct Published {
+    version: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    html: Option<String>,
+}
+
+/// `GET /content/{name}/events`: hot reload of an item's text (see the module docs).
+pub async fn events(
+    State(ctx): State<Ctx>,
+    PageSession(s): PageSession,
+    Path(name): Path<String>,
+) -> PageResult<Response> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use tokio::sync::broadcast::error::RecvError;
+    // Subscribe first, so a push between the read and the subscription is not missed.
+    let rx = ctx.content.subscribe();
+    let view = content::get(&ctx.db, &s.user, &name).await?;
+    let closing = ctx.web.closing();
+    let first = Published {
+        version: view.version,
+        html: None,
+    };
+    let event = |p: &Published| {
+        Event::default()
+            .event("content")
+            .json_data(p)
+            .unwrap_or_else(|_| Event::default().event("content").data("{}"))
+    };
+    let state = (Some(event(&first)), rx, closing, ctx, s, name);
+    let stream = futures::stream::unfold(
+        state,
+        move |(first, mut rx, mut closing, ctx, s, name)| async move {
+            if let Some(e) = first {
+                return Some((
+                    Ok::<_, std::convert::Infallible>(e),
+                    (None, rx, closing, ctx, s, name),
+                ));
+            }
+            loop {
+                let got = tokio::select! {
+                    r = rx.recv() => r,
+                    _ = closing.wait_for(|c| *c) => return None,
+                };
+                let version = match got {
+                    Ok((n, v)) if n == name => Some(v),
+                    Ok(_) => continue,
+                    // Fell behind: send the latest.
+                    Err(RecvError::Lagged(_)) => None,
+                    Err(RecvError::Closed) => return None,
+                };
+                let Ok(loaded) = content::load(&ctx, &s.user, &name, version).await else {
+                    continue;
+                };
+                let p = Published {
+                    version: loaded.version,
+                    html: Some(md::render(
+                        &loaded.item.body,
+                        &static_base(&name, loaded.version),
+                    )),
+                };
+                let e = Event::default()
+                    .event("content")
+                    .json_data(&p)
+                    .unwrap_or_else(|_| Event::default().event("content").data("{}"));
+                return Some((Ok(e), (None, rx, closing, ctx, s, name)));
+            }
+        },
+    );
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(super::sse::KEEP_ALIVE))
         .into_response())
 }

@@ -89,6 +89,7 @@ pub fn router(ctx: Ctx) -> Router {
         .route("/content", get(content_pages::catalog))
         .route("/content/{name}", get(content_pages::item))
         .route("/content/{name}/start", post(content_pages::start))
+        .route("/content/{name}/events", get(content_pages::events))
         .route(
             "/content/{name}/static/{*path}",
             get(content_pages::static_file),

@@ -40,7 +40,8 @@ pub async fn run(
             eprintln!("{} ({}) is valid", item.name, item.front.kind.as_str());
             Ok(0)
         }
-        ContentCommand::Push { dir } => push(&api()?, dir.as_deref()).await,
+        ContentCommand::Push { dir, watch: false } => push(&api()?, dir.as_deref()).await,
+        ContentCommand::Push { dir, watch: true } => watch(&api()?, dir.as_deref()).await,
         ContentCommand::List { kind, query, json } => list(&api()?, kind, query, json).await,
         ContentCommand::Pull {
             name,
@@ -154,6 +155,55 @@ async fn push(api: &Api, dir: Option<&Path>) -> anyhow::Result<i32> {
             }
             _ => Err(e),
         },
+    }
+}
+
+/// What changes when a file of the folder is saved: every path with its size and mtime.
+fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let Ok(md) = e.metadata() else { continue };
+            if md.is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push((e.path(), md.len(), md.modified().ok()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `content push --watch`: publishes now and after every change (polled every 200 ms, so an
+/// editor's save is picked up within a quarter second); a refused version is reported and the
+/// watch goes on. Ends with Ctrl-C.
+async fn watch(api: &Api, dir: Option<&Path>) -> anyhow::Result<i32> {
+    let root = dir.unwrap_or(Path::new(".")).to_path_buf();
+    let mut last = Vec::new();
+    eprintln!("watching {} (Ctrl-C to stop)", root.display());
+    loop {
+        let now = fingerprint(&root);
+        if now != last {
+            // Let a multi-file save settle.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            last = fingerprint(&root);
+            match push(api, Some(&root)).await {
+                Ok(_) => {}
+                Err(e) => eprintln!("error: {e:#}"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(0),
+        }
     }
 }
 
