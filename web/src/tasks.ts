@@ -37,6 +37,10 @@ function summarize(root: HTMLElement): void {
   if (setup) setup.hidden = ready;
   const broken = document.getElementById('tasks-broken');
   if (broken) broken.hidden = !all.some((r) => r.dataset.state === 'failed');
+  // A content item's run: every task the student does completed = solved (it stays solved).
+  const solved = document.getElementById('content-solved');
+  const student = all.filter((r) => r.dataset.init !== 'true');
+  if (solved && student.length > 0 && student.every((r) => r.dataset.state === 'completed')) solved.hidden = false;
 }
 
 /** The `::task{name=…}` placeholders of the content text show the same state as the row. */

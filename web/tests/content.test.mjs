@@ -3,7 +3,8 @@
 // iframe is published with `ironlab content push`; none of them is in the served HTML and none
 // runs in the browser. The challenge starts from its page, the run page shows the text beside
 // the terminal and the checklist, and "Run in terminal" on a code block types it into the
-// terminal, which ticks the task in the checklist and in the text's ::task placeholder. Hot
+// terminal, which ticks the task in the checklist and in the text's ::task placeholder; the
+// Solved state appears and stays (reload, item page, dashboard). Hot
 // reload: with `content push --watch` running, saving an edited statement updates the open run
 // page within 2 s without a reload, the terminal session untouched.
 
@@ -129,8 +130,16 @@ test('content: sanitised in the browser, start a challenge, Run in terminal tick
       const lines = await page.evaluate(() => window.ironlab.terminals[0].lines().join('\n'));
       assert.match(lines, /touch \/tmp\/made-by-button/);
       await shot(page, 'content-02-run');
+      await page.waitForFunction(() => document.getElementById('content-solved')?.hidden === false);
       await page.reload();
       assert.equal(await page.locator('.content-task[data-task="made"]').getAttribute('data-state'), 'completed', 'still ticked after a reload');
+      assert.equal(await page.locator('#content-solved').isVisible(), true, 'still solved after a reload');
+      const runUrl = page.url();
+      await page.goto(`${p.base}/content/sanitised-challenge`);
+      assert.equal(await page.locator('#content-solved').textContent(), 'Solved');
+      await page.goto(`${p.base}/dashboard`);
+      assert.equal(await page.locator('#learning tr[data-content="sanitised-challenge"]').getAttribute('data-solved'), 'true');
+      await page.goto(runUrl);
     });
 
     await t.test('push --watch: a saved edit re-renders the open page within 2 s, terminal untouched', async () => {

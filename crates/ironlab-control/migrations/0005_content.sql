@@ -34,3 +34,15 @@ CREATE TABLE content_versions (
 -- A run started from a content item remembers which item and version it serves.
 ALTER TABLE runs ADD COLUMN content TEXT;
 ALTER TABLE runs ADD COLUMN content_version BIGINT;
+
+-- Progress per user and item: when they first started it, when a run of it first had every
+-- task completed (kept when the run, or the item, is gone), and their latest run of it.
+CREATE TABLE content_progress (
+    user_id         TEXT NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    name            TEXT NOT NULL,
+    started_at      BIGINT NOT NULL,
+    solved_at       BIGINT,
+    solved_version  BIGINT,
+    last_run        TEXT,
+    PRIMARY KEY (user_id, name)
+);

@@ -487,7 +487,7 @@ pub async fn start_run(
                 reference.name
             ))
         })?;
-    runs::create_from(
+    let run = runs::create_from(
         ctx,
         user,
         &pg.view.name,
@@ -495,7 +495,106 @@ pub async fn start_run(
         item.front.title.clone(),
         Some((name, loaded.version)),
     )
-    .await
+    .await?;
+    sqlx::query(
+        "INSERT INTO content_progress (user_id, name, started_at, last_run) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (user_id, name) DO UPDATE SET last_run = excluded.last_run",
+    )
+    .bind(&user.id)
+    .bind(name)
+    .bind(db::now_ms())
+    .bind(&run.id)
+    .execute(&ctx.db)
+    .await?;
+    Ok(run)
+}
+
+/// A user's progress on an item.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Progress {
+    /// Item name.
+    pub name: String,
+    /// First started, ms.
+    pub started_at: i64,
+    /// First solved (every task of a run completed), ms.
+    pub solved_at: Option<i64>,
+    /// The version solved.
+    pub solved_version: Option<i64>,
+    /// Their latest run of it.
+    pub last_run: Option<String>,
+}
+
+type ProgressRow = (String, i64, Option<i64>, Option<i64>, Option<String>);
+
+fn progress_of(r: ProgressRow) -> Progress {
+    Progress {
+        name: r.0,
+        started_at: r.1,
+        solved_at: r.2,
+        solved_version: r.3,
+        last_run: r.4,
+    }
+}
+
+/// The user's progress on every item they started, latest first.
+pub async fn progress(db: &Db, user: &User) -> ApiResult<Vec<Progress>> {
+    let rows: Vec<ProgressRow> = sqlx::query_as(
+        "SELECT name, started_at, solved_at, solved_version, last_run FROM content_progress \
+         WHERE user_id = $1 ORDER BY started_at DESC",
+    )
+    .bind(&user.id)
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(progress_of).collect())
+}
+
+/// The user's progress on one item.
+pub async fn progress_on(db: &Db, user: &User, name: &str) -> ApiResult<Option<Progress>> {
+    let row: Option<ProgressRow> = sqlx::query_as(
+        "SELECT name, started_at, solved_at, solved_version, last_run FROM content_progress \
+         WHERE user_id = $1 AND name = $2",
+    )
+    .bind(&user.id)
+    .bind(name)
+    .fetch_optional(db)
+    .await?;
+    Ok(row.map(progress_of))
+}
+
+/// Called when a task of `run` completed: if the run serves an item and every task the student
+/// completes (init and helper tasks aside) is completed, the owner's progress becomes solved
+/// (once; later runs do not change the date).
+pub async fn task_completed(db: &Db, run: &runs::Run) -> ApiResult<()> {
+    let Some((name, version)) = of_run(db, &run.id).await? else {
+        return Ok(());
+    };
+    let checklist = crate::tasks::view(db, run).await?;
+    let student: Vec<_> = checklist.tasks.iter().filter(|t| !t.init).collect();
+    if student.is_empty()
+        || !student
+            .iter()
+            .all(|t| t.state == ironlab_api::v1::TaskState::Completed)
+    {
+        return Ok(());
+    }
+    let now = db::now_ms();
+    let updated = sqlx::query(
+        "INSERT INTO content_progress (user_id, name, started_at, solved_at, solved_version, last_run) \
+         VALUES ($1, $2, $3, $3, $4, $5) \
+         ON CONFLICT (user_id, name) DO UPDATE SET solved_at = $3, solved_version = $4 \
+         WHERE content_progress.solved_at IS NULL",
+    )
+    .bind(&run.owner)
+    .bind(&name)
+    .bind(now)
+    .bind(version)
+    .bind(&run.id)
+    .execute(db)
+    .await?;
+    if updated.rows_affected() > 0 {
+        tracing::info!(content = %name, run = %run.id, user = %run.owner, "content solved");
+    }
+    Ok(())
 }
 
 /// The content item and version a run serves, if it was started from one.

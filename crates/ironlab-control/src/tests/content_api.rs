@@ -315,6 +315,44 @@ async fn a_run_of_an_item_uses_its_tasks_and_overrides_and_keeps_its_version() {
         .expect("query");
     assert_eq!(recorded, Some(("make-file".to_string(), 1)));
 
+    // The task completes: the item is solved for alice, and stays solved.
+    let ctx = h.control.ctx();
+    let alice_user = crate::auth::authenticate(&ctx.db, Some(&format!("Bearer {alice}")))
+        .await
+        .expect("alice");
+    let progress = crate::content::progress_on(&ctx.db, &alice_user, "make-file")
+        .await
+        .expect("progress")
+        .expect("started");
+    assert_eq!(progress.solved_at, None);
+    assert_eq!(progress.last_run.as_deref(), Some(id.as_str()));
+    let run_row = crate::runs::get_for(&ctx.db, &alice_user, &id)
+        .await
+        .expect("run");
+    let status = ironlab_api::worker::TaskStatus {
+        machine: "debian".into(),
+        name: "made".into(),
+        state: ironlab_api::v1::TaskState::Completed,
+        hint: String::new(),
+        stdout: String::new(),
+        exit_code: 0,
+        attempt: 1,
+        at_unix_ms: 1_700_000_000_000,
+        seq: 1,
+        helper: false,
+        init: false,
+        input: false,
+    };
+    crate::tasks::ingest(&ctx.db, &ctx.signals, &run_row, &status)
+        .await
+        .expect("ingest");
+    let progress = crate::content::progress_on(&ctx.db, &alice_user, "make-file")
+        .await
+        .expect("progress")
+        .expect("started");
+    assert!(progress.solved_at.is_some(), "{progress:?}");
+    assert_eq!(progress.solved_version, Some(1));
+
     // Version 2 drops the task; the running run keeps version 1's plan, a new run gets v2.
     let edited = CHALLENGE
         .replace(
@@ -358,6 +396,15 @@ async fn a_run_of_an_item_uses_its_tasks_and_overrides_and_keeps_its_version() {
         )
         .await;
     assert_eq!(tasks["tasks"][0]["name"], "other", "{tasks}");
+    let again = crate::content::progress_on(&ctx.db, &alice_user, "make-file")
+        .await
+        .expect("progress")
+        .expect("started");
+    assert_eq!(
+        again.solved_at, progress.solved_at,
+        "a new run does not unsolve"
+    );
+    assert_eq!(again.last_run.as_deref(), Some(id2));
 
     // A tutorial without a playground has nothing to start.
     let (s, _) = h

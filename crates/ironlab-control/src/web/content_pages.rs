@@ -14,7 +14,7 @@ use ironlab_api::v1::ContentFilter;
 use minijinja::context;
 use serde::{Deserialize, Serialize};
 
-use super::pages::{CsrfForm, PageSession, base, is_active, page};
+use super::pages::{CsrfForm, PageSession, base, human_duration, is_active, page};
 use super::session::{self, Session};
 use super::{PageResult, expiry, render};
 use crate::Ctx;
@@ -35,6 +35,8 @@ pub struct ContentText {
     pub version: i64,
     /// Sanitised HTML of `index.md`.
     pub html: String,
+    /// The run's owner has solved the item (in this run or before).
+    pub solved: bool,
 }
 
 fn static_base(name: &str, version: i64) -> String {
@@ -47,7 +49,13 @@ pub async fn text_of_run(ctx: &Ctx, s: &Session, run: &str) -> Option<ContentTex
     let loaded = content::load(ctx, &s.user, &name, Some(version))
         .await
         .ok()?;
+    let solved = content::progress_on(&ctx.db, &s.user, &name)
+        .await
+        .ok()
+        .flatten()
+        .is_some_and(|p| p.solved_at.is_some());
     Some(ContentText {
+        solved,
         html: md::render(&loaded.item.body, &static_base(&name, version)),
         title: loaded.item.front.title.clone(),
         kind: loaded.view.kind.clone(),
@@ -94,6 +102,11 @@ pub async fn item(
             break;
         }
     }
+    let progress = content::progress_on(&ctx.db, &s.user, &name).await?;
+    let solved = progress
+        .as_ref()
+        .and_then(|p| p.solved_at)
+        .map(|at| human_duration(crate::db::now_ms() - at));
     let f = &loaded.item.front;
     let tasks: Vec<_> = f
         .tasks
@@ -110,6 +123,7 @@ pub async fn item(
             has_playground => f.playground.is_some(),
             tasks,
             current,
+            solved,
             units => f.units,
             modules => loaded.item.modules.iter().map(|m| context! {
                 title => m.front.title,
@@ -267,4 +281,42 @@ pub async fn events(
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(super::sse::KEEP_ALIVE))
         .into_response())
+}
+
+/// The dashboard's "Your learning" rows: items started, time spent in their runs, solved.
+pub async fn learning(ctx: &Ctx, s: &Session) -> PageResult<Vec<minijinja::Value>> {
+    let now = crate::db::now_ms();
+    let mut out = Vec::new();
+    for p in content::progress(&ctx.db, &s.user).await? {
+        let title = match content::get(&ctx.db, &s.user, &p.name).await {
+            Ok(v) => v.title,
+            Err(_) => p.name.clone(),
+        };
+        // Time spent: the lifetimes of the user's runs of the item (until destroyed or now).
+        let spans: Vec<(i64, i64, String)> = sqlx::query_as(
+            "SELECT created_at, updated_at, state FROM runs WHERE owner = $1 AND content = $2",
+        )
+        .bind(&s.user.id)
+        .bind(&p.name)
+        .fetch_all(&ctx.db)
+        .await?;
+        let spent: i64 = spans
+            .iter()
+            .map(|(c, u, state)| {
+                if state == "destroyed" || state == "failed" {
+                    u - c
+                } else {
+                    now - c
+                }
+            })
+            .sum();
+        out.push(context! {
+            name => p.name,
+            title,
+            started => human_duration(now - p.started_at),
+            spent => human_duration(spent),
+            solved => p.solved_at.map(|at| human_duration(now - at)),
+        });
+    }
+    Ok(out)
 }

@@ -615,10 +615,11 @@ pub async fn dashboard(
             }
         })
         .collect();
+    let learning = super::content_pages::learning(&ctx, &s).await?;
     Ok(page(render(
         "dashboard.html",
         context! {
-            base => base(&s, "dashboard"), runs => rows,
+            base => base(&s, "dashboard"), runs => rows, learning,
             storage => context! {
                 used => runs::persist::human_bytes(storage.used_bytes),
                 quota => runs::persist::human_bytes(storage.quota_bytes),
