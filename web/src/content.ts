@@ -37,7 +37,9 @@ function hotReload(root: HTMLElement): void {
   const holder = root.closest<HTMLElement>('[data-content]') ?? root;
   const name = holder.dataset.content;
   if (!name) return;
-  const source = new EventSource(`/content/${encodeURIComponent(name)}/events`);
+  const lesson = holder.dataset.lesson;
+  const query = lesson ? `?lesson=${encodeURIComponent(lesson)}` : '';
+  const source = new EventSource(`/content/${encodeURIComponent(name)}/events${query}`);
   source.addEventListener('content', (e) => {
     const msg = JSON.parse((e as MessageEvent<string>).data) as { version: number; html?: string };
     if (msg.html === undefined || String(msg.version) === holder.dataset.version) return;

@@ -447,4 +447,7 @@ pub struct StartContentRun {
     /// Version to run; default: the latest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<i64>,
+    /// A course lesson to run, `MODULE/LESSON`; default: the item's own playground.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lesson: Option<String>,
 }

@@ -34,6 +34,8 @@ CREATE TABLE content_versions (
 -- A run started from a content item remembers which item and version it serves.
 ALTER TABLE runs ADD COLUMN content TEXT;
 ALTER TABLE runs ADD COLUMN content_version BIGINT;
+-- A course lesson's run: `MODULE/LESSON`.
+ALTER TABLE runs ADD COLUMN content_lesson TEXT;
 
 -- Progress per user and item: when they first started it, when a run of it first had every
 -- task completed (kept when the run, or the item, is gone), and their latest run of it.

@@ -949,11 +949,15 @@ fn parse_modules(bundle: &Bundle, problems: &mut Vec<ContentProblem>) -> Vec<Mod
     }
     let mut modules = Vec::new();
     for (slug, files) in dirs {
-        if !is_item_name(&slug) && !slug.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        if slug.is_empty()
+            || !slug
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        {
             problems.push(problem(
                 &slug,
                 "",
-                "a module folder's name must be [a-z0-9-]",
+                "a module folder's name must be [a-z0-9-_]",
             ));
         }
         let mut front = ModuleMatter {
@@ -991,6 +995,18 @@ fn parse_modules(bundle: &Bundle, problems: &mut Vec<ContentProblem>) -> Vec<Mod
             let Some(lesson_slug) = f.strip_suffix(".md") else {
                 continue;
             };
+            if lesson_slug.is_empty()
+                || !lesson_slug
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            {
+                problems.push(problem(
+                    &path,
+                    "",
+                    "a lesson file's name must be [a-z0-9-_].md",
+                ));
+                continue;
+            }
             match parse_yaml::<LessonMatter>(&path, yaml) {
                 Ok(l) => {
                     if l.title.trim().is_empty() {
@@ -1049,6 +1065,26 @@ impl Item {
             }
         }
         out
+    }
+
+    /// A course lesson by `MODULE/LESSON`.
+    pub fn lesson(&self, path: &str) -> Option<(&Module, &Lesson)> {
+        let (m, l) = path.split_once('/')?;
+        let module = self.modules.iter().find(|x| x.slug == m)?;
+        let lesson = module.lessons.iter().find(|x| x.slug == l)?;
+        Some((module, lesson))
+    }
+
+    /// Every lesson's `MODULE/LESSON` path, in course order.
+    pub fn lesson_paths(&self) -> Vec<String> {
+        self.modules
+            .iter()
+            .flat_map(|m| {
+                m.lessons
+                    .iter()
+                    .map(move |l| format!("{}/{}", m.slug, l.slug))
+            })
+            .collect()
     }
 
     /// Items a skill path points at.

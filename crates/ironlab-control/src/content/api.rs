@@ -150,6 +150,6 @@ pub async fn start_content_run(
     ApiPath(name): ApiPath<String>,
     ApiJson(req): ApiJson<StartContentRun>,
 ) -> ApiResult<(StatusCode, Json<RunView>)> {
-    let run = super::start_run(&ctx, &user, &name, req.version).await?;
+    let run = super::start_run(&ctx, &user, &name, req.version, req.lesson.as_deref()).await?;
     Ok((StatusCode::CREATED, Json(run)))
 }

@@ -465,37 +465,63 @@ pub async fn remove(ctx: &Ctx, user: &User, name: &str) -> ApiResult<()> {
     Ok(())
 }
 
-/// Starts a run of an item (its playground with its overrides and tasks).
+/// Starts a run of an item (its playground with its overrides and tasks), or of one of its
+/// course lessons (`MODULE/LESSON`).
 pub async fn start_run(
     ctx: &Ctx,
     user: &User,
     name: &str,
     version: Option<i64>,
+    lesson: Option<&str>,
 ) -> ApiResult<RunView> {
     let loaded = load(ctx, user, name, version).await?;
     let item = &loaded.item;
-    let Some(reference) = &item.front.playground else {
+    let (file, reference, tasks, title) = match lesson {
+        None => (
+            "index.md".to_string(),
+            item.front.playground.as_ref(),
+            &item.front.tasks,
+            item.front.title.clone(),
+        ),
+        Some(path) => {
+            let (m, l) = item.lesson(path).ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "lesson: content {name} has no lesson {path:?} (MODULE/LESSON)"
+                ))
+            })?;
+            (
+                format!("{}/{}.md", m.slug, l.slug),
+                l.front.playground.as_ref(),
+                &l.front.tasks,
+                format!("{}: {}", item.front.title, l.front.title),
+            )
+        }
+    };
+    let Some(reference) = reference else {
         return Err(ApiError::BadRequest(format!(
-            "content {name} has no playground to start"
+            "{name} ({file}) has no playground to start"
         )));
     };
     let pg = playgrounds::get(&ctx.db, user, &reference.name).await?;
-    let manifest = effective_manifest("index.md", &pg.manifest, reference, &item.front.tasks)
-        .map_err(|e| {
-            ApiError::Conflict(format!(
-                "content {name} no longer fits playground {}: {e}",
-                reference.name
-            ))
-        })?;
+    let manifest = effective_manifest(&file, &pg.manifest, reference, tasks).map_err(|e| {
+        ApiError::Conflict(format!(
+            "content {name} no longer fits playground {}: {e}",
+            reference.name
+        ))
+    })?;
     let run = runs::create_from(
         ctx,
         user,
         &pg.view.name,
         &manifest,
-        item.front.title.clone(),
-        Some((name, loaded.version)),
+        title,
+        Some((name, loaded.version, lesson)),
     )
     .await?;
+    if lesson.is_some() {
+        // Progress is recorded per item; lessons' progress is not tracked yet.
+        return Ok(run);
+    }
     sqlx::query(
         "INSERT INTO content_progress (user_id, name, started_at, last_run) VALUES ($1, $2, $3, $4) \
          ON CONFLICT (user_id, name) DO UPDATE SET last_run = excluded.last_run",
@@ -568,6 +594,9 @@ pub async fn task_completed(db: &Db, run: &runs::Run) -> ApiResult<()> {
     let Some((name, version)) = of_run(db, &run.id).await? else {
         return Ok(());
     };
+    if lesson_of_run(db, &run.id).await?.is_some() {
+        return Ok(());
+    }
     let checklist = crate::tasks::view(db, run).await?;
     let student: Vec<_> = checklist.tasks.iter().filter(|t| !t.init).collect();
     if student.is_empty()
@@ -595,6 +624,16 @@ pub async fn task_completed(db: &Db, run: &runs::Run) -> ApiResult<()> {
         tracing::info!(content = %name, run = %run.id, user = %run.owner, "content solved");
     }
     Ok(())
+}
+
+/// The course lesson (`MODULE/LESSON`) a run serves, if it was started from one.
+pub async fn lesson_of_run(db: &Db, run: &str) -> ApiResult<Option<String>> {
+    let v: Option<Option<String>> =
+        sqlx::query_scalar("SELECT content_lesson FROM runs WHERE id = $1")
+            .bind(run)
+            .fetch_optional(db)
+            .await?;
+    Ok(v.flatten())
 }
 
 /// The content item and version a run serves, if it was started from one.

@@ -338,14 +338,14 @@ pub async fn create(ctx: &Ctx, user: &User, req: StartRun) -> ApiResult<RunView>
 }
 
 /// Starts a run of `manifest` (the playground `playground`'s, possibly changed by a content
-/// item, which `content` names with its version).
+/// item, which `content` names with its version and, for a course lesson, `MODULE/LESSON`).
 pub(crate) async fn create_from(
     ctx: &Ctx,
     user: &User,
     playground: &str,
     manifest: &ironlab_spec::Manifest,
     title: String,
-    content: Option<(&str, i64)>,
+    content: Option<(&str, i64, Option<&str>)>,
 ) -> ApiResult<RunView> {
     check_active_limit(ctx, user).await?;
     let (runtimes, accel) = match ctx.worker.cached_status().await {
@@ -363,8 +363,8 @@ pub(crate) async fn create_from(
     let mut tx = ctx.db.begin().await?;
     sqlx::query(
         "INSERT INTO runs (id, owner, playground, title, state, reason, plan, worker_attempts, created_at, updated_at, expires_at, \
-         content, content_version) \
-         VALUES ($1, $2, $3, $4, 'pending', NULL, $5, 0, $6, $6, $7, $8, $9)",
+         content, content_version, content_lesson) \
+         VALUES ($1, $2, $3, $4, 'pending', NULL, $5, 0, $6, $6, $7, $8, $9, $10)",
     )
     .bind(&id)
     .bind(&user.id)
@@ -375,6 +375,7 @@ pub(crate) async fn create_from(
     .bind(now + DEFAULT_RUN_TTL.as_millis() as i64)
     .bind(content.map(|c| c.0))
     .bind(content.map(|c| c.1))
+    .bind(content.and_then(|c| c.2))
     .execute(&mut *tx)
     .await?;
     sqlx::query(

@@ -9,12 +9,13 @@
 use axum::Form;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Redirect, Response};
 use ironlab_api::v1::ContentFilter;
 use minijinja::context;
 use serde::{Deserialize, Serialize};
 
-use super::pages::{CsrfForm, PageSession, base, human_duration, is_active, page};
+use super::pages::{PageSession, base, human_duration, is_active, page};
 use super::session::{self, Session};
 use super::{PageResult, expiry, render};
 use crate::Ctx;
@@ -37,6 +38,8 @@ pub struct ContentText {
     pub html: String,
     /// The run's owner has solved the item (in this run or before).
     pub solved: bool,
+    /// The course lesson shown, `MODULE/LESSON`.
+    pub lesson: Option<String>,
 }
 
 fn static_base(name: &str, version: i64) -> String {
@@ -54,9 +57,15 @@ pub async fn text_of_run(ctx: &Ctx, s: &Session, run: &str) -> Option<ContentTex
         .ok()
         .flatten()
         .is_some_and(|p| p.solved_at.is_some());
+    let lesson = content::lesson_of_run(&ctx.db, run).await.ok().flatten();
+    let body = match lesson.as_deref().and_then(|l| loaded.item.lesson(l)) {
+        Some((_, l)) => &l.body,
+        None => &loaded.item.body,
+    };
     Some(ContentText {
         solved,
-        html: md::render(&loaded.item.body, &static_base(&name, version)),
+        html: md::render(body, &static_base(&name, version)),
+        lesson,
         title: loaded.item.front.title.clone(),
         kind: loaded.view.kind.clone(),
         name,
@@ -127,22 +136,37 @@ pub async fn item(
             units => f.units,
             modules => loaded.item.modules.iter().map(|m| context! {
                 title => m.front.title,
-                lessons => m.lessons.iter().map(|l| l.front.title.clone()).collect::<Vec<_>>(),
+                lessons => m.lessons.iter().map(|l| context! {
+                    title => l.front.title,
+                    module => m.slug,
+                    slug => l.slug,
+                }).collect::<Vec<_>>(),
             }).collect::<Vec<_>>(),
         },
     )?))
 }
 
-/// `POST /content/{name}/start`: starts a run of the item and opens its page.
+/// Form of `POST /content/{name}/start`.
+#[derive(Debug, Deserialize)]
+pub struct StartForm {
+    csrf: Option<String>,
+    /// A course lesson, `MODULE/LESSON`.
+    #[serde(default)]
+    lesson: Option<String>,
+}
+
+/// `POST /content/{name}/start`: starts a run of the item (or of a course lesson) and opens
+/// its page.
 pub async fn start(
     State(ctx): State<Ctx>,
     PageSession(s): PageSession,
     headers: HeaderMap,
     Path(name): Path<String>,
-    Form(form): Form<CsrfForm>,
+    Form(form): Form<StartForm>,
 ) -> PageResult<Response> {
     session::check_csrf(&s, &headers, form.csrf.as_deref())?;
-    let run = content::start_run(&ctx, &s.user, &name, None).await?;
+    let lesson = form.lesson.filter(|l| !l.is_empty());
+    let run = content::start_run(&ctx, &s.user, &name, None, lesson.as_deref()).await?;
     expiry::set_default_expiry(&ctx.db, &run.id).await?;
     Ok(Redirect::to(&format!("/runs/{}", run.id)).into_response())
 }
@@ -216,69 +240,89 @@ struct Published {
     html: Option<String>,
 }
 
-/// `GET /content/{name}/events`: hot reload of an item's text (see the module docs).
+/// Query of the events stream.
+#[derive(Debug, Deserialize)]
+pub struct EventsQuery {
+    /// Follow this course lesson's text instead of `index.md`.
+    #[serde(default)]
+    lesson: Option<String>,
+}
+
+struct Follow {
+    first: Option<Event>,
+    rx: tokio::sync::broadcast::Receiver<(String, i64)>,
+    closing: tokio::sync::watch::Receiver<bool>,
+    ctx: Ctx,
+    session: Session,
+    name: String,
+    lesson: Option<String>,
+}
+
+fn content_event(p: &Published) -> Event {
+    Event::default()
+        .event("content")
+        .json_data(p)
+        .unwrap_or_else(|_| Event::default().event("content").data("{}"))
+}
+
+async fn next_event(mut f: Follow) -> Option<(Result<Event, std::convert::Infallible>, Follow)> {
+    use tokio::sync::broadcast::error::RecvError;
+    if let Some(e) = f.first.take() {
+        return Some((Ok(e), f));
+    }
+    loop {
+        let got = tokio::select! {
+            r = f.rx.recv() => r,
+            _ = f.closing.wait_for(|c| *c) => return None,
+        };
+        let version = match got {
+            Ok((n, v)) if n == f.name => Some(v),
+            Ok(_) => continue,
+            // Fell behind: send the latest.
+            Err(RecvError::Lagged(_)) => None,
+            Err(RecvError::Closed) => return None,
+        };
+        let Ok(loaded) = content::load(&f.ctx, &f.session.user, &f.name, version).await else {
+            continue;
+        };
+        let body = match f.lesson.as_deref().and_then(|l| loaded.item.lesson(l)) {
+            Some((_, l)) => &l.body,
+            None => &loaded.item.body,
+        };
+        let p = Published {
+            version: loaded.version,
+            html: Some(md::render(body, &static_base(&f.name, loaded.version))),
+        };
+        return Some((Ok(content_event(&p)), f));
+    }
+}
+
+/// `GET /content/{name}/events[?lesson=MODULE/LESSON]`: hot reload of an item's text (see the
+/// module docs).
 pub async fn events(
     State(ctx): State<Ctx>,
     PageSession(s): PageSession,
     Path(name): Path<String>,
+    Query(q): Query<EventsQuery>,
 ) -> PageResult<Response> {
-    use axum::response::sse::{Event, KeepAlive, Sse};
-    use tokio::sync::broadcast::error::RecvError;
     // Subscribe first, so a push between the read and the subscription is not missed.
     let rx = ctx.content.subscribe();
     let view = content::get(&ctx.db, &s.user, &name).await?;
     let closing = ctx.web.closing();
-    let first = Published {
+    let first = content_event(&Published {
         version: view.version,
         html: None,
+    });
+    let follow = Follow {
+        first: Some(first),
+        rx,
+        closing,
+        ctx,
+        session: s,
+        name,
+        lesson: q.lesson.filter(|l| !l.is_empty()),
     };
-    let event = |p: &Published| {
-        Event::default()
-            .event("content")
-            .json_data(p)
-            .unwrap_or_else(|_| Event::default().event("content").data("{}"))
-    };
-    let state = (Some(event(&first)), rx, closing, ctx, s, name);
-    let stream = futures::stream::unfold(
-        state,
-        move |(first, mut rx, mut closing, ctx, s, name)| async move {
-            if let Some(e) = first {
-                return Some((
-                    Ok::<_, std::convert::Infallible>(e),
-                    (None, rx, closing, ctx, s, name),
-                ));
-            }
-            loop {
-                let got = tokio::select! {
-                    r = rx.recv() => r,
-                    _ = closing.wait_for(|c| *c) => return None,
-                };
-                let version = match got {
-                    Ok((n, v)) if n == name => Some(v),
-                    Ok(_) => continue,
-                    // Fell behind: send the latest.
-                    Err(RecvError::Lagged(_)) => None,
-                    Err(RecvError::Closed) => return None,
-                };
-                let Ok(loaded) = content::load(&ctx, &s.user, &name, version).await else {
-                    continue;
-                };
-                let p = Published {
-                    version: loaded.version,
-                    html: Some(md::render(
-                        &loaded.item.body,
-                        &static_base(&name, loaded.version),
-                    )),
-                };
-                let e = Event::default()
-                    .event("content")
-                    .json_data(&p)
-                    .unwrap_or_else(|_| Event::default().event("content").data("{}"));
-                return Some((Ok(e), (None, rx, closing, ctx, s, name)));
-            }
-        },
-    );
-    Ok(Sse::new(stream)
+    Ok(Sse::new(futures::stream::unfold(follow, next_event))
         .keep_alive(KeepAlive::new().interval(super::sse::KEEP_ALIVE))
         .into_response())
 }
@@ -319,4 +363,46 @@ pub async fn learning(ctx: &Ctx, s: &Session) -> PageResult<Vec<minijinja::Value
         });
     }
     Ok(out)
+}
+
+/// `GET /content/{name}/lessons/{module}/{lesson}`: a course lesson (text, Start when it has a
+/// playground, previous/next lesson).
+pub async fn lesson(
+    State(ctx): State<Ctx>,
+    PageSession(s): PageSession,
+    Path((name, module, lesson)): Path<(String, String, String)>,
+) -> PageResult<Response> {
+    let loaded = content::load(&ctx, &s.user, &name, None).await?;
+    let path = format!("{module}/{lesson}");
+    let (m, l) = loaded
+        .item
+        .lesson(&path)
+        .ok_or_else(|| ApiError::NotFound(format!("{name} has no lesson {path}")))?;
+    let paths = loaded.item.lesson_paths();
+    let at = paths.iter().position(|p| *p == path).unwrap_or(0);
+    let link = |p: &String| {
+        let (mm, ll) = loaded.item.lesson(p)?;
+        Some(context! { module => mm.slug, slug => ll.slug, title => ll.front.title })
+    };
+    let prev = at.checked_sub(1).and_then(|i| paths.get(i)).and_then(link);
+    let next = paths.get(at + 1).and_then(link);
+    let html = md::render(&l.body, &static_base(&name, loaded.version));
+    let tasks: Vec<String> = l
+        .front
+        .tasks
+        .iter()
+        .filter(|(_, t)| !t.helper && !t.init)
+        .map(|(n, _)| n.clone())
+        .collect();
+    Ok(page(render(
+        "content_item.html",
+        context! {
+            base => base(&s, "content"),
+            item => loaded.view,
+            lesson => context! { path, title => l.front.title, module => m.front.title, prev, next },
+            html,
+            has_playground => l.front.playground.is_some(),
+            tasks,
+        },
+    )?))
 }

@@ -91,6 +91,10 @@ pub fn router(ctx: Ctx) -> Router {
         .route("/content/{name}/start", post(content_pages::start))
         .route("/content/{name}/events", get(content_pages::events))
         .route(
+            "/content/{name}/lessons/{module}/{lesson}",
+            get(content_pages::lesson),
+        )
+        .route(
             "/content/{name}/static/{*path}",
             get(content_pages::static_file),
         )

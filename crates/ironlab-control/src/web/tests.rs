@@ -801,3 +801,88 @@ async fn content_catalog_item_page_run_page_and_static_files() {
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
+
+#[tokio::test]
+async fn course_lessons_have_pages_navigation_and_their_own_runs() {
+    let h = H::new().await;
+    let (cookie, csrf) = h.sign_in_admin().await;
+    publish(
+        &h,
+        "shell-course",
+        &[
+            ("index.md", b"---\nkind: course\ntitle: Shell course\nvisibility: public\n---\nWelcome.\n"),
+            ("01-start/index.md", b"---\ntitle: Getting started\n---\n"),
+            ("01-start/01-look.md", b"---\ntitle: Look around\n---\nUse **ls**.\n"),
+            (
+                "02-files/01-make.md",
+                b"---\ntitle: Make files\nplayground: {name: debian}\ntasks:\n  touched:\n    run: test -e /tmp/t\n---\nRun `touch /tmp/t`.\n\n::task{name=touched}\n",
+            ),
+        ],
+    )
+    .await;
+    let (status, page, _) = h.get("/content/shell-course", Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        page.contains("href=\"/content/shell-course/lessons/01-start/01-look\">Look around</a>"),
+        "{page}"
+    );
+    assert!(
+        page.contains("href=\"/content/shell-course/lessons/02-files/01-make\">Make files</a>")
+    );
+    assert!(
+        !page.contains("id=\"content-start\""),
+        "the course itself has no playground"
+    );
+
+    let (status, page, _) = h
+        .get(
+            "/content/shell-course/lessons/01-start/01-look",
+            Some(&cookie),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("<strong>ls</strong>") && page.contains("Getting started"));
+    assert!(page.contains("rel=\"next\" href=\"/content/shell-course/lessons/02-files/01-make\""));
+    assert!(!page.contains("rel=\"prev\""));
+    let (status, _, _) = h
+        .get("/content/shell-course/lessons/01-start/nope", Some(&cookie))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let (_, page, _) = h
+        .get(
+            "/content/shell-course/lessons/02-files/01-make",
+            Some(&cookie),
+        )
+        .await;
+    assert!(
+        page.contains("name=\"lesson\" value=\"02-files&#x2f;01-make\""),
+        "{page}"
+    );
+    assert!(page.contains("data-lesson=\"02-files&#x2f;01-make\""));
+    let (status, resp) = h
+        .post_form(
+            "/content/shell-course/start",
+            Some(&cookie),
+            &format!("csrf={csrf}&lesson=02-files%2F01-make"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let to = location(&resp);
+    let (_, page, _) = h.get(&to, Some(&cookie)).await;
+    assert!(page.contains("Shell course: Make files"), "run title");
+    assert!(
+        page.contains("data-lesson=\"02-files&#x2f;01-make\"")
+            && page.contains("<code>touch /tmp/t</code>")
+    );
+    assert!(page.contains("li id=\"task-touched\""));
+    // A lesson without a playground, or no lesson at all on a course, has nothing to start.
+    let (status, _) = h
+        .post_form(
+            "/content/shell-course/start",
+            Some(&cookie),
+            &format!("csrf={csrf}&lesson=01-start%2F01-look"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
