@@ -117,6 +117,22 @@ pub async fn item(
         .and_then(|p| p.solved_at)
         .map(|at| human_duration(crate::db::now_ms() - at));
     let f = &loaded.item.front;
+    // Skill paths: each unit's items with their title and whether the user solved them.
+    let mut units = Vec::new();
+    for u in &f.units {
+        let mut items = Vec::new();
+        for it in &u.items {
+            let title = content::get(&ctx.db, &s.user, it)
+                .await
+                .map(|v| v.title)
+                .unwrap_or_else(|_| it.clone());
+            let done = content::progress_on(&ctx.db, &s.user, it)
+                .await?
+                .is_some_and(|p| p.solved_at.is_some());
+            items.push(context! { name => it, title, solved => done });
+        }
+        units.push(context! { title => u.title, description => u.description, items });
+    }
     let tasks: Vec<_> = f
         .tasks
         .iter()
@@ -133,7 +149,7 @@ pub async fn item(
             tasks,
             current,
             solved,
-            units => f.units,
+            units,
             modules => loaded.item.modules.iter().map(|m| context! {
                 title => m.front.title,
                 lessons => m.lessons.iter().map(|l| context! {

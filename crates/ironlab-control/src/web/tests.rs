@@ -795,6 +795,19 @@ async fn content_catalog_item_page_run_page_and_static_files() {
     // The item page now offers to continue that run.
     let (_, page, _) = h.get("/content/evil-text", Some(&cookie)).await;
     assert!(page.contains(&format!("href=\"{to}\"")), "continue link");
+    // A skill path lists its items with their titles and the user's solved state.
+    publish(
+        &h,
+        "a-path",
+        &[(
+            "index.md",
+            b"---\nkind: skill-path\ntitle: A path\nvisibility: public\nunits:\n  - title: Unit one\n    items: [evil-text, easy-tour]\n---\n",
+        )],
+    )
+    .await;
+    let (_, page, _) = h.get("/content/a-path", Some(&cookie)).await;
+    assert!(page.contains("<h2>Unit one</h2>"), "{page}");
+    assert!(page.contains("data-item=\"evil-text\" data-solved=\"false\"><a href=\"/content/evil-text\">Evil text</a>"), "{page}");
     // Without CSRF: refused.
     let (status, _) = h
         .post_form("/content/evil-text/start", Some(&cookie), "")
