@@ -416,6 +416,9 @@ pub struct ContentView {
     pub difficulty: Option<String>,
     /// private | unlisted | public.
     pub visibility: String,
+    /// User names who may see it while private (besides its author and admins).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub access: Vec<String>,
     /// Author's user id.
     pub author: String,
     /// The playground started beside it, if any.

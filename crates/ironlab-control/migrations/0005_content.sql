@@ -14,6 +14,7 @@ CREATE TABLE content (
     tags          TEXT NOT NULL,  -- JSON array of strings
     difficulty    TEXT,
     visibility    TEXT NOT NULL CHECK (visibility IN ('private', 'unlisted', 'public')),
+    access        TEXT NOT NULL,  -- JSON array of user names who may see a private item
     author        TEXT NOT NULL REFERENCES users (id),
     playground    TEXT,
     created_at    BIGINT NOT NULL,

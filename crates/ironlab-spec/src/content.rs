@@ -149,6 +149,9 @@ pub struct FrontMatter {
     /// private (default) | unlisted | public.
     #[serde(default)]
     pub visibility: Visibility,
+    /// User names who may see a private item besides its author and admins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub access: Vec<String>,
     /// The playground started beside the text (challenges: required).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub playground: Option<PlaygroundRef>,
@@ -753,6 +756,20 @@ fn check_common(front: &FrontMatter, problems: &mut Vec<ContentProblem>) {
             "description",
             "must have at most 500 characters",
         ));
+    }
+    for (i, name) in front.access.iter().enumerate() {
+        if name.is_empty()
+            || name.len() > 40
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        {
+            problems.push(problem(
+                "index.md",
+                &format!("access[{i}]"),
+                format!("{name:?} is not a user name (1-40 characters of a-z, 0-9, - and _)"),
+            ));
+        }
     }
     for (field, list) in [("categories", &front.categories), ("tags", &front.tags)] {
         if list.len() > 20 {

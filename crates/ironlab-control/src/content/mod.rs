@@ -125,13 +125,14 @@ type Row = (
     Option<String>,
     String,
     String,
+    String,
     Option<String>,
     i64,
     i64,
 );
 
 const COLUMNS: &str = "name, kind, version, title, description, categories, tags, difficulty, \
-                       visibility, author, playground, created_at, published_at";
+                       visibility, access, author, playground, created_at, published_at";
 
 fn from_row(row: Row) -> ContentView {
     let (
@@ -144,6 +145,7 @@ fn from_row(row: Row) -> ContentView {
         tags,
         difficulty,
         visibility,
+        access,
         author,
         playground,
         created_at,
@@ -159,6 +161,7 @@ fn from_row(row: Row) -> ContentView {
         tags: serde_json::from_str(&tags).unwrap_or_default(),
         difficulty,
         visibility,
+        access: serde_json::from_str(&access).unwrap_or_default(),
         author,
         playground,
         created_at: db::from_ms(created_at),
@@ -175,7 +178,7 @@ fn may_edit(view: &ContentView, user: &User) -> bool {
 }
 
 fn may_see(view: &ContentView, user: &User) -> bool {
-    view.visibility != "private" || may_edit(view, user)
+    view.visibility != "private" || may_edit(view, user) || view.access.contains(&user.name)
 }
 
 fn not_found(name: &str) -> ApiError {
@@ -256,11 +259,12 @@ pub async fn push(ctx: &Ctx, user: &User, name: &str, bundle: &Bundle) -> ApiRes
     let mut tx = ctx.db.begin().await?;
     let version: i64 = sqlx::query_scalar(
         "INSERT INTO content (name, kind, version, title, description, categories, tags, difficulty, \
-         visibility, author, playground, created_at, published_at) \
-         VALUES ($1, $2, 1, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11) \
+         visibility, access, author, playground, created_at, published_at) \
+         VALUES ($1, $2, 1, $3, $4, $5, $6, $7, $8, $12, $9, $10, $11, $11) \
          ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, version = content.version + 1, \
          title = excluded.title, description = excluded.description, categories = excluded.categories, \
          tags = excluded.tags, difficulty = excluded.difficulty, visibility = excluded.visibility, \
+         access = excluded.access, \
          playground = excluded.playground, published_at = excluded.published_at \
          RETURNING version",
     )
@@ -275,6 +279,7 @@ pub async fn push(ctx: &Ctx, user: &User, name: &str, bundle: &Bundle) -> ApiRes
     .bind(&user.id)
     .bind(f.playground.as_ref().map(|p| p.name.as_str()))
     .bind(now)
+    .bind(serde_json::to_string(&f.access).unwrap_or_else(|_| "[]".into()))
     .fetch_one(&mut *tx)
     .await?;
     sqlx::query(
@@ -333,7 +338,11 @@ pub async fn list(db: &Db, user: &User, filter: &ContentFilter) -> ApiResult<Vec
     Ok(rows
         .into_iter()
         .map(from_row)
-        .filter(|v| v.visibility == "public" || may_edit(v, user))
+        .filter(|v| {
+            v.visibility == "public"
+                || may_edit(v, user)
+                || (v.visibility == "private" && v.access.contains(&user.name))
+        })
         .filter(|v| {
             filter
                 .kind

@@ -240,6 +240,40 @@ async fn visibility_authors_and_filters() {
         .call("GET", "/api/v1/content/hidden-link", Some(&alice), None)
         .await;
     assert_eq!(s, StatusCode::OK);
+    // An access list opens a private item (and lists it) to the users it names.
+    let bob = h.new_user("bob").await;
+    let shared = tutorial.replace("visibility: public", "visibility: private\naccess: [alice]");
+    let (s, v) = h
+        .push(&admin, "shared-one", tar(&[("index.md", &shared)]))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["access"], json!(["alice"]));
+    let (s, _) = h
+        .call("GET", "/api/v1/content/shared-one", Some(&alice), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = h
+        .call("GET", "/api/v1/content/shared-one", Some(&bob), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (_, v) = h.call("GET", "/api/v1/content", Some(&alice), None).await;
+    assert_eq!(names(&v), vec!["make-file", "shared-one", "shell-tour"]);
+    let (_, v) = h.call("GET", "/api/v1/content", Some(&bob), None).await;
+    assert_eq!(names(&v), vec!["make-file", "shell-tour"]);
+    let (s, _) = h.admin("DELETE", "/api/v1/content/shared-one", None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let bad = tutorial.replace("visibility: public", "access: [\"Not A Name\"]");
+    let (s, v) = h
+        .push(&admin, "bad-access", tar(&[("index.md", &bad)]))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("index.md: access[0]"),
+        "{v}"
+    );
     // Students cannot download the files (they hold the solution) nor remove.
     let (s, _) = h.raw(&alice, "/api/v1/content/make-file/bundle").await;
     assert_eq!(s, StatusCode::FORBIDDEN);
