@@ -27,11 +27,13 @@
 //! GET    /api/v1/storage                           StorageView (the caller's use and quota)
 //! PUT    /api/v1/users/{name}/storage-quota  SetQuota  StorageView of that user (admins only)
 //! GET    /api/v1/content?kind&difficulty&q         [ContentView] (public + own; admins: all)
-//! POST   /api/v1/content?name=N     tar archive    201 ContentView (next version; admins only)
+//! POST   /api/v1/content?name=N     tar archive    201 ContentView (next version; authors)
 //! GET    /api/v1/content/{name}                    ContentView
 //! DELETE /api/v1/content/{name}                    204 (author or admin)
 //! GET    /api/v1/content/{name}/bundle?version=V   tar archive (author or admin)
 //! POST   /api/v1/content/{name}/runs  StartContentRun  201 RunView (the item's playground + tasks)
+//! PUT    /api/v1/users/{name}/author               204 (admins: make a content author)
+//! DELETE /api/v1/users/{name}/author               204 (admins: take the role away)
 //! ```
 //! Errors: [`crate::ErrorBody`] with 400/401/403/404/409/5xx.
 

@@ -49,3 +49,10 @@ CREATE TABLE content_progress (
     last_run        TEXT,
     PRIMARY KEY (user_id, name)
 );
+
+-- Users an admin made content authors (admins are authors anyway).
+CREATE TABLE content_authors (
+    user_id     TEXT PRIMARY KEY REFERENCES users (id) ON DELETE CASCADE,
+    granted_by  TEXT NOT NULL,
+    granted_at  BIGINT NOT NULL
+);

@@ -138,6 +138,10 @@ fn api_router() -> OpenApiRouter<Ctx> {
         ))
         .routes(routes!(crate::content::api::content_bundle))
         .routes(routes!(crate::content::api::start_content_run))
+        .routes(routes!(
+            crate::content::api::grant_author,
+            crate::content::api::revoke_author
+        ))
 }
 
 /// The OpenAPI document of the REST API (what `GET /api/v1/openapi.json` serves).

@@ -1125,6 +1125,8 @@ async fn openapi_documents_every_route() {
         ("delete", "/api/v1/content/{name}"),
         ("get", "/api/v1/content/{name}/bundle"),
         ("post", "/api/v1/content/{name}/runs"),
+        ("put", "/api/v1/users/{name}/author"),
+        ("delete", "/api/v1/users/{name}/author"),
     ];
     let paths = doc["paths"].as_object().expect("paths");
     let documented: usize = paths

@@ -365,6 +365,14 @@ pub enum UserCommand {
         #[arg(long)]
         admin: bool,
     },
+    /// Make a user a content author (they may publish with `ironlab content push`), or not.
+    Author {
+        /// Login name.
+        name: String,
+        /// Take the role away instead.
+        #[arg(long)]
+        revoke: bool,
+    },
     /// Set a user's storage quota for stopped runs and saved playgrounds (`20GiB`, or
     /// `default`).
     Quota {

@@ -47,7 +47,7 @@ pub struct VersionQuery {
     version: Option<i64>,
 }
 
-/// Publishes the next version of an item (admins only). The body is a tar archive of the item's
+/// Publishes the next version of an item (authors and admins). The body is a tar archive of the item's
 /// folder (`Content-Type: application/x-tar`). Everything is checked first (front matter,
 /// Markdown references, tasks, playground and overrides, solution); a bad item gets 400 with
 /// one `file: field: reason` line per problem and nothing is stored.
@@ -137,6 +137,32 @@ pub async fn content_bundle(
 ) -> ApiResult<Response> {
     let tar = super::bundle(&ctx, &user, &name, q.version).await?;
     Ok(([(header::CONTENT_TYPE, "application/x-tar")], tar).into_response())
+}
+
+/// Makes a user a content author (admins only).
+#[utoipa::path(put, path = "/api/v1/users/{name}/author",
+    params(("name" = String, Path, description = "User name")),
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn grant_author(
+    State(ctx): State<Ctx>,
+    Auth(user): Auth,
+    ApiPath(name): ApiPath<String>,
+) -> ApiResult<StatusCode> {
+    super::set_author(&ctx.db, &user, &name, true).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Takes the author role away (admins only); their items stay.
+#[utoipa::path(delete, path = "/api/v1/users/{name}/author",
+    params(("name" = String, Path, description = "User name")),
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn revoke_author(
+    State(ctx): State<Ctx>,
+    Auth(user): Auth,
+    ApiPath(name): ApiPath<String>,
+) -> ApiResult<StatusCode> {
+    super::set_author(&ctx.db, &user, &name, false).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Starts a run of an item: its playground, with its overrides and its tasks.

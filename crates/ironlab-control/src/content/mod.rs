@@ -8,8 +8,9 @@
 //! [`crate::runs`]. Bundles are immutable and named by their SHA-256, so a push of version N+1
 //! never changes what version N's readers see; a failed check stores nothing.
 //!
-//! Authors are admins for now (only admins may push or remove); visibility: `private` items are
-//! seen by their author and admins, `unlisted` by anyone signed in who has the name, `public`
+//! Authors: admins, and users an admin made authors ([`set_author`]); an author edits their own
+//! items, admins every item. Visibility: `private` items are seen by their author, admins and
+//! the users of their `access` list, `unlisted` by anyone signed in who has the name, `public`
 //! ones are also listed.
 
 pub mod api;
@@ -190,9 +191,11 @@ fn not_found(name: &str) -> ApiError {
 /// Validates and publishes `bundle` as the next version of `name` (admins only). Everything is
 /// checked first; a refused push changes nothing.
 pub async fn push(ctx: &Ctx, user: &User, name: &str, bundle: &Bundle) -> ApiResult<ContentView> {
-    if !user.is_admin() {
+    if !is_author(&ctx.db, user).await? {
         return Err(ApiError::Forbidden(
-            "only admins may publish content (authors are admins for now)".into(),
+            "only authors may publish content; an admin makes you one with \
+             `ironlab user author NAME`"
+                .into(),
         ));
     }
     let item = parse_bundle(name, bundle).map_err(bad)?;
@@ -302,6 +305,46 @@ pub async fn push(ctx: &Ctx, user: &User, name: &str, bundle: &Bundle) -> ApiRes
     // Nobody listening is fine.
     let _ = ctx.content.published.send((name.to_string(), version));
     get_row(&ctx.db, name).await?.ok_or_else(|| not_found(name))
+}
+
+/// Whether the user may publish: admins, and the users an admin made authors.
+pub async fn is_author(db: &Db, user: &User) -> ApiResult<bool> {
+    if user.is_admin() {
+        return Ok(true);
+    }
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM content_authors WHERE user_id = $1")
+        .bind(&user.id)
+        .fetch_one(db)
+        .await?;
+    Ok(n > 0)
+}
+
+/// Makes the user `name` a content author, or not (admins only).
+pub async fn set_author(db: &Db, admin: &User, name: &str, author: bool) -> ApiResult<()> {
+    if !admin.is_admin() {
+        return Err(ApiError::Forbidden("only admins may make authors".into()));
+    }
+    let target = crate::auth::find_user(db, name)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("user {name} not found")))?;
+    if author {
+        sqlx::query(
+            "INSERT INTO content_authors (user_id, granted_by, granted_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (user_id) DO NOTHING",
+        )
+        .bind(&target.id)
+        .bind(&admin.id)
+        .bind(db::now_ms())
+        .execute(db)
+        .await?;
+    } else {
+        sqlx::query("DELETE FROM content_authors WHERE user_id = $1")
+            .bind(&target.id)
+            .execute(db)
+            .await?;
+    }
+    tracing::info!(user = name, author, by = %admin.name, "content author role changed");
+    Ok(())
 }
 
 async fn get_row(db: &Db, name: &str) -> ApiResult<Option<ContentView>> {

@@ -195,9 +195,36 @@ async fn visibility_authors_and_filters() {
     let h = Harness::new().await;
     let admin = h.admin.clone();
     let alice = h.new_user("alice").await;
-    // Only admins publish.
+    // Only authors publish; an admin makes alice one.
     let (s, v) = h.push(&alice, "make-file", challenge(CHALLENGE)).await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    let (s, _) = h
+        .call("PUT", "/api/v1/users/alice/author", Some(&alice), None)
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "not an admin");
+    let (s, _) = h.admin("PUT", "/api/v1/users/nobody/author", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = h.admin("PUT", "/api/v1/users/alice/author", None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let own = tar(&[(
+        "index.md",
+        "---\nkind: tutorial\ntitle: Alice's notes\nvisibility: private\n---\nx\n",
+    )]);
+    let (s, v) = h.push(&alice, "alice-notes", own.clone()).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (_, me) = h.call("GET", "/api/v1/me", Some(&alice), None).await;
+    assert_eq!(v["author"], me["id"]);
+    let (s, _) = h.admin("DELETE", "/api/v1/users/alice/author", None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = h.push(&alice, "alice-notes", own).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "the role is gone");
+    // Her item stays, hers: she still sees it; others do not.
+    let (s, _) = h
+        .call("GET", "/api/v1/content/alice-notes", Some(&alice), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = h.admin("DELETE", "/api/v1/content/alice-notes", None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
 
     let tutorial = "---\nkind: tutorial\ntitle: Shell tour\ndescription: Walk around.\ndifficulty: medium\ntags: [shell]\nvisibility: public\n---\nText.\n";
     for (name, body) in [
