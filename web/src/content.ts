@@ -24,13 +24,53 @@ function decorate(root: HTMLElement): void {
   for (const run of root.querySelectorAll<HTMLButtonElement>('.code-block button[data-action="run"]')) {
     run.hidden = !hasTerminal;
   }
-  // ::task placeholders show the state of their checklist row (tasks.ts keeps them live).
+  // ::task placeholders show the state of their checklist row (tasks.ts keeps them live); an
+  // input task gets an answer box that answers through the row's form (same request, same
+  // result text).
   for (const el of root.querySelectorAll<HTMLElement>('.content-task[data-task]')) {
     const row = document.querySelector<HTMLElement>(`li.task[data-task="${CSS.escape(el.dataset.task ?? '')}"]`);
     if (!row) continue;
     el.dataset.state = row.dataset.state ?? 'blocked';
-    el.textContent = `${row.querySelector('.task-name')?.textContent ?? el.dataset.task}: ${el.dataset.state}`;
+    const label = document.createElement('span');
+    label.className = 'content-task-label';
+    label.textContent = `${row.querySelector('.task-name')?.textContent ?? el.dataset.task}: ${el.dataset.state}`;
+    el.replaceChildren(label);
+    const rowForm = row.querySelector<HTMLFormElement>('form.task-input');
+    if (row.dataset.input === 'true' && rowForm) inlineAnswer(el, row, rowForm);
   }
+}
+
+function inlineAnswer(el: HTMLElement, row: HTMLElement, rowForm: HTMLFormElement): void {
+  const form = document.createElement('form');
+  form.className = 'inline-answer';
+  form.hidden = el.dataset.state === 'completed';
+  const input = document.createElement('input');
+  input.name = 'value';
+  input.autocomplete = 'off';
+  input.placeholder = 'Your answer';
+  input.setAttribute('aria-label', `Answer for ${row.querySelector('.task-name')?.textContent ?? ''}`);
+  const button = document.createElement('button');
+  button.type = 'submit';
+  button.textContent = 'Check';
+  const result = document.createElement('span');
+  result.className = 'inline-result';
+  result.setAttribute('role', 'status');
+  form.append(input, button, result);
+  el.append(form);
+  const rowResult = row.querySelector<HTMLElement>('.task-result');
+  if (rowResult) {
+    new MutationObserver(() => {
+      result.textContent = rowResult.hidden ? '' : (rowResult.textContent ?? '');
+      result.className = `inline-result ${rowResult.className.replace('task-result', '').trim()}`;
+    }).observe(rowResult, { childList: true, characterData: true, subtree: true, attributes: true });
+  }
+  form.addEventListener('submit', (e) => {
+    e.preventDefault();
+    const target = rowForm.querySelector<HTMLInputElement>('input[name="value"]');
+    if (!target) return;
+    target.value = input.value;
+    rowForm.requestSubmit();
+  });
 }
 
 function hotReload(root: HTMLElement): void {

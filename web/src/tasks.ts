@@ -47,7 +47,10 @@ function summarize(root: HTMLElement): void {
 function placeholders(name: string, state: string, label: string): void {
   for (const el of document.querySelectorAll<HTMLElement>(`.content-task[data-task="${CSS.escape(name)}"]`)) {
     el.dataset.state = state;
-    el.textContent = `${label}: ${state}`;
+    const text = el.querySelector<HTMLElement>('.content-task-label') ?? el;
+    text.textContent = `${label}: ${state}`;
+    const form = el.querySelector<HTMLFormElement>('form.inline-answer');
+    if (form) form.hidden = state === 'completed';
   }
 }
 

@@ -35,6 +35,10 @@ tasks:
   made:
     run: test -f /tmp/made-by-button
     interval: 300ms
+  answer:
+    input: true
+    run: test "$INPUT" = 42
+    hintcheck: echo "six times seven"
 ---
 
 # Make a file
@@ -56,6 +60,10 @@ touch /tmp/made-by-button
 \`\`\`
 
 ::task{name=made}
+
+What is six times seven?
+
+::task{name=answer}
 `;
 
 async function shot(page, name) {
@@ -129,6 +137,17 @@ test('content: sanitised in the browser, start a challenge, Run in terminal tick
       await page.waitForFunction(() => document.querySelector('.content-task[data-task="made"]')?.dataset.state === 'completed');
       const lines = await page.evaluate(() => window.ironlab.terminals[0].lines().join('\n'));
       assert.match(lines, /touch \/tmp\/made-by-button/);
+      assert.equal(await page.locator('#content-solved').isHidden(), true, 'not solved with a task open');
+      // The input task is answered from the text itself.
+      const inline = page.locator('.content-task[data-task="answer"] form.inline-answer');
+      await inline.locator('input').fill('41');
+      await inline.locator('button').click();
+      await page.waitForFunction(() => /six times seven/.test(document.querySelector('.content-task[data-task="answer"] .inline-result')?.textContent ?? ''));
+      await inline.locator('input').fill('42');
+      await inline.locator('button').click();
+      await page.waitForFunction(() => document.querySelector('li.task[data-task="answer"]')?.dataset.state === 'completed', null, { timeout: 30_000 });
+      await page.waitForFunction(() => document.querySelector('.content-task[data-task="answer"]')?.dataset.state === 'completed');
+      assert.equal(await inline.isHidden(), true, 'a completed input task has no answer box');
       await shot(page, 'content-02-run');
       await page.waitForFunction(() => document.getElementById('content-solved')?.hidden === false);
       await page.reload();
