@@ -570,21 +570,27 @@ pub async fn start_run(
         Some((name, loaded.version, lesson)),
     )
     .await?;
-    if lesson.is_some() {
-        // Progress is recorded per item; lessons' progress is not tracked yet.
-        return Ok(run);
-    }
+    // Progress is kept per item, and per lesson under `NAME/MODULE/LESSON`.
+    let key = progress_key(name, lesson);
     sqlx::query(
         "INSERT INTO content_progress (user_id, name, started_at, last_run) VALUES ($1, $2, $3, $4) \
          ON CONFLICT (user_id, name) DO UPDATE SET last_run = excluded.last_run",
     )
     .bind(&user.id)
-    .bind(name)
+    .bind(&key)
     .bind(db::now_ms())
     .bind(&run.id)
     .execute(&ctx.db)
     .await?;
     Ok(run)
+}
+
+/// The `content_progress.name` of an item (`NAME`) or a course lesson (`NAME/MODULE/LESSON`).
+pub fn progress_key(name: &str, lesson: Option<&str>) -> String {
+    match lesson {
+        Some(l) => format!("{name}/{l}"),
+        None => name.to_string(),
+    }
 }
 
 /// A user's progress on an item.
@@ -646,9 +652,7 @@ pub async fn task_completed(db: &Db, run: &runs::Run) -> ApiResult<()> {
     let Some((name, version)) = of_run(db, &run.id).await? else {
         return Ok(());
     };
-    if lesson_of_run(db, &run.id).await?.is_some() {
-        return Ok(());
-    }
+    let name = progress_key(&name, lesson_of_run(db, &run.id).await?.as_deref());
     let checklist = crate::tasks::view(db, run).await?;
     let student: Vec<_> = checklist.tasks.iter().filter(|t| !t.init).collect();
     if student.is_empty()

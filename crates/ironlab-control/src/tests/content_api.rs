@@ -467,6 +467,61 @@ async fn a_run_of_an_item_uses_its_tasks_and_overrides_and_keeps_its_version() {
     );
     assert_eq!(again.last_run.as_deref(), Some(id2));
 
+    // A course lesson's run: its own playground and tasks; progress is kept per lesson.
+    let course = tar(&[
+        (
+            "index.md",
+            "---\nkind: course\ntitle: C\nvisibility: public\n---\n",
+        ),
+        (
+            "01-m/01-l.md",
+            "---\ntitle: L\nplayground: {name: debian}\ntasks:\n  lt:\n    run: 'true'\n---\n",
+        ),
+    ]);
+    let (s, v) = h.push(&admin, "a-course", course).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, v) = h
+        .call(
+            "POST",
+            "/api/v1/content/a-course/runs",
+            Some(&alice),
+            Some(json!({"lesson": "01-m/nope"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (s, lrun) = h
+        .call(
+            "POST",
+            "/api/v1/content/a-course/runs",
+            Some(&alice),
+            Some(json!({"lesson": "01-m/01-l"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{lrun}");
+    let lid = lrun["id"].as_str().expect("id").to_string();
+    assert_eq!(h.settle(&alice, &lid).await["state"], "running");
+    let lrow = crate::runs::get_for(&ctx.db, &alice_user, &lid)
+        .await
+        .expect("run");
+    assert_eq!(lrow.plan.machines[0].tasks[0].name, "lt");
+    let mut done = status.clone();
+    done.name = "lt".into();
+    crate::tasks::ingest(&ctx.db, &ctx.signals, &lrow, &done)
+        .await
+        .expect("ingest");
+    let lp = crate::content::progress_on(&ctx.db, &alice_user, "a-course/01-m/01-l")
+        .await
+        .expect("progress")
+        .expect("lesson started");
+    assert!(lp.solved_at.is_some(), "{lp:?}");
+    assert!(
+        crate::content::progress_on(&ctx.db, &alice_user, "a-course")
+            .await
+            .expect("progress")
+            .is_none(),
+        "the course itself was not started"
+    );
+
     // A tutorial without a playground has nothing to start.
     let (s, _) = h
         .push(

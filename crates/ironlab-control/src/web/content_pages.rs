@@ -116,6 +116,12 @@ pub async fn item(
         .as_ref()
         .and_then(|p| p.solved_at)
         .map(|at| human_duration(crate::db::now_ms() - at));
+    let solved_lessons: Vec<String> = content::progress(&ctx.db, &s.user)
+        .await?
+        .into_iter()
+        .filter(|p| p.solved_at.is_some() && p.name.starts_with(&format!("{name}/")))
+        .map(|p| p.name)
+        .collect();
     let f = &loaded.item.front;
     // Skill paths: each unit's items with their title and whether the user solved them.
     let mut units = Vec::new();
@@ -156,6 +162,7 @@ pub async fn item(
                     title => l.front.title,
                     module => m.slug,
                     slug => l.slug,
+                    solved => solved_lessons.contains(&format!("{name}/{}/{}", m.slug, l.slug)),
                 }).collect::<Vec<_>>(),
             }).collect::<Vec<_>>(),
         },
@@ -348,16 +355,30 @@ pub async fn learning(ctx: &Ctx, s: &Session) -> PageResult<Vec<minijinja::Value
     let now = crate::db::now_ms();
     let mut out = Vec::new();
     for p in content::progress(&ctx.db, &s.user).await? {
-        let title = match content::get(&ctx.db, &s.user, &p.name).await {
-            Ok(v) => v.title,
+        // Lessons are kept as NAME/MODULE/LESSON.
+        let (item, lesson) = match p.name.split_once('/') {
+            Some((i, l)) => (i.to_string(), Some(l.to_string())),
+            None => (p.name.clone(), None),
+        };
+        let title = match content::get(&ctx.db, &s.user, &item).await {
+            Ok(v) => match &lesson {
+                Some(l) => format!("{} — {l}", v.title),
+                None => v.title,
+            },
             Err(_) => p.name.clone(),
+        };
+        let href = match &lesson {
+            Some(l) => format!("/content/{item}/lessons/{l}"),
+            None => format!("/content/{item}"),
         };
         // Time spent: the lifetimes of the user's runs of the item (until destroyed or now).
         let spans: Vec<(i64, i64, String)> = sqlx::query_as(
-            "SELECT created_at, updated_at, state FROM runs WHERE owner = $1 AND content = $2",
+            "SELECT created_at, updated_at, state FROM runs WHERE owner = $1 AND content = $2 \
+             AND COALESCE(content_lesson, '') = $3",
         )
         .bind(&s.user.id)
-        .bind(&p.name)
+        .bind(&item)
+        .bind(lesson.as_deref().unwrap_or(""))
         .fetch_all(&ctx.db)
         .await?;
         let spent: i64 = spans
@@ -372,6 +393,7 @@ pub async fn learning(ctx: &Ctx, s: &Session) -> PageResult<Vec<minijinja::Value
             .sum();
         out.push(context! {
             name => p.name,
+            href,
             title,
             started => human_duration(now - p.started_at),
             spent => human_duration(spent),
