@@ -169,6 +169,27 @@ pub async fn item(
     )?))
 }
 
+/// Form of `POST /admin/users/author`.
+#[derive(Debug, Deserialize)]
+pub struct AuthorForm {
+    csrf: Option<String>,
+    name: String,
+    /// `grant` or `revoke`.
+    action: String,
+}
+
+/// `POST /admin/users/author`: an admin makes a user a content author, or not.
+pub async fn admin_set_author(
+    State(ctx): State<Ctx>,
+    PageSession(s): PageSession,
+    headers: HeaderMap,
+    Form(form): Form<AuthorForm>,
+) -> PageResult<Response> {
+    session::check_csrf(&s, &headers, form.csrf.as_deref())?;
+    content::set_author(&ctx.db, &s.user, &form.name, form.action == "grant").await?;
+    Ok(Redirect::to("/admin/users").into_response())
+}
+
 /// Form of `POST /content/{name}/start`.
 #[derive(Debug, Deserialize)]
 pub struct StartForm {

@@ -103,6 +103,7 @@ pub fn router(ctx: Ctx) -> Router {
             get(pages::admin_users).post(pages::admin_create_user),
         )
         .route("/admin/users/password", post(pages::admin_set_password))
+        .route("/admin/users/author", post(content_pages::admin_set_author))
         .route("/assets/{name}", get(assets::serve))
         .with_state(ctx)
 }

@@ -649,15 +649,17 @@ async fn admin_users_page(
     error: Option<String>,
     token: Option<String>,
 ) -> PageResult<Response> {
-    let rows: Vec<(String, String, Option<String>, i64)> =
-        sqlx::query_as("SELECT name, role, password_hash, created_at FROM users ORDER BY name")
-            .fetch_all(&ctx.db)
-            .await?;
+    let rows: Vec<(String, String, Option<String>, i64, bool)> = sqlx::query_as(
+        "SELECT name, role, password_hash, created_at, \
+         EXISTS (SELECT 1 FROM content_authors a WHERE a.user_id = users.id) FROM users ORDER BY name",
+    )
+    .fetch_all(&ctx.db)
+    .await?;
     let users: Vec<_> = rows
         .into_iter()
-        .map(|(name, role, hash, created)| {
+        .map(|(name, role, hash, created, author)| {
             context! {
-                name, role, has_password => hash.is_some(),
+                name, role, has_password => hash.is_some(), author,
                 created => db::from_ms(created).format("%Y-%m-%d").to_string(),
             }
         })

@@ -899,3 +899,51 @@ async fn course_lessons_have_pages_navigation_and_their_own_runs() {
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test]
+async fn admins_make_content_authors_on_the_users_page() {
+    let h = H::new().await;
+    let (cookie, csrf) = h.sign_in_admin().await;
+    let (status, _) = h
+        .post_form(
+            "/admin/users",
+            Some(&cookie),
+            &format!("csrf={csrf}&name=writer&password=long-enough-1&role=user"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, page, _) = h.get("/admin/users", Some(&cookie)).await;
+    assert!(page.contains("data-author=\"false\""), "{page}");
+    let (status, resp) = h
+        .post_form(
+            "/admin/users/author",
+            Some(&cookie),
+            &format!("csrf={csrf}&name=writer&action=grant"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{:?}", resp.headers());
+    let (_, page, _) = h.get("/admin/users", Some(&cookie)).await;
+    assert!(page.contains("data-author=\"true\""), "{page}");
+    let writer = crate::auth::find_user(&h.control.ctx().db, "writer")
+        .await
+        .expect("query")
+        .expect("writer");
+    assert!(
+        crate::content::is_author(&h.control.ctx().db, &writer)
+            .await
+            .expect("query")
+    );
+    let (status, _) = h
+        .post_form(
+            "/admin/users/author",
+            Some(&cookie),
+            &format!("csrf={csrf}&name=writer&action=revoke"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert!(
+        !crate::content::is_author(&h.control.ctx().db, &writer)
+            .await
+            .expect("query")
+    );
+}
