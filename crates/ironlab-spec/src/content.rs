@@ -11,7 +11,8 @@
 //!
 //! A course has no text of its own beyond `index.md`; its module folders (`01-basics/`, sorted by
 //! name) hold an optional `index.md` (`title`) and lesson files (`*.md`, sorted by name), each
-//! with its own front matter (`title`, `playground`, `tasks`). A skill path lists `units`, each
+//! with its own front matter (`title`, `playground`, `tasks`) and optionally its solution
+//! (`LESSON.solution.md`). A skill path lists `units`, each
 //! naming challenges or tutorials.
 //!
 //! [`Bundle`] is the set of files (loaded from a folder or a tar archive); [`parse_bundle`]
@@ -254,6 +255,8 @@ pub struct Lesson {
     pub front: LessonMatter,
     /// Markdown text.
     pub body: String,
+    /// `LESSON.solution.md`, if any.
+    pub solution: Option<String>,
 }
 
 /// A checked item.
@@ -983,8 +986,19 @@ fn parse_modules(bundle: &Bundle, problems: &mut Vec<ContentProblem>) -> Vec<Mod
         };
         let mut body = String::new();
         let mut lessons = Vec::new();
+        let mut solutions: BTreeMap<String, String> = BTreeMap::new();
         for f in files {
             let path = format!("{slug}/{f}");
+            if let Some(lesson) = f.strip_suffix(".solution.md") {
+                match bundle.text(&path) {
+                    Ok(Some(t)) => {
+                        solutions.insert(lesson.to_string(), t);
+                    }
+                    Ok(None) => {}
+                    Err(e) => problems.extend(e.problems),
+                }
+                continue;
+            }
             let text = match bundle.text(&path) {
                 Ok(Some(t)) => t,
                 Ok(None) => continue,
@@ -1045,9 +1059,26 @@ fn parse_modules(bundle: &Bundle, problems: &mut Vec<ContentProblem>) -> Vec<Mod
                         slug: lesson_slug.to_string(),
                         front: l,
                         body: text_body.to_string(),
+                        solution: None,
                     });
                 }
                 Err(e) => problems.extend(e.problems),
+            }
+        }
+        for (lesson, text) in solutions {
+            let path = format!("{slug}/{lesson}.solution.md");
+            match lessons.iter_mut().find(|l| l.slug == lesson) {
+                Some(l) if l.front.playground.is_some() => l.solution = Some(text),
+                Some(_) => problems.push(problem(
+                    &path,
+                    "",
+                    "a solution needs a playground to run in (the lesson has none)",
+                )),
+                None => problems.push(problem(
+                    &path,
+                    "",
+                    format!("there is no lesson {lesson}.md for this solution"),
+                )),
             }
         }
         if lessons.is_empty() {
@@ -1118,10 +1149,63 @@ impl Item {
         let Some(text) = &self.solution else {
             return Ok(());
         };
-        crate::parse_solution(text, manifest)
-            .map(|_| ())
-            .map_err(|e| from_manifest_error("solution.md", e))
+        check_solution_text("solution.md", text, manifest)
     }
+
+    /// What `content test` plays: `(None, solution)` for `index.md`, `(Some("MODULE/LESSON"),
+    /// solution)` for each lesson with one, each with its playground and tasks.
+    pub fn solutions(&self) -> Vec<SolutionTarget<'_>> {
+        let mut out = Vec::new();
+        if let (Some(p), Some(s)) = (&self.front.playground, &self.solution) {
+            out.push(SolutionTarget {
+                lesson: None,
+                file: "index.md".into(),
+                playground: p,
+                tasks: &self.front.tasks,
+                solution: s,
+            });
+        }
+        for m in &self.modules {
+            for l in &m.lessons {
+                if let (Some(p), Some(s)) = (&l.front.playground, &l.solution) {
+                    out.push(SolutionTarget {
+                        lesson: Some(format!("{}/{}", m.slug, l.slug)),
+                        file: format!("{}/{}.md", m.slug, l.slug),
+                        playground: p,
+                        tasks: &l.front.tasks,
+                        solution: s,
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
+/// One solution to play: the item's own or a lesson's.
+#[derive(Debug, Clone)]
+pub struct SolutionTarget<'a> {
+    /// `MODULE/LESSON`, or `None` for `index.md`.
+    pub lesson: Option<String>,
+    /// The file whose front matter names the playground.
+    pub file: String,
+    /// The playground.
+    pub playground: &'a PlaygroundRef,
+    /// Its tasks.
+    pub tasks: &'a BTreeMap<String, Task>,
+    /// The solution text.
+    pub solution: &'a str,
+}
+
+/// Parses a solution (`file` names it in errors) against an effective manifest.
+pub fn check_solution_text(
+    file: &str,
+    text: &str,
+    manifest: &Manifest,
+) -> Result<(), ContentError> {
+    crate::parse_solution(text, manifest)
+        .map(|_| ())
+        .map_err(|e| from_manifest_error(file, e))
 }
 
 fn from_manifest_error(file: &str, e: ManifestError) -> ContentError {

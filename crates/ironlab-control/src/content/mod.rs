@@ -209,7 +209,7 @@ pub async fn push(ctx: &Ctx, user: &User, name: &str, bundle: &Bundle) -> ApiRes
     }
     // Checks that need the platform: playgrounds, overrides, solution, skill path items.
     let mut problems = Vec::new();
-    for (i, (file, reference, tasks)) in item.playgrounds().into_iter().enumerate() {
+    for (file, reference, tasks) in item.playgrounds() {
         let pg = match playgrounds::get(&ctx.db, user, &reference.name).await {
             Ok(pg) => pg,
             Err(ApiError::NotFound(_)) => {
@@ -223,11 +223,19 @@ pub async fn push(ctx: &Ctx, user: &User, name: &str, bundle: &Bundle) -> ApiRes
         };
         match effective_manifest(&file, &pg.manifest, reference, tasks) {
             Ok(m) => {
-                if i == 0
-                    && file == "index.md"
-                    && let Err(e) = item.check_solution(&m)
-                {
-                    problems.extend(e.problems.iter().map(ToString::to_string));
+                for t in item.solutions() {
+                    if t.file != file {
+                        continue;
+                    }
+                    let sol_file = match &t.lesson {
+                        Some(l) => format!("{l}.solution.md"),
+                        None => "solution.md".to_string(),
+                    };
+                    if let Err(e) =
+                        ironlab_spec::content::check_solution_text(&sol_file, t.solution, &m)
+                    {
+                        problems.extend(e.problems.iter().map(ToString::to_string));
+                    }
                 }
             }
             Err(e) => problems.extend(e.problems.iter().map(ToString::to_string)),

@@ -326,3 +326,45 @@ fn effective_manifest_applies_overrides_within_limits() {
         "{e}"
     );
 }
+
+#[test]
+fn lesson_solutions_are_attached_and_checked() {
+    let lesson =
+        "---\ntitle: A\nplayground: {name: debian}\ntasks:\n  t:\n    run: 'true'\n---\nx\n";
+    let item = parse_bundle(
+        "my-course",
+        &bundle(&[
+            ("index.md", "---\nkind: course\ntitle: C\n---\n"),
+            ("01-m/01-a.md", lesson),
+            ("01-m/01-a.solution.md", "```sh\ntrue\n```\n"),
+            ("01-m/02-b.md", "---\ntitle: B\n---\ntext\n"),
+        ]),
+    )
+    .expect("valid");
+    let targets = item.solutions();
+    assert_eq!(targets.len(), 1);
+    assert_eq!(targets[0].lesson.as_deref(), Some("01-m/01-a"));
+    assert_eq!(targets[0].file, "01-m/01-a.md");
+    let e = errors(
+        "my-course",
+        &[
+            ("index.md", "---\nkind: course\ntitle: C\n---\n"),
+            ("01-m/01-a.md", "---\ntitle: A\n---\nx\n"),
+            ("01-m/01-a.solution.md", "```sh\ntrue\n```\n"),
+            ("01-m/09-z.solution.md", "```sh\ntrue\n```\n"),
+            ("01-m/Bad Name.md", "---\ntitle: A\n---\nx\n"),
+        ],
+    );
+    assert!(
+        e.contains("01-m/01-a.solution.md: a solution needs a playground"),
+        "{e}"
+    );
+    assert!(
+        e.contains("01-m/09-z.solution.md: there is no lesson 09-z.md"),
+        "{e}"
+    );
+    assert!(
+        e.contains("01-m/Bad Name.md: a lesson file's name must be"),
+        "{e}"
+    );
+}

@@ -320,14 +320,38 @@ async fn test(api: &Api, target: &str, timeout: Duration) -> anyhow::Result<i32>
         let item = parse_bundle(target, &bundle).map_err(|e| anyhow::anyhow!("{e}"))?;
         (item, target.to_string())
     };
-    let Some(reference) = item.front.playground.clone() else {
-        eprintln!("error: {name} has no playground: nothing to test");
+    let targets = item.solutions();
+    if targets.is_empty() {
+        eprintln!(
+            "error: {name} has no solution to play (solution.md beside a playground, or \
+             MODULE/LESSON.solution.md for a course lesson with one)"
+        );
         return Ok(2);
-    };
-    let Some(solution_text) = item.solution.clone() else {
-        eprintln!("error: {name} has no solution.md: nothing to play");
-        return Ok(2);
-    };
+    }
+    let mut worst = 0;
+    for t in &targets {
+        let what = match &t.lesson {
+            Some(l) => format!("{name} lesson {l}"),
+            None => name.clone(),
+        };
+        eprintln!("== {what}");
+        let code = test_one(api, local, target, &name, &what, t, timeout).await?;
+        worst = worst.max(code);
+    }
+    Ok(worst)
+}
+
+/// Plays one solution (the item's or a lesson's); returns the exit code.
+async fn test_one(
+    api: &Api,
+    local: bool,
+    target: &str,
+    name: &str,
+    what: &str,
+    t: &ironlab_spec::content::SolutionTarget<'_>,
+    timeout: Duration,
+) -> anyhow::Result<i32> {
+    let reference = t.playground;
     let pg: PlaygroundView = api
         .call(
             Method::GET,
@@ -337,31 +361,31 @@ async fn test(api: &Api, target: &str, timeout: Duration) -> anyhow::Result<i32>
         .await?;
     let base: Manifest = ironlab_spec::from_value(pg.manifest.clone())
         .map_err(|e| anyhow::anyhow!("playground {}: {e}", reference.name))?;
-    let manifest = match effective_manifest("index.md", &base, &reference, &item.front.tasks) {
+    let manifest = match effective_manifest(&t.file, &base, reference, t.tasks) {
         Ok(m) => m,
         Err(e) => {
-            eprintln!("error: {name} does not fit playground {}:", reference.name);
+            eprintln!("error: {what} does not fit playground {}:", reference.name);
             for p in &e.problems {
                 eprintln!("  {p}");
             }
             return Ok(2);
         }
     };
-    let steps = match ironlab_spec::parse_solution(&solution_text, &manifest) {
+    let steps = match ironlab_spec::parse_solution(t.solution, &manifest) {
         Ok(s) => s.steps,
         Err(e) => {
-            eprintln!("error: solution.md of {name} is invalid:");
+            eprintln!("error: the solution of {what} is invalid:");
             for fe in &e.errors {
-                eprintln!("  solution.md: {fe}");
+                eprintln!("  {fe}");
             }
             return Ok(2);
         }
     };
     if local {
-        // A temporary playground holding the item's effective manifest.
+        // A temporary playground holding the effective manifest.
         let mut temp = manifest.clone();
-        temp.name = temp_name(&name);
-        temp.title = format!("test of {name}");
+        temp.name = temp_name(name);
+        temp.title = format!("test of {what}");
         temp.parent = None;
         let text = serde_json::to_string(&temp)?;
         let pg_name = super::solution::register(api, &text, Path::new(target)).await?;
@@ -372,7 +396,7 @@ async fn test(api: &Api, target: &str, timeout: Duration) -> anyhow::Result<i32>
                 Some(&json!({ "playground": pg_name })),
             )
             .await?;
-        eprintln!("run {} of {name} (local folder): starting", run.id);
+        eprintln!("run {} of {what} (local folder): starting", run.id);
         let code = super::solution::play_and_destroy(api, &run, &manifest, &steps, timeout).await;
         if let Err(e) = api
             .call_empty(Method::DELETE, &format!("/playgrounds/{pg_name}"))
@@ -382,14 +406,14 @@ async fn test(api: &Api, target: &str, timeout: Duration) -> anyhow::Result<i32>
         }
         code
     } else {
+        let mut body = json!({});
+        if let Some(l) = &t.lesson {
+            body["lesson"] = json!(l);
+        }
         let run: RunView = api
-            .call(
-                Method::POST,
-                &format!("/content/{name}/runs"),
-                Some(&json!({})),
-            )
+            .call(Method::POST, &format!("/content/{name}/runs"), Some(&body))
             .await?;
-        eprintln!("run {} of {name}: starting", run.id);
+        eprintln!("run {} of {what}: starting", run.id);
         super::solution::play_and_destroy(api, &run, &manifest, &steps, timeout).await
     }
 }
