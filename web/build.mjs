@@ -7,7 +7,7 @@ import { rmSync } from 'node:fs';
 const dev = process.argv.includes('--dev');
 rmSync(new URL('./dist', import.meta.url), { recursive: true, force: true });
 await build({
-  entryPoints: ['src/terminal.ts', 'src/run.ts', 'src/dashboard.ts', 'src/tasks.ts'],
+  entryPoints: ['src/terminal.ts', 'src/run.ts', 'src/dashboard.ts', 'src/tasks.ts', 'src/content.ts'],
   outdir: 'dist',
   bundle: true,
   format: 'iife',

@@ -37,11 +37,27 @@ function summarize(root: HTMLElement): void {
   if (setup) setup.hidden = ready;
   const broken = document.getElementById('tasks-broken');
   if (broken) broken.hidden = !all.some((r) => r.dataset.state === 'failed');
+  // A content item's run: every task the student does completed = solved (it stays solved).
+  const solved = document.getElementById('content-solved');
+  const student = all.filter((r) => r.dataset.init !== 'true');
+  if (solved && student.length > 0 && student.every((r) => r.dataset.state === 'completed')) solved.hidden = false;
+}
+
+/** The `::task{name=…}` placeholders of the content text show the same state as the row. */
+function placeholders(name: string, state: string, label: string): void {
+  for (const el of document.querySelectorAll<HTMLElement>(`.content-task[data-task="${CSS.escape(name)}"]`)) {
+    el.dataset.state = state;
+    const text = el.querySelector<HTMLElement>('.content-task-label') ?? el;
+    text.textContent = `${label}: ${state}`;
+    const form = el.querySelector<HTMLFormElement>('form.inline-answer');
+    if (form) form.hidden = state === 'completed';
+  }
 }
 
 function apply(root: HTMLElement, t: TaskView): void {
   const row = root.querySelector<HTMLElement>(`li.task[data-task="${CSS.escape(t.name)}"]`);
   if (!row) return;
+  placeholders(t.name, t.state, row.querySelector('.task-name')?.textContent ?? t.name);
   row.dataset.state = t.state;
   const state = row.querySelector<HTMLElement>('.task-state');
   if (state) state.textContent = t.state;
@@ -117,6 +133,9 @@ function answers(root: HTMLElement): void {
 
 const root = document.getElementById('tasks');
 if (root) {
+  for (const row of rows(root)) {
+    placeholders(row.dataset.task ?? '', row.dataset.state ?? 'blocked', row.querySelector('.task-name')?.textContent ?? '');
+  }
   follow(root);
   answers(root);
   summarize(root);

@@ -299,6 +299,12 @@ export class TerminalSession {
     return out;
   }
 
+  /** Types `text` into the terminal as if the user had (the content pages' "Run in terminal"). */
+  typeText(text: string): void {
+    this.send(new TextEncoder().encode(text));
+    this.term.focus();
+  }
+
   private send(data: Uint8Array): void {
     if (this.phase !== 'open' || this.socket?.readyState !== WebSocket.OPEN) return;
     this.socket.send(frame(STDIN, data));

@@ -26,6 +26,14 @@
 //! POST   /api/v1/runs/{id}/save     SaveRequest    201 PlaygroundView (parent = the run's playground)
 //! GET    /api/v1/storage                           StorageView (the caller's use and quota)
 //! PUT    /api/v1/users/{name}/storage-quota  SetQuota  StorageView of that user (admins only)
+//! GET    /api/v1/content?kind&difficulty&q         [ContentView] (public + own; admins: all)
+//! POST   /api/v1/content?name=N     tar archive    201 ContentView (next version; authors)
+//! GET    /api/v1/content/{name}                    ContentView
+//! DELETE /api/v1/content/{name}                    204 (author or admin)
+//! GET    /api/v1/content/{name}/bundle?version=V   tar archive (author or admin)
+//! POST   /api/v1/content/{name}/runs  StartContentRun  201 RunView (the item's playground + tasks)
+//! PUT    /api/v1/users/{name}/author               204 (admins: make a content author)
+//! DELETE /api/v1/users/{name}/author               204 (admins: take the role away)
 //! ```
 //! Errors: [`crate::ErrorBody`] with 400/401/403/404/409/5xx.
 
@@ -390,4 +398,65 @@ pub struct HttpPortLink {
     pub port: u16,
     /// Expiry of the link (60 s after issue); the browser session it starts lasts longer.
     pub expires_at: DateTime<Utc>,
+}
+
+/// A content item (tutorial, challenge, course or skill path) as the catalog shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ContentView {
+    /// Item name (its folder's name).
+    pub name: String,
+    /// tutorial | challenge | course | skill-path.
+    pub kind: String,
+    /// Latest published version (1, 2, …).
+    pub version: i64,
+    /// Title.
+    pub title: String,
+    /// Description.
+    pub description: String,
+    /// Categories.
+    pub categories: Vec<String>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// easy | medium | hard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub difficulty: Option<String>,
+    /// private | unlisted | public.
+    pub visibility: String,
+    /// User names who may see it while private (besides its author and admins).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub access: Vec<String>,
+    /// Author's user id.
+    pub author: String,
+    /// The playground started beside it, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub playground: Option<String>,
+    /// When the latest version was pushed.
+    pub published_at: DateTime<Utc>,
+    /// When the first version was pushed.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Filters of `GET /api/v1/content`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ContentFilter {
+    /// Only this kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Only this difficulty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub difficulty: Option<String>,
+    /// Words that must all appear in the title, description, tags or categories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub q: Option<String>,
+}
+
+/// Start a run of a content item (its playground with its tasks).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct StartContentRun {
+    /// Version to run; default: the latest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<i64>,
+    /// A course lesson to run, `MODULE/LESSON`; default: the item's own playground.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lesson: Option<String>,
 }

@@ -128,6 +128,20 @@ fn api_router() -> OpenApiRouter<Ctx> {
         .routes(routes!(crate::web::sse::events))
         .routes(routes!(crate::tasks::api::list_tasks))
         .routes(routes!(crate::tasks::api::task_input))
+        .routes(routes!(
+            crate::content::api::list_content,
+            crate::content::api::push_content
+        ))
+        .routes(routes!(
+            crate::content::api::get_content,
+            crate::content::api::remove_content
+        ))
+        .routes(routes!(crate::content::api::content_bundle))
+        .routes(routes!(crate::content::api::start_content_run))
+        .routes(routes!(
+            crate::content::api::grant_author,
+            crate::content::api::revoke_author
+        ))
 }
 
 /// The OpenAPI document of the REST API (what `GET /api/v1/openapi.json` serves).

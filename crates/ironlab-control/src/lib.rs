@@ -26,6 +26,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod content;
 pub mod db;
 pub mod error;
 pub mod http;
@@ -58,6 +59,8 @@ pub struct Ctx {
     pub signals: Arc<Signals>,
     /// Web-UI state (event streams' shutdown signal).
     pub web: Arc<web::WebState>,
+    /// Content bundles (`DATA_DIR/control/objects/content`).
+    pub content: Arc<content::BundleStore>,
 }
 
 /// How to run the control plane.
@@ -101,12 +104,20 @@ impl Control {
             .context("failed to set up the admin user")?;
         playgrounds::register_stock(&db).await?;
         let worker = WorkerClient::new(&config.worker_url, &config.worker_token)?;
+        let content = content::BundleStore::open(
+            &config
+                .data_dir
+                .join("control")
+                .join("objects")
+                .join("content"),
+        )?;
         Ok(Control {
             ctx: Ctx {
                 db,
                 worker: Arc::new(worker),
                 signals: Arc::new(Signals::default()),
                 web: Arc::new(web::WebState::default()),
+                content: Arc::new(content),
             },
             admin_token,
         })

@@ -1120,6 +1120,14 @@ async fn openapi_documents_every_route() {
         ("get", "/api/v1/storage"),
         ("put", "/api/v1/users/{name}/storage-quota"),
         ("post", "/api/v1/runs/{id}/http-ports"),
+        ("get", "/api/v1/content"),
+        ("post", "/api/v1/content"),
+        ("get", "/api/v1/content/{name}"),
+        ("delete", "/api/v1/content/{name}"),
+        ("get", "/api/v1/content/{name}/bundle"),
+        ("post", "/api/v1/content/{name}/runs"),
+        ("put", "/api/v1/users/{name}/author"),
+        ("delete", "/api/v1/users/{name}/author"),
     ];
     let paths = doc["paths"].as_object().expect("paths");
     let documented: usize = paths
@@ -1639,3 +1647,5 @@ async fn http_port_links_sign_in_the_owner_on_the_port_host_only() {
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(body.contains("not running"), "{body}");
 }
+
+mod content_api;

@@ -5,6 +5,7 @@
 
 use std::fmt;
 
+pub mod content;
 pub mod manifest;
 pub mod size;
 pub mod solution;

@@ -373,7 +373,7 @@ pub fn validate(m: &Manifest) -> Vec<FieldError> {
     errs
 }
 
-fn validate_tasks(
+pub(crate) fn validate_tasks(
     tasks: &BTreeMap<String, crate::Task>,
     machines: &HashSet<&str>,
     errs: &mut Vec<FieldError>,

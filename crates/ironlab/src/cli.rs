@@ -50,6 +50,9 @@ pub enum Command {
     /// Manage users (admins only).
     #[command(subcommand)]
     User(UserCommand),
+    /// Tutorials, challenges, courses and skill paths: write, publish, test.
+    #[command(subcommand)]
+    Content(ContentCommand),
 }
 
 /// Options of the worker, shared by `up` (passed to its child) and `worker`.
@@ -367,6 +370,14 @@ pub enum UserCommand {
         #[arg(long)]
         admin: bool,
     },
+    /// Make a user a content author (they may publish with `ironlab content push`), or not.
+    Author {
+        /// Login name.
+        name: String,
+        /// Take the role away instead.
+        #[arg(long)]
+        revoke: bool,
+    },
     /// Set a user's storage quota for stopped runs and saved playgrounds (`20GiB`, or
     /// `default`).
     Quota {
@@ -374,5 +385,85 @@ pub enum UserCommand {
         name: String,
         /// Size (`512MiB`, `20GiB`) or `default`.
         size: String,
+    },
+}
+
+/// Kinds of content `content create` scaffolds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ContentKindArg {
+    /// Text with a live playground beside it.
+    Tutorial,
+    /// A statement with tasks that check the student's work.
+    Challenge,
+    /// Modules of lessons.
+    Course,
+    /// Units ordering challenges and tutorials.
+    SkillPath,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ContentCommand {
+    /// Write a working example item into ./NAME (or --dir) that passes validation.
+    Create {
+        /// tutorial, challenge, course or skill-path.
+        kind: ContentKindArg,
+        /// Item name (3-40 characters [a-z0-9-]); also the folder's name.
+        name: String,
+        /// Where to create the folder [default: the current directory].
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+    /// Check an item's folder locally (front matter, Markdown references, tasks).
+    Check {
+        /// The item's folder [default: the current directory].
+        dir: Option<PathBuf>,
+    },
+    /// Publish an item's folder as its next version (admins).
+    Push {
+        /// The item's folder [default: the current directory]; its name is the item's name.
+        dir: Option<PathBuf>,
+        /// Keep running and publish again on every saved change (open pages re-render).
+        #[arg(long)]
+        watch: bool,
+    },
+    /// List the items you can see.
+    #[command(alias = "ls")]
+    List {
+        /// Only this kind (tutorial, challenge, course, skill-path).
+        #[arg(long)]
+        kind: Option<String>,
+        /// Words to search for.
+        #[arg(long, short = 'q')]
+        query: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download an item's files (author or admin) into ./NAME (or --dir).
+    Pull {
+        /// Item name.
+        name: String,
+        /// A version [default: the latest].
+        #[arg(long = "at", value_name = "VERSION")]
+        at_version: Option<i64>,
+        /// Folder to write into [default: ./NAME]; must not exist or be empty.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+    /// Remove an item and all its versions (author or admin).
+    #[command(alias = "remove")]
+    Rm {
+        /// Item name.
+        name: String,
+    },
+    /// Play an item's solution.md against a real run and report per task; exits 0 only if
+    /// every task completed. DIR tests a local folder without publishing it; NAME tests the
+    /// published item.
+    Test {
+        /// A folder (contains index.md) or a published item's name.
+        target: String,
+        /// Deadline once the run is up (e.g. 90s, 5m).
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        timeout: std::time::Duration,
     },
 }

@@ -171,6 +171,24 @@ impl Api {
             .with_context(|| format!("unexpected answer to {method} {path}"))
     }
 
+    /// POSTs raw bytes of `content_type` and decodes the JSON answer.
+    pub async fn post_bytes<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> anyhow::Result<T> {
+        let req = self
+            .http
+            .post(self.url(path))
+            .header("content-type", content_type)
+            .body(body);
+        let resp = self.send(req).await?;
+        resp.json()
+            .await
+            .with_context(|| format!("unexpected answer to POST {path}"))
+    }
+
     /// GETs `path` and returns the answer's body as bytes (plain-text endpoints).
     pub async fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
         let resp = self.send(self.http.get(self.url(path))).await?;

@@ -343,6 +343,19 @@ pub async fn create(ctx: &Ctx, user: &User, req: StartRun) -> ApiResult<RunView>
         Some(t) => check_title(&t)?,
         None => pg.view.title.clone(),
     };
+    create_from(ctx, user, &pg.view.name, &pg.manifest, title, None).await
+}
+
+/// Starts a run of `manifest` (the playground `playground`'s, possibly changed by a content
+/// item, which `content` names with its version and, for a course lesson, `MODULE/LESSON`).
+pub(crate) async fn create_from(
+    ctx: &Ctx,
+    user: &User,
+    playground: &str,
+    manifest: &ironlab_spec::Manifest,
+    title: String,
+    content: Option<(&str, i64, Option<&str>)>,
+) -> ApiResult<RunView> {
     check_active_limit(ctx, user).await?;
     let (runtimes, accel) = match ctx.worker.cached_status().await {
         Ok(s) => (s.runtimes, s.accel),
@@ -352,22 +365,26 @@ pub async fn create(ctx: &Ctx, user: &User, req: StartRun) -> ApiResult<RunView>
         }
     };
     let id = db::random_id(12);
-    let plan = plan::resolve_with_accel(&id, &pg.manifest, &runtimes, &accel)?;
+    let plan = plan::resolve_with_accel(&id, manifest, &runtimes, &accel)?;
     let plan_text = serde_json::to_string(&plan)
         .map_err(|e| anyhow::anyhow!("failed to serialize the plan of run {id}: {e}"))?;
     let now = db::now_ms();
     let mut tx = ctx.db.begin().await?;
     sqlx::query(
-        "INSERT INTO runs (id, owner, playground, title, state, reason, plan, worker_attempts, created_at, updated_at, expires_at) \
-         VALUES ($1, $2, $3, $4, 'pending', NULL, $5, 0, $6, $6, $7)",
+        "INSERT INTO runs (id, owner, playground, title, state, reason, plan, worker_attempts, created_at, updated_at, expires_at, \
+         content, content_version, content_lesson) \
+         VALUES ($1, $2, $3, $4, 'pending', NULL, $5, 0, $6, $6, $7, $8, $9, $10)",
     )
     .bind(&id)
     .bind(&user.id)
-    .bind(&pg.view.name)
+    .bind(playground)
     .bind(&title)
     .bind(&plan_text)
     .bind(now)
     .bind(now + DEFAULT_RUN_TTL.as_millis() as i64)
+    .bind(content.map(|c| c.0))
+    .bind(content.map(|c| c.1))
+    .bind(content.and_then(|c| c.2))
     .execute(&mut *tx)
     .await?;
     sqlx::query(
@@ -378,7 +395,7 @@ pub async fn create(ctx: &Ctx, user: &User, req: StartRun) -> ApiResult<RunView>
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    tracing::info!(run = %id, playground = %pg.view.name, user = %user.name, "run created");
+    tracing::info!(run = %id, playground, content = content.map(|c| c.0), user = %user.name, "run created");
     ctx.signals.notify_changed();
     ctx.signals.wake.notify_one();
     Ok(get_for(&ctx.db, user, &id).await?.view())

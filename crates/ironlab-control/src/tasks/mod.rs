@@ -193,6 +193,11 @@ pub async fn ingest(
         at: Some(db::from_ms(at)),
     };
     signals.task_changed(&run.id, view.clone());
+    if s.state == TaskState::Completed
+        && let Err(e) = crate::content::task_completed(db, run).await
+    {
+        tracing::warn!(run = %run.id, error = %e, "cannot record content progress");
+    }
     Ok(Some(view))
 }
 

@@ -13,6 +13,7 @@
 //! output (`web/dist`) is embedded by `build.rs` when it exists.
 
 pub mod assets;
+pub mod content_pages;
 pub mod expiry;
 pub mod pages;
 pub mod ports;
@@ -85,11 +86,24 @@ pub fn router(ctx: Ctx) -> Router {
             get(pages::open_http_port),
         )
         .route("/dashboard", get(pages::dashboard))
+        .route("/content", get(content_pages::catalog))
+        .route("/content/{name}", get(content_pages::item))
+        .route("/content/{name}/start", post(content_pages::start))
+        .route("/content/{name}/events", get(content_pages::events))
+        .route(
+            "/content/{name}/lessons/{module}/{lesson}",
+            get(content_pages::lesson),
+        )
+        .route(
+            "/content/{name}/static/{*path}",
+            get(content_pages::static_file),
+        )
         .route(
             "/admin/users",
             get(pages::admin_users).post(pages::admin_create_user),
         )
         .route("/admin/users/password", post(pages::admin_set_password))
+        .route("/admin/users/author", post(content_pages::admin_set_author))
         .route("/assets/{name}", get(assets::serve))
         .with_state(ctx)
 }
@@ -105,7 +119,7 @@ pub async fn admin_login_link(db: &crate::db::Db, base_url: &str) -> anyhow::Res
 
 static TEMPLATES: LazyLock<Environment<'static>> = LazyLock::new(|| {
     let mut env = Environment::new();
-    let templates: [(&str, &str); 9] = [
+    let templates: [(&str, &str); 11] = [
         ("layout.html", include_str!("../../templates/layout.html")),
         ("login.html", include_str!("../../templates/login.html")),
         ("catalog.html", include_str!("../../templates/catalog.html")),
@@ -121,6 +135,14 @@ static TEMPLATES: LazyLock<Environment<'static>> = LazyLock::new(|| {
         ("error.html", include_str!("../../templates/error.html")),
         ("macros.html", include_str!("../../templates/macros.html")),
         ("tasks.html", include_str!("../../templates/tasks.html")),
+        (
+            "content_catalog.html",
+            include_str!("../../templates/content_catalog.html"),
+        ),
+        (
+            "content_item.html",
+            include_str!("../../templates/content_item.html"),
+        ),
     ];
     for (name, source) in templates {
         if let Err(e) = env.add_template(name, source) {

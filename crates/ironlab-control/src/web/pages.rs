@@ -69,7 +69,7 @@ impl FromRequestParts<Ctx> for PageSession {
 
 /// What every page's layout needs.
 #[derive(Debug, Serialize)]
-struct Base {
+pub(super) struct Base {
     user: String,
     is_admin: bool,
     csrf: String,
@@ -77,7 +77,7 @@ struct Base {
     scripts_built: bool,
 }
 
-fn base(s: &Session, nav: &'static str) -> Base {
+pub(super) fn base(s: &Session, nav: &'static str) -> Base {
     Base {
         user: s.user.name.clone(),
         is_admin: s.user.is_admin(),
@@ -102,7 +102,7 @@ const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsa
      connect-src 'self' ws: wss:; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; \
      form-action 'self'";
 
-fn page(html: String) -> Response {
+pub(super) fn page(html: String) -> Response {
     (
         [
             (header::CACHE_CONTROL, "no-store"),
@@ -137,7 +137,7 @@ pub fn human_duration(ms: i64) -> String {
     }
 }
 
-fn is_active(state: RunState) -> bool {
+pub(super) fn is_active(state: RunState) -> bool {
     matches!(
         state,
         RunState::Pending | RunState::Starting | RunState::Running
@@ -283,7 +283,7 @@ pub async fn login_admin_link(
 /// A form that carries only the CSRF token.
 #[derive(Debug, Deserialize)]
 pub struct CsrfForm {
-    csrf: Option<String>,
+    pub(super) csrf: Option<String>,
 }
 
 /// `POST /logout`.
@@ -451,6 +451,7 @@ pub async fn run_page(
     let port_tabs = port_tabs(&ctx, &s, &run).await;
     let expires_at = expiry::expires_at(&ctx.db, &run).await?;
     let checklist = super::tasks_page::checklist(&ctx, &run).await;
+    let content = super::content_pages::text_of_run(&ctx, &s, &run.id).await;
     let view = run.view();
     let kept = runs::state::holds_storage(run.state);
     let time_left = if is_active(run.state) {
@@ -467,7 +468,7 @@ pub async fn run_page(
             transient => runs::state::is_transient(run.state),
             active => is_active(run.state),
             kept,
-            tabs, port_tabs, time_left, expires_at, checklist,
+            tabs, port_tabs, time_left, expires_at, checklist, content,
         },
     )?))
 }
@@ -614,10 +615,11 @@ pub async fn dashboard(
             }
         })
         .collect();
+    let learning = super::content_pages::learning(&ctx, &s).await?;
     Ok(page(render(
         "dashboard.html",
         context! {
-            base => base(&s, "dashboard"), runs => rows,
+            base => base(&s, "dashboard"), runs => rows, learning,
             storage => context! {
                 used => runs::persist::human_bytes(storage.used_bytes),
                 quota => runs::persist::human_bytes(storage.quota_bytes),
@@ -647,15 +649,17 @@ async fn admin_users_page(
     error: Option<String>,
     token: Option<String>,
 ) -> PageResult<Response> {
-    let rows: Vec<(String, String, Option<String>, i64)> =
-        sqlx::query_as("SELECT name, role, password_hash, created_at FROM users ORDER BY name")
-            .fetch_all(&ctx.db)
-            .await?;
+    let rows: Vec<(String, String, Option<String>, i64, bool)> = sqlx::query_as(
+        "SELECT name, role, password_hash, created_at, \
+         EXISTS (SELECT 1 FROM content_authors a WHERE a.user_id = users.id) FROM users ORDER BY name",
+    )
+    .fetch_all(&ctx.db)
+    .await?;
     let users: Vec<_> = rows
         .into_iter()
-        .map(|(name, role, hash, created)| {
+        .map(|(name, role, hash, created, author)| {
             context! {
-                name, role, has_password => hash.is_some(),
+                name, role, has_password => hash.is_some(), author,
                 created => db::from_ms(created).format("%Y-%m-%d").to_string(),
             }
         })

@@ -619,6 +619,8 @@ fn every_template_compiles() {
         "error.html",
         "macros.html",
         "tasks.html",
+        "content_catalog.html",
+        "content_item.html",
     ] {
         if let Err(e) = super::TEMPLATES.get_template(name) {
             panic!("template {name}: {e:#}");
@@ -687,4 +689,266 @@ playground:
     let (status, _, resp) = h.get(&format!("/runs/{id}/ports/web/8000"), None).await;
     assert_eq!(status, StatusCode::SEE_OTHER);
     assert!(location(&resp).starts_with("/login?next="));
+}
+
+/// Publishes an item straight through the service (what `POST /api/v1/content` calls).
+async fn publish(h: &H, name: &str, files: &[(&str, &[u8])]) {
+    let mut b = ironlab_spec::content::Bundle::default();
+    for (p, d) in files {
+        b.insert(p, d.to_vec()).expect("insert");
+    }
+    let admin = crate::auth::authenticate(
+        &h.control.ctx().db,
+        Some(&format!("Bearer {}", h.control.admin_token())),
+    )
+    .await
+    .expect("admin");
+    crate::content::push(h.control.ctx(), &admin, name, &b)
+        .await
+        .expect("published");
+}
+
+const EVIL: &str = "---\nkind: challenge\ntitle: Evil text\ndescription: Sanitised.\ndifficulty: hard\n\
+visibility: public\nplayground: {name: debian}\ntasks:\n  made:\n    run: test -e /tmp/made\n---\n\n\
+# Hello\n\n<script>window.pwned=1</script>\n\n<img src=x onerror=\"window.pwned=2\">\n\n\
+[click](javascript:window.pwned=3)\n\n<iframe src=\"/\"></iframe>\n\n![d](__static__/d.png)\n\n\
+::task{name=made}\n\n```sh\ntouch /tmp/made\n```\n";
+
+#[tokio::test]
+async fn content_catalog_item_page_run_page_and_static_files() {
+    let h = H::new().await;
+    let (cookie, csrf) = h.sign_in_admin().await;
+    publish(
+        &h,
+        "evil-text",
+        &[
+            ("index.md", EVIL.as_bytes()),
+            ("__static__/d.png", b"PNG-DATA"),
+        ],
+    )
+    .await;
+    publish(
+        &h,
+        "easy-tour",
+        &[("index.md", b"---\nkind: tutorial\ntitle: Easy tour\ndifficulty: easy\nvisibility: public\n---\nText.\n")],
+    )
+    .await;
+
+    let (status, page, _) = h.get("/content", Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        page.contains("data-content=\"evil-text\"") && page.contains("data-content=\"easy-tour\"")
+    );
+    let (_, page, _) = h.get("/content?kind=tutorial", Some(&cookie)).await;
+    assert!(
+        !page.contains("data-content=\"evil-text\"") && page.contains("data-content=\"easy-tour\"")
+    );
+    let (_, page, _) = h
+        .get("/content?difficulty=hard&q=sanitised", Some(&cookie))
+        .await;
+    assert!(
+        page.contains("data-content=\"evil-text\"") && !page.contains("data-content=\"easy-tour\"")
+    );
+
+    let (status, page, _) = h.get("/content/evil-text", Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK);
+    let lower = page.to_lowercase();
+    for bad in ["window.pwned", "onerror", "javascript:", "<iframe"] {
+        assert!(!lower.contains(bad), "{bad} in the page");
+    }
+    for good in [
+        "<h1>Hello</h1>",
+        "src=\"/content/evil-text/static/v1/d.png\"",
+        "data-task=\"made\"",
+        "data-action=\"run\"",
+        "action=\"/content/evil-text/start\"",
+    ] {
+        assert!(page.contains(good), "page lacks {good}");
+    }
+    let (status, body, resp) = h
+        .get("/content/evil-text/static/v1/d.png", Some(&cookie))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.as_bytes(), b"PNG-DATA");
+    assert_eq!(resp.headers()[header::CONTENT_TYPE], "image/png");
+    let (status, _, _) = h
+        .get("/content/evil-text/static/v1/nope.png", Some(&cookie))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Start: a run of the item whose page shows the text beside the terminals and checklist.
+    let (status, resp) = h
+        .post_form(
+            "/content/evil-text/start",
+            Some(&cookie),
+            &format!("csrf={csrf}"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let to = location(&resp);
+    assert!(to.starts_with("/runs/"), "{to}");
+    let (_, page, _) = h.get(&to, Some(&cookie)).await;
+    for good in [
+        "class=\"content-text content-beside\"",
+        "<h1>Hello</h1>",
+        "li id=\"task-made\"",
+        "id=\"terminals\"",
+    ] {
+        assert!(page.contains(good), "run page lacks {good}");
+    }
+    assert!(!page.to_lowercase().contains("window.pwned"));
+    // The item page now offers to continue that run.
+    let (_, page, _) = h.get("/content/evil-text", Some(&cookie)).await;
+    assert!(page.contains(&format!("href=\"{to}\"")), "continue link");
+    // A skill path lists its items with their titles and the user's solved state.
+    publish(
+        &h,
+        "a-path",
+        &[(
+            "index.md",
+            b"---\nkind: skill-path\ntitle: A path\nvisibility: public\nunits:\n  - title: Unit one\n    items: [evil-text, easy-tour]\n---\n",
+        )],
+    )
+    .await;
+    let (_, page, _) = h.get("/content/a-path", Some(&cookie)).await;
+    assert!(page.contains("<h2>Unit one</h2>"), "{page}");
+    assert!(page.contains("data-item=\"evil-text\" data-solved=\"false\"><a href=\"/content/evil-text\">Evil text</a>"), "{page}");
+    // Without CSRF: refused.
+    let (status, _) = h
+        .post_form("/content/evil-text/start", Some(&cookie), "")
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn course_lessons_have_pages_navigation_and_their_own_runs() {
+    let h = H::new().await;
+    let (cookie, csrf) = h.sign_in_admin().await;
+    publish(
+        &h,
+        "shell-course",
+        &[
+            ("index.md", b"---\nkind: course\ntitle: Shell course\nvisibility: public\n---\nWelcome.\n"),
+            ("01-start/index.md", b"---\ntitle: Getting started\n---\n"),
+            ("01-start/01-look.md", b"---\ntitle: Look around\n---\nUse **ls**.\n"),
+            (
+                "02-files/01-make.md",
+                b"---\ntitle: Make files\nplayground: {name: debian}\ntasks:\n  touched:\n    run: test -e /tmp/t\n---\nRun `touch /tmp/t`.\n\n::task{name=touched}\n",
+            ),
+        ],
+    )
+    .await;
+    let (status, page, _) = h.get("/content/shell-course", Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        page.contains("href=\"/content/shell-course/lessons/01-start/01-look\">Look around</a>"),
+        "{page}"
+    );
+    assert!(
+        page.contains("href=\"/content/shell-course/lessons/02-files/01-make\">Make files</a>")
+    );
+    assert!(
+        !page.contains("id=\"content-start\""),
+        "the course itself has no playground"
+    );
+
+    let (status, page, _) = h
+        .get(
+            "/content/shell-course/lessons/01-start/01-look",
+            Some(&cookie),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("<strong>ls</strong>") && page.contains("Getting started"));
+    assert!(page.contains("rel=\"next\" href=\"/content/shell-course/lessons/02-files/01-make\""));
+    assert!(!page.contains("rel=\"prev\""));
+    let (status, _, _) = h
+        .get("/content/shell-course/lessons/01-start/nope", Some(&cookie))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let (_, page, _) = h
+        .get(
+            "/content/shell-course/lessons/02-files/01-make",
+            Some(&cookie),
+        )
+        .await;
+    assert!(
+        page.contains("name=\"lesson\" value=\"02-files&#x2f;01-make\""),
+        "{page}"
+    );
+    assert!(page.contains("data-lesson=\"02-files&#x2f;01-make\""));
+    let (status, resp) = h
+        .post_form(
+            "/content/shell-course/start",
+            Some(&cookie),
+            &format!("csrf={csrf}&lesson=02-files%2F01-make"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let to = location(&resp);
+    let (_, page, _) = h.get(&to, Some(&cookie)).await;
+    assert!(page.contains("Shell course: Make files"), "run title");
+    assert!(
+        page.contains("data-lesson=\"02-files&#x2f;01-make\"")
+            && page.contains("<code>touch /tmp/t</code>")
+    );
+    assert!(page.contains("li id=\"task-touched\""));
+    // A lesson without a playground, or no lesson at all on a course, has nothing to start.
+    let (status, _) = h
+        .post_form(
+            "/content/shell-course/start",
+            Some(&cookie),
+            &format!("csrf={csrf}&lesson=01-start%2F01-look"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn admins_make_content_authors_on_the_users_page() {
+    let h = H::new().await;
+    let (cookie, csrf) = h.sign_in_admin().await;
+    let (status, _) = h
+        .post_form(
+            "/admin/users",
+            Some(&cookie),
+            &format!("csrf={csrf}&name=writer&password=long-enough-1&role=user"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, page, _) = h.get("/admin/users", Some(&cookie)).await;
+    assert!(page.contains("data-author=\"false\""), "{page}");
+    let (status, resp) = h
+        .post_form(
+            "/admin/users/author",
+            Some(&cookie),
+            &format!("csrf={csrf}&name=writer&action=grant"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{:?}", resp.headers());
+    let (_, page, _) = h.get("/admin/users", Some(&cookie)).await;
+    assert!(page.contains("data-author=\"true\""), "{page}");
+    let writer = crate::auth::find_user(&h.control.ctx().db, "writer")
+        .await
+        .expect("query")
+        .expect("writer");
+    assert!(
+        crate::content::is_author(&h.control.ctx().db, &writer)
+            .await
+            .expect("query")
+    );
+    let (status, _) = h
+        .post_form(
+            "/admin/users/author",
+            Some(&cookie),
+            &format!("csrf={csrf}&name=writer&action=revoke"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert!(
+        !crate::content::is_author(&h.control.ctx().db, &writer)
+            .await
+            .expect("query")
+    );
 }

@@ -1,6 +1,7 @@
 //! One module per command group.
 
 pub mod auth;
+pub mod content;
 pub mod playground;
 pub mod portfwd;
 pub mod server;

@@ -177,7 +177,11 @@ fn is_status(e: &anyhow::Error, status: u16) -> bool {
 }
 
 /// Registers the playground, replacing the caller's earlier one of the same name.
-async fn register(api: &Api, manifest_text: &str, file: &Path) -> anyhow::Result<String> {
+pub(crate) async fn register(
+    api: &Api,
+    manifest_text: &str,
+    file: &Path,
+) -> anyhow::Result<String> {
     let value: serde_json::Value = serde_saphyr::from_str(manifest_text)
         .with_context(|| format!("{} is not valid YAML", file.display()))?;
     let name = value["name"].as_str().unwrap_or_default().to_string();
@@ -235,9 +239,21 @@ pub async fn test(
         .call(Method::POST, "/runs", Some(&json!({ "playground": name })))
         .await?;
     eprintln!("run {} of {name}: starting", run.id);
+    play_and_destroy(api, &run, &manifest, &sol.steps, timeout).await
+}
+
+/// Plays `steps` in the just-started `run` of `manifest`, reports per task, and destroys the
+/// run whatever happens; returns the exit code (0 only if every task completed).
+pub(crate) async fn play_and_destroy(
+    api: &Api,
+    run: &RunView,
+    manifest: &Manifest,
+    steps: &[Step],
+    timeout: Duration,
+) -> anyhow::Result<i32> {
     let started = Instant::now();
     let result = tokio::select! {
-        r = play(api, &run.id, &manifest, &sol.steps, timeout, started) => r,
+        r = play(api, &run.id, manifest, steps, timeout, started) => r,
         _ = tokio::signal::ctrl_c() => {
             eprintln!("interrupted: destroying run {}", run.id);
             Ok(130)

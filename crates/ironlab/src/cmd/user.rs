@@ -25,6 +25,15 @@ pub async fn run(cmd: UserCommand, api: &Api) -> anyhow::Result<i32> {
             );
             println!("{}", created.token);
         }
+        UserCommand::Author { name, revoke } => {
+            let method = if revoke { Method::DELETE } else { Method::PUT };
+            api.call_empty(method, &format!("/users/{name}/author"))
+                .await?;
+            eprintln!(
+                "{name} {} a content author",
+                if revoke { "is no longer" } else { "is now" }
+            );
+        }
         UserCommand::Quota { name, size } => {
             let bytes = if size == "default" {
                 None
