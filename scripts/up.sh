@@ -27,4 +27,4 @@ else
     echo "up: the microVM kit did not build; playgrounds run as containers only" >&2
 fi
 
-exec "$CARGO_TARGET_DIR/release/ironlab" up "$@"
+exec "$CARGO_TARGET_DIR/release/ironlab" up --content "$REPO_ROOT/content" "$@"

@@ -110,6 +110,10 @@ pub struct UpArgs {
     /// Data directory (database, tokens, worker pool).
     #[arg(long, default_value = "/var/lib/ironlab")]
     pub data_dir: PathBuf,
+    /// Publish every content item folder in DIR at start, as the admin (e.g. the repository's
+    /// `content/`); unchanged items keep their version.
+    #[arg(long, value_name = "DIR")]
+    pub content: Option<PathBuf>,
     #[command(flatten)]
     pub worker: WorkerOptions,
 }

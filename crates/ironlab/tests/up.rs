@@ -1,4 +1,5 @@
-//! `ironlab up`: one process tree serves the stock debian playground; Ctrl-C stops it cleanly;
+//! `ironlab up --content content/`: one process tree serves the stock debian playground and the
+//! stock content; Ctrl-C stops it cleanly;
 //! started again on the same data dir it keeps the run, and the machine kept running meanwhile.
 
 mod common;
@@ -19,7 +20,48 @@ fn up_serves_debian_and_survives_ctrl_c() {
     ) else {
         return;
     };
-    let mut p = Platform::start_up(&env);
+    // The stock content of the repository, published at start like `scripts/up.sh` does.
+    let content = concat!(env!("CARGO_MANIFEST_DIR"), "/../../content");
+    let mut p = Platform::start_up_with(&env, &["--content", content]);
+    let published = |p: &Platform| -> Vec<(String, i64)> {
+        let r = http("GET", &p.api("/content"), Some(&p.token()), None);
+        assert_eq!(r.status, 200, "GET /content: {}", r.body);
+        let v: serde_json::Value = serde_json::from_str(&r.body).expect("json");
+        let mut items: Vec<(String, i64)> = v
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|c| {
+                (
+                    c["name"].as_str().unwrap_or_default().to_string(),
+                    c["version"].as_i64().unwrap_or_default(),
+                )
+            })
+            .collect();
+        items.sort();
+        items
+    };
+    // `up` publishes once its worker is ready, after the API already answers.
+    let wanted = [
+        "linux-first-steps",
+        "shell-pipelines",
+        "linux-essentials",
+        "linux-foundations",
+    ];
+    let stock = common::wait_for(Duration::from_secs(120), Duration::from_millis(200), || {
+        let items = published(&p);
+        wanted
+            .iter()
+            .all(|w| items.iter().any(|(n, v)| n == w && *v == 1))
+            .then_some(items)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "`up --content` did not publish {wanted:?} at version 1 within 120 s: {:?}\n{}",
+            published(&p),
+            p.logs()
+        )
+    });
 
     let catalog = p.cli_ok(&["playground", "catalog"]);
     assert!(
@@ -63,6 +105,22 @@ fn up_serves_debian_and_survives_ctrl_c() {
     );
     let r = http("GET", &p.api("/me"), Some(&token), None);
     assert_eq!(r.status, 200, "GET /me after restart: {}", r.body);
+    // Wait until this `up` has pushed the content again (the skill path goes last).
+    let pushed = common::wait_for(Duration::from_secs(120), Duration::from_millis(200), || {
+        p.control_log()
+            .contains("content linux-foundations (skill-path) version")
+            .then_some(())
+    });
+    assert!(
+        pushed.is_some(),
+        "`up` did not push the content again:\n{}",
+        p.logs()
+    );
+    assert_eq!(
+        published(&p),
+        stock,
+        "a restart of `up --content` with unchanged content must keep every version"
+    );
     let list = p.cli_ok(&["playground", "list"]);
     assert!(
         list.contains(&id),

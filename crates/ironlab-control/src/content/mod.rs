@@ -265,6 +265,25 @@ pub async fn push(ctx: &Ctx, user: &User, name: &str, bundle: &Bundle) -> ApiRes
         .await
         .context("bundle writer panicked")?
         .context("failed to store a content bundle")?;
+    // Pushing exactly the latest version again publishes nothing (`ironlab up --content` pushes
+    // the stock items at every start).
+    if let Some(latest) = &existing {
+        let same: Option<String> = sqlx::query_scalar(
+            "SELECT digest FROM content_versions WHERE name = $1 AND version = $2",
+        )
+        .bind(name)
+        .bind(latest.version)
+        .fetch_optional(&ctx.db)
+        .await?;
+        if same.as_deref() == Some(digest.as_str()) {
+            tracing::info!(
+                content = name,
+                version = latest.version,
+                "content unchanged"
+            );
+            return get_row(&ctx.db, name).await?.ok_or_else(|| not_found(name));
+        }
+    }
     let f = &item.front;
     let now = db::now_ms();
     let mut tx = ctx.db.begin().await?;

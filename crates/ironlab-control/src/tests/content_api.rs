@@ -78,6 +78,11 @@ async fn push_versions_pull_and_remove() {
     assert_eq!(v["playground"], "debian");
     assert_eq!(v["difficulty"], "easy");
     let v1 = challenge(CHALLENGE);
+    // The same bundle again publishes nothing new.
+    let (s, v) = h.push(&admin, "make-file", challenge(CHALLENGE)).await;
+    assert!(s.is_success(), "{v}");
+    assert_eq!(v["version"], 1, "an unchanged push keeps the version");
+    assert_eq!(h.bundle_files().len(), 1);
 
     let edited = CHALLENGE.replace("Make a file\ndescription", "Make one file\ndescription");
     let (s, v) = h.push(&admin, "make-file", challenge(&edited)).await;

@@ -424,3 +424,52 @@ fn temp_name(name: &str) -> String {
     n.truncate(40);
     n.trim_end_matches('-').to_string()
 }
+
+/// Publishes every item folder under `root` (what `ironlab up --content DIR` does at start):
+/// challenges and tutorials first, then courses, skill paths last (they list the others). An
+/// unchanged item keeps its version. Returns how many items were refused (each is reported).
+pub async fn publish_dir(api: &Api, root: &Path) -> anyhow::Result<usize> {
+    let mut items = Vec::new();
+    let mut refused = 0;
+    let mut dirs: Vec<PathBuf> = fs_err::read_dir(root)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("index.md").is_file())
+        .collect();
+    dirs.sort();
+    for dir in dirs {
+        match load(Some(&dir)) {
+            Ok((bundle, item)) => items.push((bundle, item)),
+            Err(_) => refused += 1,
+        }
+    }
+    let rank = |k: ContentKind| match k {
+        ContentKind::Tutorial | ContentKind::Challenge => 0,
+        ContentKind::Course => 1,
+        ContentKind::SkillPath => 2,
+    };
+    items.sort_by_key(|(_, item)| rank(item.front.kind));
+    for (bundle, item) in items {
+        let r: anyhow::Result<ContentView> = api
+            .post_bytes(
+                &format!("/content?name={}", item.name),
+                "application/x-tar",
+                bundle.to_tar(),
+            )
+            .await;
+        match r {
+            Ok(v) => eprintln!(
+                "ironlab: content {} ({}) version {}",
+                v.name, v.kind, v.version
+            ),
+            Err(e) => {
+                refused += 1;
+                eprintln!(
+                    "ironlab: warning: content {} was not published: {e:#}",
+                    item.name
+                );
+            }
+        }
+    }
+    Ok(refused)
+}

@@ -366,6 +366,22 @@ pub async fn up(args: UpArgs) -> anyhow::Result<i32> {
         );
     }
     let url = format!("http://{}", args.listen);
+    if let Some(dir) = &args.content {
+        match crate::client::Api::new(&url, &admin_token) {
+            Ok(api) => match super::content::publish_dir(&api, dir).await {
+                Ok(0) => {}
+                Ok(n) => eprintln!(
+                    "ironlab: warning: {n} content item(s) in {} were not published (see above)",
+                    dir.display()
+                ),
+                Err(e) => eprintln!(
+                    "ironlab: warning: cannot publish the content in {}: {e:#}",
+                    dir.display()
+                ),
+            },
+            Err(e) => eprintln!("ironlab: warning: {e:#}"),
+        }
+    }
     println!("ironlab is up: {url}  (API {url}/api/v1)");
     println!("admin token: {admin_token}");
     println!("log in with: ironlab auth login --server {url} --token {admin_token}");

@@ -792,6 +792,8 @@ pub struct Platform {
     up: bool,
     /// Extra environment of the next worker start (e.g. `IRONLAB_TEST_CRASH_AT`).
     pub worker_env: Vec<(String, String)>,
+    /// Extra arguments of `ironlab up` (e.g. `--content DIR`).
+    pub up_args: Vec<String>,
 }
 
 impl Platform {
@@ -814,6 +816,7 @@ impl Platform {
             runs: Vec::new(),
             up: false,
             worker_env: Vec::new(),
+            up_args: Vec::new(),
         };
         p.start_worker();
         p.start_control();
@@ -824,6 +827,11 @@ impl Platform {
     /// waits until both answer. [`Platform::start_control`] restarts it, [`Platform::interrupt`]
     /// sends it Ctrl-C.
     pub fn start_up(env: &Env) -> Platform {
+        Self::start_up_with(env, &[])
+    }
+
+    /// `ironlab up` with extra arguments.
+    pub fn start_up_with(env: &Env, up_args: &[&str]) -> Platform {
         let dir = TempDir::new("up");
         let data = dir.path().join("data");
         fs::create_dir_all(&data).expect("create the data dir");
@@ -842,6 +850,7 @@ impl Platform {
             runs: Vec::new(),
             up: true,
             worker_env: Vec::new(),
+            up_args: up_args.iter().map(|a| a.to_string()).collect(),
         };
         p.start_control();
         p
@@ -950,6 +959,9 @@ impl Platform {
             "--data-dir".into(),
             self.data.to_string_lossy().into_owned(),
         ];
+        if self.up {
+            args.extend(self.up_args.iter().cloned());
+        }
         if !self.up {
             args.extend([
                 "--worker-url".into(),
@@ -1081,6 +1093,11 @@ impl Platform {
     }
 
     /// Both logs' tails, for assertion messages.
+    /// The whole log of the current control plane (`up`) process.
+    pub fn control_log(&self) -> String {
+        fs::read_to_string(self.log("control", self.control_starts)).unwrap_or_default()
+    }
+
     pub fn logs(&self) -> String {
         format!(
             "--- control log:\n{}\n--- worker log:\n{}",
