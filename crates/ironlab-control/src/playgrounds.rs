@@ -13,22 +13,49 @@ use crate::error::{ApiError, ApiResult};
 
 /// The stock playgrounds' manifests.
 pub fn stock_manifests() -> Vec<serde_json::Value> {
-    vec![json!({
-        "kind": "playground",
-        "name": "debian",
-        "title": "Debian 12",
-        "description": "A Debian 12 (bookworm) machine with bash, coreutils, curl, git, vim and sudo.",
-        "playground": {
-            "machines": [{
-                "name": "debian",
-                "runtime": "auto",
-                "resources": {"cpu": 1, "memory": "512MiB"},
-                "drives": [{"source": "debian", "mount": "/", "size": "4GiB"}],
-                "users": [{"name": "laborant", "default": true}]
-            }],
-            "tabs": [{"kind": "terminal", "machine": "debian"}]
-        }
-    })]
+    vec![
+        json!({
+            "kind": "playground",
+            "name": "debian",
+            "title": "Debian 12",
+            "description": "A Debian 12 (bookworm) machine with bash, coreutils, curl, git, vim and sudo.",
+            "playground": {
+                "machines": [{
+                    "name": "debian",
+                    "runtime": "auto",
+                    "resources": {"cpu": 1, "memory": "512MiB"},
+                    "drives": [{"source": "debian", "mount": "/", "size": "4GiB"}],
+                    "users": [{"name": "laborant", "default": true}]
+                }],
+                "tabs": [{"kind": "terminal", "machine": "debian"}]
+            }
+        }),
+        json!({
+            "kind": "playground",
+            "name": "debian-pair",
+            "title": "Two Debian 12 machines",
+            "description": "Two Debian 12 machines, alpha and beta, on one network: they reach each other by name.",
+            "playground": {
+                "machines": [{
+                    "name": "alpha",
+                    "runtime": "auto",
+                    "resources": {"cpu": 1, "memory": "256MiB"},
+                    "drives": [{"source": "debian", "mount": "/", "size": "4GiB"}],
+                    "users": [{"name": "laborant", "default": true}]
+                }, {
+                    "name": "beta",
+                    "runtime": "auto",
+                    "resources": {"cpu": 1, "memory": "256MiB"},
+                    "drives": [{"source": "debian", "mount": "/", "size": "4GiB"}],
+                    "users": [{"name": "laborant", "default": true}]
+                }],
+                "tabs": [
+                    {"kind": "terminal", "machine": "alpha"},
+                    {"kind": "terminal", "machine": "beta"}
+                ]
+            }
+        }),
+    ]
 }
 
 /// Registers (or refreshes) every stock playground; idempotent.

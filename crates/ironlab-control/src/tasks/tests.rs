@@ -60,6 +60,18 @@ impl Fake {
         });
     }
 
+    /// Waits until the control plane's follower holds a task stream (changes sent before would
+    /// only reach it as the snapshot, their intermediate states folded away).
+    async fn wait_follower(&self) {
+        for _ in 0..200 {
+            if self.with(|st| st.feed.receiver_count()) > 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the control plane never opened the task stream");
+    }
+
     fn drop_streams(&self) {
         self.with(|st| {
             let _ = st.feed.send(None);
@@ -374,6 +386,7 @@ async fn task_changes_are_recorded_once_streamed_and_survive_restarts() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    fake.wait_follower().await;
     fake.send(status("setup", TaskState::Running, 1, ""));
     fake.send(status("setup", TaskState::Completed, 2, ""));
     fake.send(status("watcher", TaskState::Running, 3, ""));
