@@ -589,7 +589,15 @@ async fn catalog_stock_and_custom_playgrounds() {
     assert_eq!(s, StatusCode::CONFLICT);
     // Bob neither sees nor removes Alice's playground; nobody removes a stock one.
     let (_, v) = h.call("GET", "/api/v1/playgrounds", Some(&bob), None).await;
-    assert_eq!(v.as_array().map(Vec::len), Some(1));
+    let names: Vec<&str> = v
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        names,
+        vec!["debian", "debian-pair"],
+        "bob sees the stock playgrounds only"
+    );
     let (s, _) = h
         .call("DELETE", "/api/v1/playgrounds/alice-lab", Some(&bob), None)
         .await;
