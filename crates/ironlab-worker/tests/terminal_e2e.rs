@@ -11,7 +11,7 @@
 //! (`IRONLAB_AGENT`, or `scripts/build-agent.sh`). Without root the tests print why and return.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -241,28 +241,7 @@ impl Drop for Fixture {
         let _ = Command::new("ip")
             .args(["netns", "delete", &format!("il-{run}")])
             .output();
-        for line in sh("cat", &["/proc/self/mountinfo"]).lines() {
-            if let Some(mp) = line.split(' ').nth(4)
-                && Path::new(mp).starts_with(&self.runs_dir)
-            {
-                let _ = Command::new("umount").args(["-l", mp]).status();
-            }
-        }
-        for line in sh("losetup", &["-l", "-n", "--raw", "-O", "NAME,BACK-FILE"]).lines() {
-            if let Some((dev, file)) = line.split_once(' ')
-                && Path::new(file).starts_with(self.tmp.path())
-            {
-                let _ = Command::new("losetup").args(["-d", dev]).status();
-            }
-        }
-        for c in [
-            "memory", "pids", "cpu", "cpuacct", "cpuset", "devices", "freezer", "blkio", "hugetlb",
-        ] {
-            let dir = format!("/sys/fs/cgroup/{c}/ironlab/{run}");
-            let _ = Command::new("find")
-                .args([&dir, "-depth", "-type", "d", "-exec", "rmdir", "{}", ";"])
-                .output();
-        }
+        common::scrub_host(&self.runs_dir, self.tmp.path(), std::slice::from_ref(run));
     }
 }
 

@@ -196,31 +196,7 @@ impl Drop for Fixture {
                 .args(["netns", "delete", &format!("il-{run}")])
                 .output();
         }
-        for line in sh("cat", &["/proc/self/mountinfo"]).lines() {
-            if let Some(mp) = line.split(' ').nth(4)
-                && Path::new(mp).starts_with(&self.runs_dir)
-            {
-                let _ = Command::new("umount").args(["-l", mp]).status();
-            }
-        }
-        for line in sh("losetup", &["-l", "-n", "--raw", "-O", "NAME,BACK-FILE"]).lines() {
-            if let Some((dev, file)) = line.split_once(' ')
-                && Path::new(file).starts_with(&self.runs_dir)
-            {
-                let _ = Command::new("losetup").args(["-d", dev]).status();
-            }
-        }
-        for run in &self.run_ids {
-            for c in [
-                "memory", "pids", "cpu", "cpuacct", "cpuset", "devices", "freezer", "blkio",
-                "hugetlb", "systemd", "unified",
-            ] {
-                let dir = format!("/sys/fs/cgroup/{c}/ironlab/{run}");
-                let _ = Command::new("find")
-                    .args([&dir, "-depth", "-type", "d", "-exec", "rmdir", "{}", ";"])
-                    .output();
-            }
-        }
+        common::scrub_host(&self.runs_dir, &self.runs_dir, &self.run_ids);
     }
 }
 

@@ -114,3 +114,34 @@ pub fn busybox_drive(dir: &Path) -> PathBuf {
     assert!(st.success(), "mkfs.ext4 -d failed");
     file
 }
+
+/// What a test's Drop guard does last, whatever state the test left: lazily unmounts everything
+/// mounted under `mounts_under`, detaches loop devices whose file lies under `loops_under`, and
+/// removes the cgroups of `runs` (`ironlab/<run>` in every hierarchy).
+pub fn scrub_host(mounts_under: &Path, loops_under: &Path, runs: &[String]) {
+    for line in sh("cat", &["/proc/self/mountinfo"]).lines() {
+        if let Some(mp) = line.split(' ').nth(4)
+            && Path::new(mp).starts_with(mounts_under)
+        {
+            let _ = Command::new("umount").args(["-l", mp]).status();
+        }
+    }
+    for line in sh("losetup", &["-l", "-n", "--raw", "-O", "NAME,BACK-FILE"]).lines() {
+        if let Some((dev, file)) = line.split_once(' ')
+            && Path::new(file).starts_with(loops_under)
+        {
+            let _ = Command::new("losetup").args(["-d", dev]).status();
+        }
+    }
+    for run in runs {
+        for c in [
+            "memory", "pids", "cpu", "cpuacct", "cpuset", "devices", "freezer", "blkio", "hugetlb",
+            "systemd", "unified",
+        ] {
+            let dir = format!("/sys/fs/cgroup/{c}/ironlab/{run}");
+            let _ = Command::new("find")
+                .args([&dir, "-depth", "-type", "d", "-exec", "rmdir", "{}", ";"])
+                .output();
+        }
+    }
+}
