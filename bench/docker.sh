@@ -91,6 +91,11 @@ if [[ -z $ACCEL ]]; then
     exit 1
 fi
 echo "bench: accelerator $ACCEL"
+# The API answers before the worker does; until then the control plane offers containers only.
+for _ in $(seq 1 600); do
+    grep -q 'worker ready' "$WORK/up.log" && break
+    sleep 0.1
+done
 
 start_docker() {
     local out
