@@ -20,6 +20,8 @@
 # optional for it (a container may not set the audit login uid: without CAP_AUDIT_CONTROL every
 # login would fail): `sudo sh -c 'ssh-keygen -A && mkdir -p /run/sshd && /usr/sbin/sshd'` starts
 # it, for `ssh -o ProxyCommand='ironlab ssh-proxy RUN'` (VS Code Remote-SSH).
+# Under systemd (microVMs) ssh.service makes its own host keys first (a drop-in runs
+# `ssh-keygen -A`), so every machine has its own and the system boots `running`, not `degraded`.
 set -euo pipefail
 
 say() { printf 'debian-image: %s\n' "$*"; }
@@ -74,6 +76,7 @@ else
         --customize-hook='echo "laborant ALL=(ALL) NOPASSWD:ALL" > "$1/etc/sudoers.d/laborant" && chmod 0440 "$1/etc/sudoers.d/laborant"' \
         --customize-hook='echo ironlab > "$1/etc/hostname"' \
         --customize-hook='rm -f "$1"/etc/ssh/ssh_host_*' \
+        --customize-hook='mkdir -p "$1/etc/systemd/system/ssh.service.d" && printf "[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\nExecStartPre=/usr/sbin/sshd -t\n" > "$1/etc/systemd/system/ssh.service.d/host-keys.conf"' \
         --customize-hook='sed -i "s/^session\s\+required\s\+pam_loginuid.so/session optional pam_loginuid.so/" "$1/etc/pam.d/sshd"' \
         --customize-hook='printf "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n" > "$1/etc/hosts"' \
         --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin "$1"/var/cache/apt/archives/*.deb "$1"/var/log/*.log "$1"/var/cache/debconf/*-old' \
