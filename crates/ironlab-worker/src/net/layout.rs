@@ -12,6 +12,11 @@
 //!                                        uplink 100.64.x.2/30 ── veth ── il-<run> 100.64.x.1/30
 //! ```
 //!
+//! A microVM machine has the same namespace and veth pairs, but `eth<i>` in its namespace carries
+//! no address: it and a tap `tap<i>` are the two ports of a bridge `vmbr<i>` there, QEMU (in that
+//! namespace) opens the tap, and the guest configures the planned address and routes on its own
+//! `eth<i>` (the card with the planned MAC).
+//!
 //! nftables in the run netns: machines on a non-private network may query the resolver on its
 //! gateway and ping it; nothing else reaches the run netns. Forwarding goes only from non-private
 //! bridges to the uplink (never between bridges: machines route between LANs themselves), never
@@ -138,6 +143,16 @@ pub struct MachineNet {
     pub default_route: Option<Ipv4Addr>,
     /// The resolver it uses (the gateway of its first non-private network).
     pub nameserver: Option<Ipv4Addr>,
+    /// A microVM (`runtime: microvm`): its namespace holds a tap per interface bridged to the
+    /// veth; addresses and routes are configured inside the guest.
+    pub vm: bool,
+}
+
+impl MachineNet {
+    /// The tap of interface `i` of a microVM machine (in its namespace).
+    pub fn tap(i: usize) -> String {
+        format!("tap{i}")
+    }
 }
 
 /// The addresses of a run's uplink: a /30, `outer` on the uplink side, `inner` in the run.
@@ -321,6 +336,7 @@ impl Layout {
                 default_route: public.or(private),
                 nameserver: public,
                 ifaces,
+                vm: m.runtime == "microvm",
             });
         }
         let mut allow = Vec::new();
@@ -397,37 +413,29 @@ impl Layout {
         format!("addr add {}/30 dev {dev}\nlink set {dev} up\n", addrs.outer)
     }
 
-    /// `ip -batch` for a machine's namespace.
+    /// `ip -batch` for a machine's namespace. A container's `eth<i>` gets its address and the
+    /// default route; a microVM's `eth<i>` and a tap `tap<i>` become the two ports of a bridge
+    /// `vmbr<i>` (no address: the namespace's own stack stays out of the guest's traffic), and
+    /// the guest configures addresses and routes on its card.
     pub fn machine_batch(m: &MachineNet) -> String {
         let mut s = String::from("link set lo up\n");
+        if m.vm {
+            for (i, f) in m.ifaces.iter().enumerate() {
+                let tap = MachineNet::tap(i);
+                let _ = writeln!(s, "tuntap add dev {tap} mode tap");
+                let _ = writeln!(s, "link add vmbr{i} type bridge");
+                let _ = writeln!(s, "link set {} master vmbr{i} up", f.name);
+                let _ = writeln!(s, "link set {tap} master vmbr{i} up");
+                let _ = writeln!(s, "link set vmbr{i} up");
+            }
+            return s;
+        }
         for f in &m.ifaces {
             let _ = writeln!(s, "addr add {}/{} dev {}", f.address, f.prefix, f.name);
             let _ = writeln!(s, "link set {} up", f.name);
         }
         if let Some(g) = m.default_route {
             let _ = writeln!(s, "route add default via {g}");
-        }
-        s
-    }
-
-    /// The microVM seam: `ip -batch` lines (run namespace) giving machine `m` a TAP device per
-    /// interface (`t<m>e<i>`, on the interface's bridge) instead of a veth pair into a machine
-    /// namespace. The guest configures `eth<i>` itself with the same addresses and routes
-    /// ([`MachineNet::ifaces`], [`MachineNet::default_route`]); hosts and resolv.conf are the
-    /// same texts. Not called yet: the microVM runtime does not exist.
-    pub fn tap_batch(&self, machine: &str) -> String {
-        let mut s = String::new();
-        if let Some((i, m)) = self
-            .machines
-            .iter()
-            .enumerate()
-            .find(|(_, m)| m.machine == machine)
-        {
-            for (j, f) in m.ifaces.iter().enumerate() {
-                let tap = format!("t{i}e{j}");
-                let _ = writeln!(s, "tuntap add dev {tap} mode tap");
-                let _ = writeln!(s, "link set {tap} master {} up", f.bridge);
-            }
         }
         s
     }
@@ -773,11 +781,29 @@ mod tests {
         );
         let tc = l.tc_batch("uplink");
         assert!(tc.contains("htb rate 16000000bit ceil 16000000bit"), "{tc}");
+    }
+
+    #[test]
+    fn a_microvm_gets_taps_bridged_to_its_veths_and_no_addresses_in_its_namespace() {
+        let mut plan = router_plan(EgressPolicy::None);
+        plan.machines[0].runtime = "microvm".into();
+        let l = Layout::new(&plan).expect("valid");
+        let router = &l.machines[0];
+        assert!(router.vm && !l.machines[1].vm);
         assert_eq!(
-            l.tap_batch("router"),
-            "tuntap add dev t0e0 mode tap\nlink set t0e0 master br0 up\n\
-             tuntap add dev t0e1 mode tap\nlink set t0e1 master br1 up\n"
+            Layout::machine_batch(router),
+            "link set lo up\n\
+             tuntap add dev tap0 mode tap\nlink add vmbr0 type bridge\n\
+             link set eth0 master vmbr0 up\nlink set tap0 master vmbr0 up\nlink set vmbr0 up\n\
+             tuntap add dev tap1 mode tap\nlink add vmbr1 type bridge\n\
+             link set eth1 master vmbr1 up\nlink set tap1 master vmbr1 up\nlink set vmbr1 up\n"
         );
+        // The run side is the same as a container's; the guest gets the same texts.
+        let b = l.run_ns_batch(None);
+        assert!(b.contains("link add v0e1 type veth peer name eth1 netns ilm-abc123-router\n"));
+        assert!(l.hosts_file("router").contains("172.16.0.3\tweb web.lan\n"));
+        assert_eq!(router.ifaces[1].address, Ipv4Addr::new(10, 0, 1, 1));
+        assert_eq!(router.default_route, Some(Ipv4Addr::new(172, 16, 0, 1)));
     }
 
     #[test]

@@ -21,6 +21,7 @@
 //! second cpio archive (`pool/vm/initrd-<hash>.img`, made once per agent binary).
 
 pub mod cmdline;
+pub mod guestnet;
 pub mod proxy;
 pub mod qmp;
 
@@ -106,8 +107,8 @@ pub fn find_qemu() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// A newc cpio archive holding `ironlab/agent` (appended to the kit's initramfs).
-pub fn agent_cpio(agent: &[u8]) -> Vec<u8> {
+/// A newc cpio archive of `entries` (`(path, mode, data)`, directories before their files).
+pub fn cpio(entries: &[(&str, u32, &[u8])]) -> Vec<u8> {
     fn entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
         let namesize = name.len() + 1;
         let header = format!(
@@ -134,11 +135,21 @@ pub fn agent_cpio(agent: &[u8]) -> Vec<u8> {
             out.push(0);
         }
     }
-    let mut out = Vec::with_capacity(agent.len() + 512);
-    entry(&mut out, 1, "ironlab", 0o040755, &[]);
-    entry(&mut out, 2, "ironlab/agent", 0o100755, agent);
+    let size: usize = entries.iter().map(|(_, _, d)| d.len() + 256).sum();
+    let mut out = Vec::with_capacity(size + 256);
+    for (i, (name, mode, data)) in entries.iter().enumerate() {
+        entry(&mut out, i as u32 + 1, name, *mode, data);
+    }
     entry(&mut out, 0, "TRAILER!!!", 0, &[]);
     out
+}
+
+/// A newc cpio archive holding `ironlab/agent` (appended to the kit's initramfs).
+pub fn agent_cpio(agent: &[u8]) -> Vec<u8> {
+    cpio(&[
+        ("ironlab", 0o040755, &[]),
+        ("ironlab/agent", 0o100755, agent),
+    ])
 }
 
 /// The uid/gid QEMU of `name` (`il-<run>-<machine>`) runs as: one per machine, from a range no
@@ -293,7 +304,6 @@ impl VmRuntime {
         } else {
             512
         };
-        let h = sha2::Sha256::digest(name.as_bytes());
         VmConfig {
             name,
             hostname: spec.plan.name.clone(),
@@ -310,8 +320,11 @@ impl VmRuntime {
             qmp_socket: Some(spec.dir.join("qmp.sock")),
             console_log: spec.dir.join("console.log"),
             pidfile: Some(spec.dir.join("qemu.pid")),
-            tap: Some("tap0".into()),
-            mac: Some(format!("52:54:00:{:02x}:{:02x}:{:02x}", h[0], h[1], h[2])),
+            nics: guestnet::nics(spec),
+            config_drive: spec
+                .net
+                .as_ref()
+                .map(|_| spec.dir.join(guestnet::CONFIG_DRIVE)),
             run_as: Some((uid, uid)),
             tcg_tb_mib: TCG_TB_MIB,
         }
@@ -365,10 +378,20 @@ impl VmRuntime {
         for f in ["qmp.sock", "agent.serial", "qemu.pid", "stopped"] {
             let _ = std::fs::remove_file(m.dir.join(f));
         }
+        if let (Some(path), Some(image)) = (&config.config_drive, guestnet::config_drive(spec)) {
+            write_file_atomic(path, &image)?;
+        }
         let procs = self.make_cgroup(spec, config.memory_mib);
         let (uid, gid) = config.run_as.unwrap_or((0, 0));
         // QEMU drops to `uid` once set up; files it may reopen later stay reachable.
-        for f in [&spec.root_drive, &config.console_log] {
+        for f in [
+            Some(&spec.root_drive),
+            Some(&config.console_log),
+            config.config_drive.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
             if !f.exists() {
                 fs_err::write(f, b"")?;
             }
@@ -609,6 +632,18 @@ impl VmRuntime {
     }
 }
 
+/// Writes `path` whole or not at all (temp file + rename).
+fn write_file_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    let dir = path.parent().context("a path with a directory")?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".config-")
+        .tempfile_in(dir)?;
+    fs_err::write(tmp.path(), data)?;
+    tmp.persist(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
 /// QEMU's `-name` of a machine.
 pub fn vm_name(run_id: &str, machine: &str) -> String {
     format!("il-{run_id}-{machine}")
@@ -756,8 +791,8 @@ async fn probe_kvm(qemu: &Path, kit: &Kit, initrd: &Path, state_dir: &Path) -> a
         qmp_socket: None,
         console_log: console.clone(),
         pidfile: None,
-        tap: None,
-        mac: None,
+        nics: Vec::new(),
+        config_drive: None,
         run_as: None,
         tcg_tb_mib: TCG_TB_MIB,
     };
