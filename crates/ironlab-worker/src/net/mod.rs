@@ -553,12 +553,28 @@ impl Networks {
             .is_some_and(|pid| pid_alive_with(pid, &conf))
     }
 
-    /// Removes a run's network: its resolver and the machines' namespaces (idempotent). The
-    /// run's namespace itself (and with it the uplink) is deleted by the run manager.
+    /// Removes a run's network: its resolver, the uplink pair and the machines' namespaces
+    /// (idempotent). The run's namespace itself is deleted by the run manager.
     pub async fn teardown(&self, run_id: &str) -> anyhow::Result<()> {
         let conf = self.conf_path(run_id).to_string_lossy().into_owned();
         if let Some(pid) = self.dnsmasq_pid(run_id) {
             kill_and_wait(pid, &conf).await;
+        }
+        // The uplink's outer end lives in another namespace: deleting the run's namespace
+        // removes the pair only when the kernel gets round to cleaning that namespace up, so
+        // a quick restart would find the name still taken. Remove the pair now.
+        let state: NetState = std::fs::read(self.dir(run_id).join("state.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        if state.uplink.is_some() {
+            let ns = layout::run_netns(run_id);
+            if host::netns_path(&ns).exists()
+                && let Err(e) =
+                    cmd::run("ip", &["-n", &ns, "link", "del", layout::UPLINK_INNER]).await
+            {
+                tracing::debug!(run = %run_id, "uplink: {e}");
+            }
         }
         let prefix = format!("ilm-{run_id}-");
         let doomed: Vec<String> = host::list_netns()
