@@ -1175,6 +1175,15 @@ async fn a_microvm_joins_the_run_network_beside_a_container() {
     assert!(hosts.contains("172.16.0.2\tvm vm.local"), "{hosts}");
     let resolv = f.ok(&run, "vm", "cat /etc/resolv.conf").await;
     assert!(resolv.contains("nameserver 172.16.0.1"), "{resolv}");
+    // QEMU sees none of the host's files: its root is the empty jail of its machine directory.
+    let pids = qemus_of(&run);
+    assert_eq!(pids.len(), 1, "one QEMU: {pids:?}");
+    let root = std::fs::read_link(format!("/proc/{}/root", pids[0])).expect("QEMU's root");
+    assert_eq!(root, f.runs_dir.join(&run).join("vm/jail"));
+    let seen = std::fs::read_dir(format!("/proc/{}/root", pids[0]))
+        .expect("read QEMU's root")
+        .count();
+    assert_eq!(seen, 0, "QEMU's root is empty");
     // The machine's namespace holds the tap and the bridge, no address.
     let links = sh("ip", &["-n", &format!("ilm-{run}-vm"), "-o", "link"]);
     assert!(links.contains("tap0") && links.contains("vmbr0"), "{links}");

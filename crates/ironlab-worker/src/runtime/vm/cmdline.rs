@@ -104,6 +104,9 @@ pub struct VmConfig {
     pub config_drive: Option<PathBuf>,
     /// Drop to this `uid:gid` once the VM is set up.
     pub run_as: Option<(u32, u32)>,
+    /// `chroot` into this (empty) directory just before the VM starts: every file QEMU needs is
+    /// open by then, so afterwards it sees none of the host's.
+    pub chroot: Option<PathBuf>,
     /// TCG translation cache in MiB (bounds QEMU's memory overhead).
     pub tcg_tb_mib: u32,
 }
@@ -162,6 +165,9 @@ pub fn qemu_args(c: &VmConfig) -> Vec<String> {
     ]);
     if let Some((uid, gid)) = c.run_as {
         push(&["-run-with", &format!("user={uid}:{gid}")]);
+    }
+    if let Some(dir) = &c.chroot {
+        push(&["-run-with", &format!("chroot={}", esc(dir))]);
     }
     if let Some(fw) = &c.firmware {
         push(&["-bios", &fw.to_string_lossy()]);
@@ -278,6 +284,7 @@ mod tests {
             ],
             config_drive: Some("/p/runs/abc/web/config.img".into()),
             run_as: Some((1_000_123, 1_000_123)),
+            chroot: Some("/p/runs/abc/web/jail".into()),
             tcg_tb_mib: 64,
         }
     }
@@ -301,7 +308,10 @@ mod tests {
         assert!(a.contains(&"-nodefaults".to_string()));
         assert!(a.contains(&"-no-user-config".to_string()));
         assert!(after(&a, "-sandbox")[0].starts_with("on,"));
-        assert_eq!(after(&a, "-run-with"), ["user=1000123:1000123"]);
+        assert_eq!(
+            after(&a, "-run-with"),
+            ["user=1000123:1000123", "chroot=/p/runs/abc/web/jail"]
+        );
         assert_eq!(after(&a, "-bios"), ["/usr/share/qemu/qboot.rom"]);
         let append = after(&a, "-append")[0];
         assert!(append.contains("console=ttyS0"));

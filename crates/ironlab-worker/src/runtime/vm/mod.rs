@@ -14,7 +14,8 @@
 //! QEMU runs detached (`setsid -f`: it outlives the worker), in the run's network namespace
 //! (its tap is created there and vanishes with it), in the cgroup `/ironlab/<run>/<machine>`
 //! (cpu, memory = guest RAM + [`MEMORY_OVERHEAD`], pids) and, after start-up, as an unprivileged
-//! uid of its own (`-run-with user=`) under `-sandbox on`.
+//! uid of its own (`-run-with user=`) under `-sandbox on`, `chroot`ed into the empty, read-only
+//! `jail/` of its machine directory (`-run-with chroot=`: every file it uses is open by then).
 //!
 //! The guest kit (`--vm-kernel-dir`, built by `images/kernel/build.sh`): `vmlinuz`,
 //! `initramfs.cpio`, `modules.ext4`, `VERSION`. The agent is appended to the initramfs as a
@@ -51,6 +52,8 @@ pub const BANNER_TIMEOUT: Duration = Duration::from_secs(20);
 pub const AGENT_TIMEOUT: Duration = Duration::from_secs(90);
 /// Base of the unprivileged uids/gids QEMU processes run as.
 const UID_BASE: u32 = 3_000_000;
+/// The empty directory QEMU `chroot`s into once set up (in the machine directory).
+pub const JAIL: &str = "jail";
 /// The marker file's name and content.
 const MARKER: &str = "runtime";
 
@@ -326,6 +329,7 @@ impl VmRuntime {
                 .as_ref()
                 .map(|_| spec.dir.join(guestnet::CONFIG_DRIVE)),
             run_as: Some((uid, uid)),
+            chroot: Some(spec.dir.join(JAIL)),
             tcg_tb_mib: TCG_TB_MIB,
         }
     }
@@ -380,6 +384,9 @@ impl VmRuntime {
         }
         if let (Some(path), Some(image)) = (&config.config_drive, guestnet::config_drive(spec)) {
             write_file_atomic(path, &image)?;
+        }
+        if let Some(jail) = &config.chroot {
+            make_jail(jail)?;
         }
         let procs = self.make_cgroup(spec, config.memory_mib);
         let (uid, gid) = config.run_as.unwrap_or((0, 0));
@@ -632,6 +639,25 @@ impl VmRuntime {
     }
 }
 
+/// Makes `dir` an empty directory owned by root, mode 0555 (QEMU's root after start-up: it
+/// can neither see nor create anything there).
+fn make_jail(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    match std::fs::symlink_metadata(dir) {
+        Ok(md) if md.is_dir() => {
+            if fs_err::read_dir(dir)?.next().is_some() {
+                anyhow::bail!("{} is not empty", dir.display());
+            }
+        }
+        Ok(_) => anyhow::bail!("{} is not a directory", dir.display()),
+        Err(_) => fs_err::create_dir(dir)?,
+    }
+    std::os::unix::fs::chown(dir, Some(0), Some(0))
+        .with_context(|| format!("cannot chown {}", dir.display()))?;
+    fs_err::set_permissions(dir, std::fs::Permissions::from_mode(0o555))?;
+    Ok(())
+}
+
 /// Writes `path` whole or not at all (temp file + rename).
 fn write_file_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     let dir = path.parent().context("a path with a directory")?;
@@ -794,6 +820,7 @@ async fn probe_kvm(qemu: &Path, kit: &Kit, initrd: &Path, state_dir: &Path) -> a
         nics: Vec::new(),
         config_drive: None,
         run_as: None,
+        chroot: None,
         tcg_tb_mib: TCG_TB_MIB,
     };
     let mut child = tokio::process::Command::new(qemu)
@@ -833,6 +860,21 @@ impl MachineRuntime for VmRuntime {
             return Ok(());
         }
         let _ = fs_err::write(m.dir.join("stopped"), b"");
+        // The guest's page cache is not the host's: a guest without an init that acts on the
+        // power button (agent as PID 1) would be quit with its last writes unwritten. Flush
+        // them first (a systemd guest syncs again while powering off). Through `sh`: a busybox
+        // image may have no `sync` link, but its shell runs applets by name.
+        match crate::agent_client::run(
+            &m.agent_socket(),
+            &["sh", "-c", "sync"],
+            grace.min(Duration::from_secs(10)),
+        )
+        .await
+        {
+            Ok(0) => {}
+            Ok(code) => tracing::warn!(machine = %m.machine, code, "sync in the guest failed"),
+            Err(e) => tracing::warn!(machine = %m.machine, "cannot sync the guest: {e:#}"),
+        }
         let qmp_path = m.dir.join("qmp.sock");
         if let Ok(mut q) = qmp::Qmp::connect(&qmp_path, Duration::from_secs(2)).await {
             let _ = q.system_powerdown().await;
