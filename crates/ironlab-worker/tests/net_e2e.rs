@@ -1184,9 +1184,22 @@ async fn a_microvm_joins_the_run_network_beside_a_container() {
         .expect("read QEMU's root")
         .count();
     assert_eq!(seen, 0, "QEMU's root is empty");
-    // The machine's namespace holds the tap and the bridge, no address.
+    // The machine's namespace holds the tap, tied to eth0 by tc, and no address.
     let links = sh("ip", &["-n", &format!("ilm-{run}-vm"), "-o", "link"]);
-    assert!(links.contains("tap0") && links.contains("vmbr0"), "{links}");
+    assert!(links.contains("tap0"), "{links}");
+    let tc = sh(
+        "tc",
+        &[
+            "-n",
+            &format!("ilm-{run}-vm"),
+            "filter",
+            "show",
+            "dev",
+            "eth0",
+            "ingress",
+        ],
+    );
+    assert!(tc.contains("Egress Redirect to device tap0"), "{tc}");
     let ns_addrs = sh("ip", &["-n", &format!("ilm-{run}-vm"), "-o", "-4", "addr"]);
     assert!(!ns_addrs.contains("172.16.0.2"), "{ns_addrs}");
 

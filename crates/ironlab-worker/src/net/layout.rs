@@ -13,9 +13,9 @@
 //! ```
 //!
 //! A microVM machine has the same namespace and veth pairs, but `eth<i>` in its namespace carries
-//! no address: it and a tap `tap<i>` are the two ports of a bridge `vmbr<i>` there, QEMU (in that
-//! namespace) opens the tap, and the guest configures the planned address and routes on its own
-//! `eth<i>` (the card with the planned MAC).
+//! no address: a tap `tap<i>` beside it is tied to it by `tc` (the ingress of each redirected to
+//! the egress of the other, as kata does), QEMU (in that namespace) opens the tap, and the guest
+//! configures the planned address and routes on its own `eth<i>` (the card with the planned MAC).
 //!
 //! nftables in the run netns: machines on a non-private network may query the resolver on its
 //! gateway and ping it; nothing else reaches the run netns. Forwarding goes only from non-private
@@ -143,7 +143,7 @@ pub struct MachineNet {
     pub default_route: Option<Ipv4Addr>,
     /// The resolver it uses (the gateway of its first non-private network).
     pub nameserver: Option<Ipv4Addr>,
-    /// A microVM (`runtime: microvm`): its namespace holds a tap per interface bridged to the
+    /// A microVM (`runtime: microvm`): its namespace holds a tap per interface tied to the
     /// veth; addresses and routes are configured inside the guest.
     pub vm: bool,
 }
@@ -414,19 +414,16 @@ impl Layout {
     }
 
     /// `ip -batch` for a machine's namespace. A container's `eth<i>` gets its address and the
-    /// default route; a microVM's `eth<i>` and a tap `tap<i>` become the two ports of a bridge
-    /// `vmbr<i>` (no address: the namespace's own stack stays out of the guest's traffic), and
-    /// the guest configures addresses and routes on its card.
+    /// default route; a microVM's `eth<i>` stays bare beside a tap `tap<i>` (tied together by
+    /// [`Layout::machine_tc_batch`]) and the guest configures addresses and routes on its card.
     pub fn machine_batch(m: &MachineNet) -> String {
         let mut s = String::from("link set lo up\n");
         if m.vm {
             for (i, f) in m.ifaces.iter().enumerate() {
                 let tap = MachineNet::tap(i);
                 let _ = writeln!(s, "tuntap add dev {tap} mode tap");
-                let _ = writeln!(s, "link add vmbr{i} type bridge");
-                let _ = writeln!(s, "link set {} master vmbr{i} up", f.name);
-                let _ = writeln!(s, "link set {tap} master vmbr{i} up");
-                let _ = writeln!(s, "link set vmbr{i} up");
+                let _ = writeln!(s, "link set {tap} up");
+                let _ = writeln!(s, "link set {} up", f.name);
             }
             return s;
         }
@@ -436,6 +433,32 @@ impl Layout {
         }
         if let Some(g) = m.default_route {
             let _ = writeln!(s, "route add default via {g}");
+        }
+        s
+    }
+
+    /// `tc -batch` for a microVM machine's namespace (empty for containers), as kata does:
+    /// every frame arriving on `eth<i>` (from the run's bridge) leaves through `tap<i>` (to the
+    /// guest) and back, so the namespace's own stack never sees the guest's traffic. (`u32
+    /// match u8 0 0`: this host's kernel has no `matchall` classifier.)
+    pub fn machine_tc_batch(m: &MachineNet) -> String {
+        let mut s = String::new();
+        if !m.vm {
+            return s;
+        }
+        for (i, f) in m.ifaces.iter().enumerate() {
+            let tap = MachineNet::tap(i);
+            for (from, to) in [
+                (f.name.as_str(), tap.as_str()),
+                (tap.as_str(), f.name.as_str()),
+            ] {
+                let _ = writeln!(s, "qdisc add dev {from} ingress");
+                let _ = writeln!(
+                    s,
+                    "filter add dev {from} parent ffff: protocol all u32 match u8 0 0 \
+                     action mirred egress redirect dev {to}"
+                );
+            }
         }
         s
     }
@@ -784,7 +807,7 @@ mod tests {
     }
 
     #[test]
-    fn a_microvm_gets_taps_bridged_to_its_veths_and_no_addresses_in_its_namespace() {
+    fn a_microvm_gets_taps_tied_to_its_veths_and_no_addresses_in_its_namespace() {
         let mut plan = router_plan(EgressPolicy::None);
         plan.machines[0].runtime = "microvm".into();
         let l = Layout::new(&plan).expect("valid");
@@ -792,12 +815,28 @@ mod tests {
         assert!(router.vm && !l.machines[1].vm);
         assert_eq!(
             Layout::machine_batch(router),
-            "link set lo up\n\
-             tuntap add dev tap0 mode tap\nlink add vmbr0 type bridge\n\
-             link set eth0 master vmbr0 up\nlink set tap0 master vmbr0 up\nlink set vmbr0 up\n\
-             tuntap add dev tap1 mode tap\nlink add vmbr1 type bridge\n\
-             link set eth1 master vmbr1 up\nlink set tap1 master vmbr1 up\nlink set vmbr1 up\n"
+            "link set lo up\ntuntap add dev tap0 mode tap\nlink set tap0 up\nlink set eth0 up\n\
+             tuntap add dev tap1 mode tap\nlink set tap1 up\nlink set eth1 up\n"
         );
+        let tc = Layout::machine_tc_batch(router);
+        for (from, to) in [
+            ("eth0", "tap0"),
+            ("tap0", "eth0"),
+            ("eth1", "tap1"),
+            ("tap1", "eth1"),
+        ] {
+            assert!(
+                tc.contains(&format!("qdisc add dev {from} ingress\n")),
+                "{tc}"
+            );
+            assert!(
+                tc.contains(&format!(
+                    "filter add dev {from} parent ffff: protocol all u32 match u8 0 0 action mirred egress redirect dev {to}\n"
+                )),
+                "{tc}"
+            );
+        }
+        assert_eq!(Layout::machine_tc_batch(&l.machines[1]), "");
         // The run side is the same as a container's; the guest gets the same texts.
         let b = l.run_ns_batch(None);
         assert!(b.contains("link add v0e1 type veth peer name eth1 netns ilm-abc123-router\n"));

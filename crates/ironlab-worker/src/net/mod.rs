@@ -11,8 +11,8 @@
 //!
 //! On disk, per run (`_net` is no valid machine name, so never a machine's directory):
 //! `pool/runs/<run>/_net/{state.json, hosts, dnsmasq.conf, dnsmasq.pid,
-//! dnsmasq.log}`. A microVM machine's namespace also holds a tap per interface, bridged to its
-//! veth (see [`layout`]).
+//! dnsmasq.log}`. A microVM machine's namespace also holds a tap per interface, tied to its veth
+//! by `tc` redirects (see [`layout`]).
 
 pub mod layout;
 
@@ -399,14 +399,23 @@ impl Networks {
             .await
             .context("cannot build the run's bridges and links")?;
         lap("bridges and links");
-        // 3. Concurrently: each machine's addresses and routes (a microVM's taps), the
-        //    uplink's outer end and shaping, and inside the run's namespace sysctls, rules and
-        //    the resolver.
+        // 3. Concurrently: each machine's addresses and routes (a microVM's taps and their tc
+        //    redirects), the uplink's outer end and shaping, and inside the run's namespace
+        //    sysctls, rules and the resolver.
         let machines = futures::future::try_join_all(l.machines.iter().map(|m| async move {
             let batch = Layout::machine_batch(m);
             cmd::run_with_input("ip", &["-n", &m.netns, "-batch", "-"], &batch)
                 .await
-                .with_context(|| format!("cannot configure the interfaces of {}", m.machine))
+                .with_context(|| format!("cannot configure the interfaces of {}", m.machine))?;
+            let tc = Layout::machine_tc_batch(m);
+            if !tc.is_empty() {
+                cmd::run_with_input("tc", &["-n", &m.netns, "-batch", "-"], &tc)
+                    .await
+                    .with_context(|| {
+                        format!("cannot tie the taps of {} to its links", m.machine)
+                    })?;
+            }
+            anyhow::Ok(())
         }));
         let outer = async {
             let Some((addrs, _)) = &uplink else {
