@@ -12,6 +12,8 @@ RUN=""
 
 bench_cleanup() {
     set +e
+    # BENCH_KEEP_LOG=FILE keeps the platform's log (e.g. to read the worker's own timings).
+    if [[ -n ${BENCH_KEEP_LOG:-} ]]; then cp "$WORK/up.log" "$BENCH_KEEP_LOG"; fi
     if [[ -n $RUN ]]; then "$IRONLAB" playground destroy "$RUN" >/dev/null 2>&1; fi
     if [[ -n $UP_PID ]]; then
         kill -TERM "$UP_PID" 2>/dev/null

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # README command 2, and exactly what CI (.ci/run) runs: install everything, build the agent and
-# the test images, then check formatting, lint, and run the whole test suite as root.
+# the test and stock images (busybox, debian, docker), then check formatting, lint, and run the
+# whole test suite as root.
 #
 #   sudo scripts/test.sh [EXTRA ARGS FOR THE TEST RUNNER...]
 #
@@ -49,6 +50,9 @@ step "build the stock debian image"
 IRONLAB_STOCK_IMAGES=$images_dir/stock-images
 export IRONLAB_IMAGE_CACHE=${IRONLAB_IMAGE_CACHE:-$(ironlab_cache_dir image-cache)}
 images/debian/build.sh "$IRONLAB_STOCK_IMAGES/debian"
+
+step "build the stock docker image (Debian 12 + docker.io + ironlab/busybox, for microVMs)"
+images/docker/build.sh "$IRONLAB_STOCK_IMAGES/docker"
 
 step "build the microVM kit (Debian's cloud kernel, modules drive, initramfs)"
 IRONLAB_VM_KERNEL_DIR=$(ironlab_cache_dir kernel)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# README command 1: install everything, build, build the stock `debian` image, run `ironlab up`.
+# README command 1: install everything, build, build the stock `debian` and `docker` images, run
+# `ironlab up`.
 #
 #   sudo scripts/up.sh [ARGS FOR `ironlab up`...]     e.g. --listen 127.0.0.1:8080 --data-dir DIR
 #
@@ -17,6 +18,10 @@ scripts/build.sh
 stock=${IRONLAB_STOCK_IMAGES:-/var/lib/ironlab/stock-images}
 echo "up: building the stock debian image into $stock/debian"
 images/debian/build.sh "$stock/debian"
+echo "up: building the stock docker image into $stock/docker"
+if ! images/docker/build.sh "$stock/docker"; then
+    echo "up: the stock docker image did not build; the docker playground cannot start" >&2
+fi
 export IRONLAB_STOCK_IMAGES=$stock
 
 kit=${IRONLAB_VM_KERNEL_DIR:-/var/lib/ironlab/kernel}

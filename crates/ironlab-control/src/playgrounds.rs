@@ -55,6 +55,23 @@ pub fn stock_manifests() -> Vec<serde_json::Value> {
                 ]
             }
         }),
+        // Always a microVM: Docker needs a kernel of its own (images/docker/build.sh).
+        json!({
+            "kind": "playground",
+            "name": "docker",
+            "title": "Docker on Debian 12",
+            "description": "A Debian 12 virtual machine with systemd and Debian's Docker; the local image ironlab/busybox is ready to run.",
+            "playground": {
+                "machines": [{
+                    "name": "docker",
+                    "runtime": "microvm",
+                    "resources": {"cpu": 1, "memory": "512MiB"},
+                    "drives": [{"source": "docker", "mount": "/", "size": "4GiB"}],
+                    "users": [{"name": "laborant", "default": true}]
+                }],
+                "tabs": [{"kind": "terminal", "machine": "docker"}]
+            }
+        }),
     ]
 }
 
@@ -281,4 +298,28 @@ pub async fn remove(db: &Db, user: &User, name: &str) -> ApiResult<()> {
         .execute(db)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use ironlab_spec::RuntimeKind;
+
+    use super::*;
+
+    #[test]
+    fn stock_manifests_are_valid_and_docker_is_always_a_microvm() {
+        let manifests: Vec<Manifest> = stock_manifests()
+            .into_iter()
+            .map(|v| ironlab_spec::from_value(v).expect("a valid stock manifest"))
+            .collect();
+        let names: Vec<&str> = manifests.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["debian", "debian-pair", "docker"]);
+        let docker = &manifests[2];
+        assert_eq!(docker.playground.machines.len(), 1);
+        let m = &docker.playground.machines[0];
+        // Docker needs a kernel of its own: never a container, even where `auto` would pick one.
+        assert_eq!(m.runtime, RuntimeKind::Microvm);
+        assert_eq!(m.default_user(), "laborant");
+        assert_eq!(m.drives[0].source.as_deref(), Some("docker"));
+    }
 }

@@ -595,7 +595,7 @@ async fn catalog_stock_and_custom_playgrounds() {
         .unwrap_or_default();
     assert_eq!(
         names,
-        vec!["debian", "debian-pair"],
+        vec!["debian", "debian-pair", "docker"],
         "bob sees the stock playgrounds only"
     );
     let (s, _) = h

@@ -354,6 +354,9 @@ pub async fn detach_loop(dev: &str) -> anyhow::Result<()> {
     }
 }
 
+/// Serialises loop-device attachment within the worker (see [`loop_mount`]).
+static LOOP_ATTACH: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Attaches `file` to a loop device and mounts it as ext4 at `dir` (created if missing).
 /// Idempotent: an existing mount at `dir` is kept.
 pub async fn loop_mount(file: &Path, dir: &Path) -> anyhow::Result<()> {
@@ -362,11 +365,17 @@ pub async fn loop_mount(file: &Path, dir: &Path) -> anyhow::Result<()> {
     }
     fs_err::create_dir_all(dir)?;
     let file_s = file.to_string_lossy().into_owned();
-    let dev = cmd::stdout("losetup", &["--find", "--show", &file_s])
-        .await
-        .with_context(|| format!("cannot attach {} to a loop device", file.display()))?
-        .trim()
-        .to_string();
+    // One attach at a time: two concurrent `losetup --find` pick the same free device, and the
+    // loser sleeps 200 ms before it tries again (util-linux), which made every machine after
+    // the first of a run start 200 ms later than the one before it.
+    let dev = {
+        let _one = LOOP_ATTACH.lock().await;
+        cmd::stdout("losetup", &["--find", "--show", &file_s])
+            .await
+            .with_context(|| format!("cannot attach {} to a loop device", file.display()))?
+            .trim()
+            .to_string()
+    };
     let res = nix::mount::mount(
         Some(dev.as_str()),
         dir,

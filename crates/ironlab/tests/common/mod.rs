@@ -58,6 +58,9 @@ pub struct Needs {
     pub test_image: bool,
     /// The stock debian image under `IRONLAB_STOCK_IMAGES`.
     pub debian: bool,
+    /// The stock docker image under `IRONLAB_STOCK_IMAGES` and what boots it as a microVM:
+    /// `qemu-system-x86_64` and the guest kit (`IRONLAB_VM_KERNEL_DIR`).
+    pub docker: bool,
 }
 
 /// Paths to the artefacts built by `scripts/test.sh`.
@@ -139,6 +142,38 @@ pub fn preflight(test: &str, needs: Needs) -> Option<Env> {
                 format!(
                     "stock image {}/debian missing (set IRONLAB_STOCK_IMAGES; images/debian/build.sh builds it)",
                     dir.display()
+                ),
+            );
+        }
+    }
+    if needs.docker {
+        let dir = stock_images
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/var/lib/ironlab/stock-images"));
+        if !dir.join("docker/index.json").is_file() {
+            return unmet(
+                test,
+                format!(
+                    "stock image {}/docker missing (set IRONLAB_STOCK_IMAGES; images/docker/build.sh builds it)",
+                    dir.display()
+                ),
+            );
+        }
+        if which("qemu-system-x86_64").is_none() {
+            return unmet(
+                test,
+                "`qemu-system-x86_64` is not installed (scripts/setup.sh installs it)".into(),
+            );
+        }
+        let kit = std::env::var_os("IRONLAB_VM_KERNEL_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/ironlab/kernel"));
+        if !kit.join("vmlinuz").is_file() || !kit.join("initramfs.cpio").is_file() {
+            return unmet(
+                test,
+                format!(
+                    "the microVM kit {} is missing (set IRONLAB_VM_KERNEL_DIR; images/kernel/build.sh builds it)",
+                    kit.display()
                 ),
             );
         }
