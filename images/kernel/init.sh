@@ -10,6 +10,10 @@
 #   - otherwise the agent is PID 1 (`ironlab-agent init`).
 # The agent serves on /run/ironlab/agent.sock and on the virtio-serial port /dev/virtio-ports/org.ironlab.agent.
 #
+# Networks: when the worker attached a config drive (virtio-blk serial ironlab-config), the
+# guest's cards get the planned names, addresses and default route, and /etc/hosts and
+# /etc/resolv.conf are the plan's (see apply_network).
+#
 # Kernel command line: ironlab.hostname=NAME, ironlab.mode=auto|agent|bare|probe (bare: print
 # IRONLAB-BARE-READY once the root drive is mounted and power off, the benchmark's baseline;
 # probe: print IRONLAB-PROBE-OK once the modules are loaded and power off, the worker's
@@ -76,7 +80,8 @@ if [ "$mode" = bare ]; then
     poweroff -f
 fi
 
-if [ -b /dev/vdb ]; then
+# (Not the config drive, which is /dev/vdb when a kit has no modules drive.)
+if [ -b /dev/vdb ] && [ "$(cat /sys/block/vdb/serial 2>/dev/null)" != ironlab-config ]; then
     mkdir -p "/newroot/lib/modules/$release" 2>/dev/null
     mount -t ext4 -o ro /dev/vdb "/newroot/lib/modules/$release" ||
         echo "ironlab-init: cannot mount the modules drive" >/dev/console
@@ -92,6 +97,57 @@ mount -o remount,ro,bind /newroot/.ironlab 2>/dev/null
 echo "$hostname" >/newroot/etc/hostname
 printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\tlocalhost ip6-localhost ip6-loopback\n' "$hostname" >/newroot/etc/hosts
 hostname "$hostname"
+
+# --- Network: the run's networks, from the config drive -------------------------------------
+# The drive (read-only, serial ironlab-config) is a newc cpio archive: net.conf (`iface NAME MAC
+# ADDRESS/PREFIX` per interface in order, then `route GATEWAY`), hosts and resolv.conf (the
+# texts a container machine of the same plan gets). Cards are matched by MAC; each is renamed
+# even when the kernel already gave it the right name, so a renamed name is what udev keeps.
+apply_network() {
+    cfg=
+    for b in /sys/block/vd*; do
+        [ "$(cat "$b/serial" 2>/dev/null)" = ironlab-config ] && cfg=/dev/${b##*/}
+    done
+    [ -n "$cfg" ] || return 0
+    i=0
+    while [ ! -b "$cfg" ]; do
+        i=$((i + 1))
+        [ $i -gt 500 ] && fail "no config drive $cfg after 5 s"
+        usleep 10000
+    done
+    mkdir -p /config
+    (cd /config && cpio -i -d -F "$cfg" 2>/dev/null) || fail "cannot read the config drive $cfg"
+    [ -f /config/net.conf ] || fail "the config drive $cfg has no net.conf"
+    ip link set lo up
+    n=0
+    for d in /sys/class/net/*; do
+        dev=${d##*/}
+        [ "$dev" = lo ] && continue
+        ip link set dev "$dev" name "ilnic$n" || fail "cannot rename the network card $dev"
+        n=$((n + 1))
+    done
+    while read -r kind a b c; do
+        case $kind in
+        iface)
+            dev=
+            for d in /sys/class/net/ilnic*; do
+                [ "$(cat "$d/address" 2>/dev/null)" = "$b" ] && dev=${d##*/}
+            done
+            [ -n "$dev" ] || fail "no network card with MAC $b for $a"
+            ip link set dev "$dev" name "$a" || fail "cannot name the network card $a"
+            ip addr add "$c" dev "$a" || fail "cannot add $c to $a"
+            ip link set "$a" up || fail "cannot bring $a up"
+            ;;
+        route)
+            ip route add default via "$a" || fail "cannot add the default route via $a"
+            ;;
+        esac
+    done </config/net.conf
+    cp /config/hosts /newroot/etc/hosts || fail "cannot write /etc/hosts"
+    rm -f /newroot/etc/resolv.conf
+    cp /config/resolv.conf /newroot/etc/resolv.conf || fail "cannot write /etc/resolv.conf"
+}
+apply_network
 
 mkdir -p /newroot/run /newroot/dev /newroot/proc /newroot/sys
 mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /newroot/run

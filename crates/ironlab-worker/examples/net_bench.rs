@@ -2,7 +2,8 @@
 //!
 //! 1. Setup and teardown of the network of a 5-machine, 2-network run (what the worker does
 //!    before the first machine starts and after the last is gone: namespaces, bridges, veth
-//!    pairs, the uplink, nftables, dnsmasq, tc), median/min/max of `--iterations`.
+//!    pairs, the uplink, nftables, dnsmasq, tc), median/min/max of `--iterations`; then the same
+//!    with all five machines as microVMs (a tap and a bridge per interface beside the veth).
 //! 2. TCP throughput between two machines of one run (machine netns → veth → bridge → veth →
 //!    machine netns) next to a bare veth pair between the same two namespaces, `--seconds` each.
 //!
@@ -49,7 +50,12 @@ fn machine(name: &str, ifaces: &[(&str, &str)]) -> MachinePlan {
 
 /// Five machines on `lan` (non-private) and `back` (private); `m3` routes between them.
 fn plan(run: &str, policy: EgressPolicy, bandwidth_bps: u64) -> RunPlan {
-    RunPlan {
+    plan_of(run, policy, bandwidth_bps, "container")
+}
+
+/// [`plan`] with every machine on `runtime`.
+fn plan_of(run: &str, policy: EgressPolicy, bandwidth_bps: u64, runtime: &str) -> RunPlan {
+    let mut p = RunPlan {
         run_id: run.into(),
         machines: vec![
             machine("m1", &[("lan", "172.16.0.2")]),
@@ -77,7 +83,11 @@ fn plan(run: &str, policy: EgressPolicy, bandwidth_bps: u64) -> RunPlan {
             allow: vec!["deb.debian.org".into(), "pypi.org".into()],
             bandwidth_bps,
         },
+    };
+    for m in &mut p.machines {
+        m.runtime = runtime.into();
     }
+    p
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
@@ -178,25 +188,29 @@ async fn main() -> anyhow::Result<()> {
         runs_dir.clone(),
     );
     let result = async {
-        let (mut up, mut down) = (Vec::new(), Vec::new());
-        for i in 0..iterations {
-            let run = format!("b{i:03}{}", &tag[..8]);
-            let p = plan(&run, EgressPolicy::Allowlist, 100_000_000);
-            let t0 = Instant::now();
-            net.setup(&p).await?;
-            up.push(t0.elapsed().as_secs_f64() * 1000.0);
-            let t0 = Instant::now();
-            net.teardown(&run).await?;
-            ironlab_worker::host::delete_netns(&format!("il-{run}")).await?;
-            down.push(t0.elapsed().as_secs_f64() * 1000.0);
-            let _ = std::fs::remove_dir_all(runs_dir.join(&run));
-        }
-        let (um, umin, umax) = stats(up);
-        let (dm, dmin, dmax) = stats(down);
         println!("| network of a 5-machine, 2-network run | median | min | max |");
         println!("|---|---:|---:|---:|");
-        println!("| setup (ms, n={iterations}) | **{um:.1}** | {umin:.1} | {umax:.1} |");
-        println!("| teardown (ms, n={iterations}) | **{dm:.1}** | {dmin:.1} | {dmax:.1} |");
+        for (runtime, prefix, label) in [("container", "b", ""), ("microvm", "v", ", microVMs")] {
+            let (mut up, mut down) = (Vec::new(), Vec::new());
+            for i in 0..iterations {
+                let run = format!("{prefix}{i:03}{}", &tag[..8]);
+                let p = plan_of(&run, EgressPolicy::Allowlist, 100_000_000, runtime);
+                let t0 = Instant::now();
+                net.setup(&p).await?;
+                up.push(t0.elapsed().as_secs_f64() * 1000.0);
+                let t0 = Instant::now();
+                net.teardown(&run).await?;
+                ironlab_worker::host::delete_netns(&format!("il-{run}")).await?;
+                down.push(t0.elapsed().as_secs_f64() * 1000.0);
+                let _ = std::fs::remove_dir_all(runs_dir.join(&run));
+            }
+            let (um, umin, umax) = stats(up);
+            let (dm, dmin, dmax) = stats(down);
+            println!("| setup{label} (ms, n={iterations}) | **{um:.1}** | {umin:.1} | {umax:.1} |");
+            println!(
+                "| teardown{label} (ms, n={iterations}) | **{dm:.1}** | {dmin:.1} | {dmax:.1} |"
+            );
+        }
 
         let run = format!("bt{}", &tag[..8]);
         net.setup(&plan(&run, EgressPolicy::Open, 0)).await?;

@@ -44,3 +44,37 @@ pub async fn health(socket: &Path, timeout: Duration) -> anyhow::Result<(Agent, 
         ),
     }
 }
+
+/// Runs `argv` as root in the machine (no PTY, no input) and returns its exit code, within
+/// `timeout` (connecting included).
+pub async fn run(socket: &Path, argv: &[&str], timeout: Duration) -> anyhow::Result<i32> {
+    use ironlab_api::agent::exec_input::Kind as InKind;
+    use ironlab_api::agent::exec_output::Kind as OutKind;
+    use ironlab_api::agent::{ExecInput, ExecStart};
+    let fut = async {
+        let mut client = connect(socket).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(ExecInput {
+            kind: Some(InKind::Start(ExecStart {
+                argv: argv.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            })),
+        })
+        .await?;
+        let mut out = client
+            .exec(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        while let Some(m) = out.message().await? {
+            if let Some(OutKind::Exit(e)) = m.kind {
+                return Ok(e.code);
+            }
+        }
+        drop(tx);
+        anyhow::bail!("the agent ended `{}` without an exit code", argv.join(" "))
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => anyhow::bail!("`{}` did not finish within {timeout:?}", argv.join(" ")),
+    }
+}

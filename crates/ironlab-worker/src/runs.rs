@@ -549,7 +549,7 @@ impl RunManager {
         let namespaces = netns
             .get_or_try_init(|| self.setup_network(&run.plan))
             .await?;
-        let (netns, etc_hosts, resolv_conf) = namespaces.for_machine(&m.name)?;
+        let (netns, etc_hosts, resolv_conf, net) = namespaces.for_machine(&m.name)?;
         let spec = MachineSpec {
             run_id: run_id.clone(),
             plan: m.clone(),
@@ -559,6 +559,7 @@ impl RunManager {
             image_env: image.env.clone(),
             etc_hosts,
             resolv_conf,
+            net,
         };
         write_atomic(
             &handle.dir.join("image-env.json"),
@@ -1140,6 +1141,14 @@ impl RunManager {
     }
 }
 
+/// A machine's namespace, `/etc/hosts`, `/etc/resolv.conf` and interfaces.
+type MachineNetSpec = (
+    PathBuf,
+    Option<String>,
+    Option<String>,
+    Option<net::layout::MachineNet>,
+);
+
 /// The namespaces machines of a run join.
 struct MachineNamespaces {
     /// The run's namespace (`il-<run>`): every machine's when the plan has no networks.
@@ -1151,9 +1160,9 @@ struct MachineNamespaces {
 }
 
 impl MachineNamespaces {
-    /// The namespace machine `name` joins, and its `/etc/hosts` and `/etc/resolv.conf` (plans
-    /// with networks).
-    fn for_machine(&self, name: &str) -> anyhow::Result<(PathBuf, Option<String>, Option<String>)> {
+    /// The namespace machine `name` joins, and its `/etc/hosts`, `/etc/resolv.conf` and
+    /// interfaces (plans with networks).
+    fn for_machine(&self, name: &str) -> anyhow::Result<MachineNetSpec> {
         Ok(match &self.layout {
             Some(l) => (
                 self.machines
@@ -1162,8 +1171,9 @@ impl MachineNamespaces {
                     .with_context(|| format!("no network namespace for {name}"))?,
                 Some(l.hosts_file(name)),
                 Some(l.resolv_conf(name)),
+                l.machines.iter().find(|m| m.machine == name).cloned(),
             ),
-            None => (self.run.clone(), None, None),
+            None => (self.run.clone(), None, None, None),
         })
     }
 }

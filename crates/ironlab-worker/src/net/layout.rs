@@ -12,6 +12,11 @@
 //!                                        uplink 100.64.x.2/30 ── veth ── il-<run> 100.64.x.1/30
 //! ```
 //!
+//! A microVM machine has the same namespace and veth pairs, but `eth<i>` in its namespace carries
+//! no address: a tap `tap<i>` beside it is tied to it by `tc` (the ingress of each redirected to
+//! the egress of the other, as kata does), QEMU (in that namespace) opens the tap, and the guest
+//! configures the planned address and routes on its own `eth<i>` (the card with the planned MAC).
+//!
 //! nftables in the run netns: machines on a non-private network may query the resolver on its
 //! gateway and ping it; nothing else reaches the run netns. Forwarding goes only from non-private
 //! bridges to the uplink (never between bridges: machines route between LANs themselves), never
@@ -138,6 +143,16 @@ pub struct MachineNet {
     pub default_route: Option<Ipv4Addr>,
     /// The resolver it uses (the gateway of its first non-private network).
     pub nameserver: Option<Ipv4Addr>,
+    /// A microVM (`runtime: microvm`): its namespace holds a tap per interface tied to the
+    /// veth; addresses and routes are configured inside the guest.
+    pub vm: bool,
+}
+
+impl MachineNet {
+    /// The tap of interface `i` of a microVM machine (in its namespace).
+    pub fn tap(i: usize) -> String {
+        format!("tap{i}")
+    }
 }
 
 /// The addresses of a run's uplink: a /30, `outer` on the uplink side, `inner` in the run.
@@ -321,6 +336,7 @@ impl Layout {
                 default_route: public.or(private),
                 nameserver: public,
                 ifaces,
+                vm: m.runtime == "microvm",
             });
         }
         let mut allow = Vec::new();
@@ -397,9 +413,20 @@ impl Layout {
         format!("addr add {}/30 dev {dev}\nlink set {dev} up\n", addrs.outer)
     }
 
-    /// `ip -batch` for a machine's namespace.
+    /// `ip -batch` for a machine's namespace. A container's `eth<i>` gets its address and the
+    /// default route; a microVM's `eth<i>` stays bare beside a tap `tap<i>` (tied together by
+    /// [`Layout::machine_tc_batch`]) and the guest configures addresses and routes on its card.
     pub fn machine_batch(m: &MachineNet) -> String {
         let mut s = String::from("link set lo up\n");
+        if m.vm {
+            for (i, f) in m.ifaces.iter().enumerate() {
+                let tap = MachineNet::tap(i);
+                let _ = writeln!(s, "tuntap add dev {tap} mode tap");
+                let _ = writeln!(s, "link set {tap} up");
+                let _ = writeln!(s, "link set {} up", f.name);
+            }
+            return s;
+        }
         for f in &m.ifaces {
             let _ = writeln!(s, "addr add {}/{} dev {}", f.address, f.prefix, f.name);
             let _ = writeln!(s, "link set {} up", f.name);
@@ -410,23 +437,27 @@ impl Layout {
         s
     }
 
-    /// The microVM seam: `ip -batch` lines (run namespace) giving machine `m` a TAP device per
-    /// interface (`t<m>e<i>`, on the interface's bridge) instead of a veth pair into a machine
-    /// namespace. The guest configures `eth<i>` itself with the same addresses and routes
-    /// ([`MachineNet::ifaces`], [`MachineNet::default_route`]); hosts and resolv.conf are the
-    /// same texts. Not called yet: the microVM runtime does not exist.
-    pub fn tap_batch(&self, machine: &str) -> String {
+    /// `tc -batch` for a microVM machine's namespace (empty for containers), as kata does:
+    /// every frame arriving on `eth<i>` (from the run's bridge) leaves through `tap<i>` (to the
+    /// guest) and back, so the namespace's own stack never sees the guest's traffic. (`u32
+    /// match u8 0 0`: this host's kernel has no `matchall` classifier.)
+    pub fn machine_tc_batch(m: &MachineNet) -> String {
         let mut s = String::new();
-        if let Some((i, m)) = self
-            .machines
-            .iter()
-            .enumerate()
-            .find(|(_, m)| m.machine == machine)
-        {
-            for (j, f) in m.ifaces.iter().enumerate() {
-                let tap = format!("t{i}e{j}");
-                let _ = writeln!(s, "tuntap add dev {tap} mode tap");
-                let _ = writeln!(s, "link set {tap} master {} up", f.bridge);
+        if !m.vm {
+            return s;
+        }
+        for (i, f) in m.ifaces.iter().enumerate() {
+            let tap = MachineNet::tap(i);
+            for (from, to) in [
+                (f.name.as_str(), tap.as_str()),
+                (tap.as_str(), f.name.as_str()),
+            ] {
+                let _ = writeln!(s, "qdisc add dev {from} ingress");
+                let _ = writeln!(
+                    s,
+                    "filter add dev {from} parent ffff: protocol all u32 match u8 0 0 \
+                     action mirred egress redirect dev {to}"
+                );
             }
         }
         s
@@ -773,11 +804,45 @@ mod tests {
         );
         let tc = l.tc_batch("uplink");
         assert!(tc.contains("htb rate 16000000bit ceil 16000000bit"), "{tc}");
+    }
+
+    #[test]
+    fn a_microvm_gets_taps_tied_to_its_veths_and_no_addresses_in_its_namespace() {
+        let mut plan = router_plan(EgressPolicy::None);
+        plan.machines[0].runtime = "microvm".into();
+        let l = Layout::new(&plan).expect("valid");
+        let router = &l.machines[0];
+        assert!(router.vm && !l.machines[1].vm);
         assert_eq!(
-            l.tap_batch("router"),
-            "tuntap add dev t0e0 mode tap\nlink set t0e0 master br0 up\n\
-             tuntap add dev t0e1 mode tap\nlink set t0e1 master br1 up\n"
+            Layout::machine_batch(router),
+            "link set lo up\ntuntap add dev tap0 mode tap\nlink set tap0 up\nlink set eth0 up\n\
+             tuntap add dev tap1 mode tap\nlink set tap1 up\nlink set eth1 up\n"
         );
+        let tc = Layout::machine_tc_batch(router);
+        for (from, to) in [
+            ("eth0", "tap0"),
+            ("tap0", "eth0"),
+            ("eth1", "tap1"),
+            ("tap1", "eth1"),
+        ] {
+            assert!(
+                tc.contains(&format!("qdisc add dev {from} ingress\n")),
+                "{tc}"
+            );
+            assert!(
+                tc.contains(&format!(
+                    "filter add dev {from} parent ffff: protocol all u32 match u8 0 0 action mirred egress redirect dev {to}\n"
+                )),
+                "{tc}"
+            );
+        }
+        assert_eq!(Layout::machine_tc_batch(&l.machines[1]), "");
+        // The run side is the same as a container's; the guest gets the same texts.
+        let b = l.run_ns_batch(None);
+        assert!(b.contains("link add v0e1 type veth peer name eth1 netns ilm-abc123-router\n"));
+        assert!(l.hosts_file("router").contains("172.16.0.3\tweb web.lan\n"));
+        assert_eq!(router.ifaces[1].address, Ipv4Addr::new(10, 0, 1, 1));
+        assert_eq!(router.default_route, Some(Ipv4Addr::new(172, 16, 0, 1)));
     }
 
     #[test]

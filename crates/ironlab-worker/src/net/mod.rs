@@ -11,7 +11,8 @@
 //!
 //! On disk, per run (`_net` is no valid machine name, so never a machine's directory):
 //! `pool/runs/<run>/_net/{state.json, hosts, dnsmasq.conf, dnsmasq.pid,
-//! dnsmasq.log}`. A microVM runtime will add TAP devices to the same bridges.
+//! dnsmasq.log}`. A microVM machine's namespace also holds a tap per interface, tied to its veth
+//! by `tc` redirects (see [`layout`]).
 
 pub mod layout;
 
@@ -398,13 +399,23 @@ impl Networks {
             .await
             .context("cannot build the run's bridges and links")?;
         lap("bridges and links");
-        // 3. Concurrently: each machine's addresses and routes, the uplink's outer end and
-        //    shaping, and inside the run's namespace sysctls, rules and the resolver.
+        // 3. Concurrently: each machine's addresses and routes (a microVM's taps and their tc
+        //    redirects), the uplink's outer end and shaping, and inside the run's namespace
+        //    sysctls, rules and the resolver.
         let machines = futures::future::try_join_all(l.machines.iter().map(|m| async move {
             let batch = Layout::machine_batch(m);
             cmd::run_with_input("ip", &["-n", &m.netns, "-batch", "-"], &batch)
                 .await
-                .with_context(|| format!("cannot configure the interfaces of {}", m.machine))
+                .with_context(|| format!("cannot configure the interfaces of {}", m.machine))?;
+            let tc = Layout::machine_tc_batch(m);
+            if !tc.is_empty() {
+                cmd::run_with_input("tc", &["-n", &m.netns, "-batch", "-"], &tc)
+                    .await
+                    .with_context(|| {
+                        format!("cannot tie the taps of {} to its links", m.machine)
+                    })?;
+            }
+            anyhow::Ok(())
         }));
         let outer = async {
             let Some((addrs, _)) = &uplink else {
@@ -551,12 +562,28 @@ impl Networks {
             .is_some_and(|pid| pid_alive_with(pid, &conf))
     }
 
-    /// Removes a run's network: its resolver and the machines' namespaces (idempotent). The
-    /// run's namespace itself (and with it the uplink) is deleted by the run manager.
+    /// Removes a run's network: its resolver, the uplink pair and the machines' namespaces
+    /// (idempotent). The run's namespace itself is deleted by the run manager.
     pub async fn teardown(&self, run_id: &str) -> anyhow::Result<()> {
         let conf = self.conf_path(run_id).to_string_lossy().into_owned();
         if let Some(pid) = self.dnsmasq_pid(run_id) {
             kill_and_wait(pid, &conf).await;
+        }
+        // The uplink's outer end lives in another namespace: deleting the run's namespace
+        // removes the pair only when the kernel gets round to cleaning that namespace up, so
+        // a quick restart would find the name still taken. Remove the pair now.
+        let state: NetState = std::fs::read(self.dir(run_id).join("state.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        if state.uplink.is_some() {
+            let ns = layout::run_netns(run_id);
+            if host::netns_path(&ns).exists()
+                && let Err(e) =
+                    cmd::run("ip", &["-n", &ns, "link", "del", layout::UPLINK_INNER]).await
+            {
+                tracing::debug!(run = %run_id, "uplink: {e}");
+            }
         }
         let prefix = format!("ilm-{run_id}-");
         let doomed: Vec<String> = host::list_netns()

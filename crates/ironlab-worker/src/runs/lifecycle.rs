@@ -460,7 +460,7 @@ impl RunManager {
                     .ok()
                     .and_then(|b| serde_json::from_slice(&b).ok())
                     .unwrap_or_default();
-                let (netns, etc_hosts, resolv_conf) = namespaces.for_machine(&m.name)?;
+                let (netns, etc_hosts, resolv_conf, net) = namespaces.for_machine(&m.name)?;
                 let spec = MachineSpec {
                     run_id: run_id.clone(),
                     plan: m.clone(),
@@ -470,6 +470,7 @@ impl RunManager {
                     image_env,
                     etc_hosts,
                     resolv_conf,
+                    net,
                 };
                 let h = self.runtime.start(&spec).await?;
                 let client = tokio::select! {

@@ -729,6 +729,7 @@ mod tests {
             image_env: vec!["LANG=C.UTF-8".into()],
             etc_hosts: None,
             resolv_conf: None,
+            net: None,
         }
     }
 

@@ -31,6 +31,9 @@ pub struct MachineSpec {
     pub etc_hosts: Option<String>,
     /// `/etc/resolv.conf` to write (plans with networks); `None`: the image's is kept.
     pub resolv_conf: Option<String>,
+    /// The machine's interfaces, addresses and default route (plans with networks): a microVM
+    /// guest configures them itself (a container's namespace already has them).
+    pub net: Option<crate::net::layout::MachineNet>,
 }
 
 /// Names a machine on the host. Derivable from names alone, so teardown works after a crash.

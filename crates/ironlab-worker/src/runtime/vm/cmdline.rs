@@ -3,8 +3,10 @@
 //! `-M microvm` (ACPI on: Debian's cloud kernel has no `VIRTIO_MMIO_CMDLINE_DEVICES`, so the
 //! virtio-mmio devices are found through ACPI), qboot firmware when present, the kernel and
 //! initramfs given directly, virtio-blk drives (root first, so it is `/dev/vda`; the read-only
-//! modules drive second), a virtio-serial port for the agent (a unix-socket chardev), the serial
-//! console to a file, QMP on a unix socket, `-sandbox on`, an unprivileged user after start-up.
+//! modules drive second, the read-only config drive with serial `ironlab-config` third), a
+//! virtio-serial port for the agent (a unix-socket chardev), a virtio-net NIC per tap, the
+//! serial console to a file, QMP on a unix socket, `-sandbox on`, an unprivileged user after
+//! start-up.
 
 use std::path::PathBuf;
 
@@ -51,6 +53,18 @@ impl BootMode {
     }
 }
 
+/// The virtio-blk serial of the config drive (how the guest's `/init` finds it).
+pub const CONFIG_DRIVE_SERIAL: &str = "ironlab-config";
+
+/// A guest network card on a tap device of QEMU's network namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nic {
+    /// The tap (it exists before QEMU starts).
+    pub tap: String,
+    /// The guest NIC's MAC address (how the guest tells its cards apart).
+    pub mac: String,
+}
+
 /// Everything the command line is made of.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -84,12 +98,15 @@ pub struct VmConfig {
     pub console_log: PathBuf,
     /// QEMU writes its pid here.
     pub pidfile: Option<PathBuf>,
-    /// Tap interface to create in QEMU's network namespace.
-    pub tap: Option<String>,
-    /// MAC address of the guest NIC.
-    pub mac: Option<String>,
+    /// Network cards, `eth0`, `eth1`, … of the guest in order.
+    pub nics: Vec<Nic>,
+    /// Read-only config drive (the guest's network settings, hosts, resolv.conf).
+    pub config_drive: Option<PathBuf>,
     /// Drop to this `uid:gid` once the VM is set up.
     pub run_as: Option<(u32, u32)>,
+    /// `chroot` into this (empty) directory just before the VM starts: every file QEMU needs is
+    /// open by then, so afterwards it sees none of the host's.
+    pub chroot: Option<PathBuf>,
     /// TCG translation cache in MiB (bounds QEMU's memory overhead).
     pub tcg_tb_mib: u32,
 }
@@ -149,6 +166,9 @@ pub fn qemu_args(c: &VmConfig) -> Vec<String> {
     if let Some((uid, gid)) = c.run_as {
         push(&["-run-with", &format!("user={uid}:{gid}")]);
     }
+    if let Some(dir) = &c.chroot {
+        push(&["-run-with", &format!("chroot={}", esc(dir))]);
+    }
     if let Some(fw) = &c.firmware {
         push(&["-bios", &fw.to_string_lossy()]);
     }
@@ -199,6 +219,17 @@ pub fn qemu_args(c: &VmConfig) -> Vec<String> {
             "virtio-blk-device,drive=modules",
         ]);
     }
+    if let Some(config) = &c.config_drive {
+        push(&[
+            "-drive",
+            &format!(
+                "id=config,file={},format=raw,if=none,readonly=on,file.locking=off",
+                esc(config)
+            ),
+            "-device",
+            &format!("virtio-blk-device,drive=config,serial={CONFIG_DRIVE_SERIAL}"),
+        ]);
+    }
     if let Some(agent) = &c.agent_socket {
         push(&[
             "-device",
@@ -209,16 +240,13 @@ pub fn qemu_args(c: &VmConfig) -> Vec<String> {
             "virtserialport,chardev=agent,name=org.ironlab.agent",
         ]);
     }
-    if let Some(tap) = &c.tap {
+    for (i, nic) in c.nics.iter().enumerate() {
         push(&[
             "-netdev",
-            &format!("tap,id=net0,ifname={tap},script=no,downscript=no"),
+            &format!("tap,id=net{i},ifname={},script=no,downscript=no", nic.tap),
+            "-device",
+            &format!("virtio-net-device,netdev=net{i},mac={}", nic.mac),
         ]);
-        let mut dev = "virtio-net-device,netdev=net0".to_string();
-        if let Some(mac) = &c.mac {
-            dev.push_str(&format!(",mac={mac}"));
-        }
-        push(&["-device", &dev]);
     }
     a
 }
@@ -244,9 +272,19 @@ mod tests {
             qmp_socket: Some("/p/runs/abc/web/qmp.sock".into()),
             console_log: "/p/runs/abc/web/console.log".into(),
             pidfile: Some("/p/runs/abc/web/qemu.pid".into()),
-            tap: Some("tap0".into()),
-            mac: Some("52:54:00:12:34:56".into()),
+            nics: vec![
+                Nic {
+                    tap: "tap0".into(),
+                    mac: "52:54:00:12:34:56".into(),
+                },
+                Nic {
+                    tap: "tap1".into(),
+                    mac: "52:54:00:12:34:57".into(),
+                },
+            ],
+            config_drive: Some("/p/runs/abc/web/config.img".into()),
             run_as: Some((1_000_123, 1_000_123)),
+            chroot: Some("/p/runs/abc/web/jail".into()),
             tcg_tb_mib: 64,
         }
     }
@@ -270,7 +308,10 @@ mod tests {
         assert!(a.contains(&"-nodefaults".to_string()));
         assert!(a.contains(&"-no-user-config".to_string()));
         assert!(after(&a, "-sandbox")[0].starts_with("on,"));
-        assert_eq!(after(&a, "-run-with"), ["user=1000123:1000123"]);
+        assert_eq!(
+            after(&a, "-run-with"),
+            ["user=1000123:1000123", "chroot=/p/runs/abc/web/jail"]
+        );
         assert_eq!(after(&a, "-bios"), ["/usr/share/qemu/qboot.rom"]);
         let append = after(&a, "-append")[0];
         assert!(append.contains("console=ttyS0"));
@@ -296,16 +337,28 @@ mod tests {
     fn drives_serial_console_qmp_and_tap() {
         let a = qemu_args(&config());
         let drives = after(&a, "-drive");
-        assert_eq!(drives.len(), 2);
+        assert_eq!(drives.len(), 3);
         assert!(drives[0].starts_with("id=root,file=/p/runs/abc/web/root.ext4,format=raw"));
         assert!(drives[1].contains("readonly=on"), "{}", drives[1]);
+        assert!(
+            drives[2].starts_with("id=config,file=/p/runs/abc/web/config.img,")
+                && drives[2].contains("readonly=on"),
+            "{}",
+            drives[2]
+        );
         let devices = after(&a, "-device");
         assert_eq!(
             devices[0], "virtio-blk-device,drive=root",
             "root is /dev/vda"
         );
         assert!(devices.contains(&"virtserialport,chardev=agent,name=org.ironlab.agent"));
+        assert_eq!(devices[1], "virtio-blk-device,drive=modules");
+        assert_eq!(
+            devices[2],
+            "virtio-blk-device,drive=config,serial=ironlab-config"
+        );
         assert!(devices.contains(&"virtio-net-device,netdev=net0,mac=52:54:00:12:34:56"));
+        assert!(devices.contains(&"virtio-net-device,netdev=net1,mac=52:54:00:12:34:57"));
         let chardevs = after(&a, "-chardev");
         assert!(chardevs.contains(&"file,id=console,path=/p/runs/abc/web/console.log,append=on"));
         assert!(
@@ -318,7 +371,10 @@ mod tests {
         assert_eq!(after(&a, "-serial"), ["chardev:console"]);
         assert_eq!(
             after(&a, "-netdev"),
-            ["tap,id=net0,ifname=tap0,script=no,downscript=no"]
+            [
+                "tap,id=net0,ifname=tap0,script=no,downscript=no",
+                "tap,id=net1,ifname=tap1,script=no,downscript=no"
+            ]
         );
         assert_eq!(after(&a, "-name"), ["guest=il-abc-web,debug-threads=on"]);
     }

@@ -14,13 +14,15 @@
 //! QEMU runs detached (`setsid -f`: it outlives the worker), in the run's network namespace
 //! (its tap is created there and vanishes with it), in the cgroup `/ironlab/<run>/<machine>`
 //! (cpu, memory = guest RAM + [`MEMORY_OVERHEAD`], pids) and, after start-up, as an unprivileged
-//! uid of its own (`-run-with user=`) under `-sandbox on`.
+//! uid of its own (`-run-with user=`) under `-sandbox on`, `chroot`ed into the empty, read-only
+//! `jail/` of its machine directory (`-run-with chroot=`: every file it uses is open by then).
 //!
 //! The guest kit (`--vm-kernel-dir`, built by `images/kernel/build.sh`): `vmlinuz`,
 //! `initramfs.cpio`, `modules.ext4`, `VERSION`. The agent is appended to the initramfs as a
 //! second cpio archive (`pool/vm/initrd-<hash>.img`, made once per agent binary).
 
 pub mod cmdline;
+pub mod guestnet;
 pub mod proxy;
 pub mod qmp;
 
@@ -50,6 +52,8 @@ pub const BANNER_TIMEOUT: Duration = Duration::from_secs(20);
 pub const AGENT_TIMEOUT: Duration = Duration::from_secs(90);
 /// Base of the unprivileged uids/gids QEMU processes run as.
 const UID_BASE: u32 = 3_000_000;
+/// The empty directory QEMU `chroot`s into once set up (in the machine directory).
+pub const JAIL: &str = "jail";
 /// The marker file's name and content.
 const MARKER: &str = "runtime";
 
@@ -106,8 +110,8 @@ pub fn find_qemu() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// A newc cpio archive holding `ironlab/agent` (appended to the kit's initramfs).
-pub fn agent_cpio(agent: &[u8]) -> Vec<u8> {
+/// A newc cpio archive of `entries` (`(path, mode, data)`, directories before their files).
+pub fn cpio(entries: &[(&str, u32, &[u8])]) -> Vec<u8> {
     fn entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
         let namesize = name.len() + 1;
         let header = format!(
@@ -134,11 +138,21 @@ pub fn agent_cpio(agent: &[u8]) -> Vec<u8> {
             out.push(0);
         }
     }
-    let mut out = Vec::with_capacity(agent.len() + 512);
-    entry(&mut out, 1, "ironlab", 0o040755, &[]);
-    entry(&mut out, 2, "ironlab/agent", 0o100755, agent);
+    let size: usize = entries.iter().map(|(_, _, d)| d.len() + 256).sum();
+    let mut out = Vec::with_capacity(size + 256);
+    for (i, (name, mode, data)) in entries.iter().enumerate() {
+        entry(&mut out, i as u32 + 1, name, *mode, data);
+    }
     entry(&mut out, 0, "TRAILER!!!", 0, &[]);
     out
+}
+
+/// A newc cpio archive holding `ironlab/agent` (appended to the kit's initramfs).
+pub fn agent_cpio(agent: &[u8]) -> Vec<u8> {
+    cpio(&[
+        ("ironlab", 0o040755, &[]),
+        ("ironlab/agent", 0o100755, agent),
+    ])
 }
 
 /// The uid/gid QEMU of `name` (`il-<run>-<machine>`) runs as: one per machine, from a range no
@@ -293,7 +307,6 @@ impl VmRuntime {
         } else {
             512
         };
-        let h = sha2::Sha256::digest(name.as_bytes());
         VmConfig {
             name,
             hostname: spec.plan.name.clone(),
@@ -310,9 +323,13 @@ impl VmRuntime {
             qmp_socket: Some(spec.dir.join("qmp.sock")),
             console_log: spec.dir.join("console.log"),
             pidfile: Some(spec.dir.join("qemu.pid")),
-            tap: Some("tap0".into()),
-            mac: Some(format!("52:54:00:{:02x}:{:02x}:{:02x}", h[0], h[1], h[2])),
+            nics: guestnet::nics(spec),
+            config_drive: spec
+                .net
+                .as_ref()
+                .map(|_| spec.dir.join(guestnet::CONFIG_DRIVE)),
             run_as: Some((uid, uid)),
+            chroot: Some(spec.dir.join(JAIL)),
             tcg_tb_mib: TCG_TB_MIB,
         }
     }
@@ -365,10 +382,23 @@ impl VmRuntime {
         for f in ["qmp.sock", "agent.serial", "qemu.pid", "stopped"] {
             let _ = std::fs::remove_file(m.dir.join(f));
         }
+        if let (Some(path), Some(image)) = (&config.config_drive, guestnet::config_drive(spec)) {
+            write_file_atomic(path, &image)?;
+        }
+        if let Some(jail) = &config.chroot {
+            make_jail(jail)?;
+        }
         let procs = self.make_cgroup(spec, config.memory_mib);
         let (uid, gid) = config.run_as.unwrap_or((0, 0));
         // QEMU drops to `uid` once set up; files it may reopen later stay reachable.
-        for f in [&spec.root_drive, &config.console_log] {
+        for f in [
+            Some(&spec.root_drive),
+            Some(&config.console_log),
+            config.config_drive.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
             if !f.exists() {
                 fs_err::write(f, b"")?;
             }
@@ -609,6 +639,37 @@ impl VmRuntime {
     }
 }
 
+/// Makes `dir` an empty directory owned by root, mode 0555 (QEMU's root after start-up: it
+/// can neither see nor create anything there).
+fn make_jail(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    match std::fs::symlink_metadata(dir) {
+        Ok(md) if md.is_dir() => {
+            if fs_err::read_dir(dir)?.next().is_some() {
+                anyhow::bail!("{} is not empty", dir.display());
+            }
+        }
+        Ok(_) => anyhow::bail!("{} is not a directory", dir.display()),
+        Err(_) => fs_err::create_dir(dir)?,
+    }
+    std::os::unix::fs::chown(dir, Some(0), Some(0))
+        .with_context(|| format!("cannot chown {}", dir.display()))?;
+    fs_err::set_permissions(dir, std::fs::Permissions::from_mode(0o555))?;
+    Ok(())
+}
+
+/// Writes `path` whole or not at all (temp file + rename).
+fn write_file_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    let dir = path.parent().context("a path with a directory")?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".config-")
+        .tempfile_in(dir)?;
+    fs_err::write(tmp.path(), data)?;
+    tmp.persist(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
 /// QEMU's `-name` of a machine.
 pub fn vm_name(run_id: &str, machine: &str) -> String {
     format!("il-{run_id}-{machine}")
@@ -756,9 +817,10 @@ async fn probe_kvm(qemu: &Path, kit: &Kit, initrd: &Path, state_dir: &Path) -> a
         qmp_socket: None,
         console_log: console.clone(),
         pidfile: None,
-        tap: None,
-        mac: None,
+        nics: Vec::new(),
+        config_drive: None,
         run_as: None,
+        chroot: None,
         tcg_tb_mib: TCG_TB_MIB,
     };
     let mut child = tokio::process::Command::new(qemu)
@@ -798,6 +860,21 @@ impl MachineRuntime for VmRuntime {
             return Ok(());
         }
         let _ = fs_err::write(m.dir.join("stopped"), b"");
+        // The guest's page cache is not the host's: a guest without an init that acts on the
+        // power button (agent as PID 1) would be quit with its last writes unwritten. Flush
+        // them first (a systemd guest syncs again while powering off). Through `sh`: a busybox
+        // image may have no `sync` link, but its shell runs applets by name.
+        match crate::agent_client::run(
+            &m.agent_socket(),
+            &["sh", "-c", "sync"],
+            grace.min(Duration::from_secs(10)),
+        )
+        .await
+        {
+            Ok(0) => {}
+            Ok(code) => tracing::warn!(machine = %m.machine, code, "sync in the guest failed"),
+            Err(e) => tracing::warn!(machine = %m.machine, "cannot sync the guest: {e:#}"),
+        }
         let qmp_path = m.dir.join("qmp.sock");
         if let Ok(mut q) = qmp::Qmp::connect(&qmp_path, Duration::from_secs(2)).await {
             let _ = q.system_powerdown().await;
