@@ -142,9 +142,11 @@ if [ $init = systemd ]; then
     # stays the image's root, and it shares the mount namespace systemd sets up next. It is a
     # child of PID 1 (systemd reaps it) in the root cgroup; systemd does not kill processes it
     # did not start until the final shutdown.
+    # (ash gives a background command /dev/null as stdin first: the initramfs needs its own.)
+    [ -e /dev/null ] || mknod -m 666 /dev/null c 1 3
     # shellcheck disable=SC2086
     setsid env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-        /bin/chroot /newroot $agent_cmd </dev/null >/newroot/dev/console 2>&1 &
+        /bin/chroot /newroot $agent_cmd </newroot/dev/null >/newroot/dev/console 2>&1 &
     echo $! >/newroot/run/ironlab/agent.pid
     exec switch_root /newroot /sbin/init
 fi

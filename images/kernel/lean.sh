@@ -80,8 +80,8 @@ build_kernel() {
     fi
     mkdir -p "$obj"
     local mk=(nice -n 19 make -C "$src" O="$obj" ARCH=x86_64)
-    "${mk[@]}" -s tinyconfig >/dev/null
-    "$src/scripts/kconfig/merge_config.sh" -m -O "$obj" "$obj/.config" "$here/lean.config" >"$b/merge.log" 2>&1 ||
+    "${mk[@]}" -s tinyconfig >"$b/merge.log" 2>&1 || die "make tinyconfig failed (see $b/merge.log)"
+    "$src/scripts/kconfig/merge_config.sh" -m -O "$obj" "$obj/.config" "$here/lean.config" >>"$b/merge.log" 2>&1 ||
         die "merging lean.config failed (see $b/merge.log)"
     "${mk[@]}" -s olddefconfig >>"$b/merge.log" 2>&1
     # Every option lean.config sets must have survived (olddefconfig silently drops options
