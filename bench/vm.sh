@@ -18,7 +18,8 @@
 #
 # Needs: root; `ironlab` built ($IRONLAB_BIN, default $CARGO_TARGET_DIR/release/ironlab); the
 # stock debian image ($IRONLAB_STOCK_IMAGES, default /var/lib/ironlab/stock-images); both kits;
-# qemu-system-x86_64. Internally it runs itself once per kit (`--one LABEL KIT OUT_DIR`), each
+# qemu-system-x86_64. IRONLAB_VM_TCG_TB_MIB sets the TCG translation cache (worker and bare
+# boots; default 32). Internally it runs itself once per kit (`--one LABEL KIT OUT_DIR`), each
 # with its own temporary platform.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
@@ -122,7 +123,12 @@ playground:
       resources: {cpu: 1, memory: 256MiB}
       drives: [{source: debian, mount: /, size: 2GiB}]
 YAML
-    "$IRONLAB" playground create -f "$WORK/vm.yaml" >/dev/null
+    # The control plane learns the worker's runtimes from its next status report.
+    for try in $(seq 1 60); do
+        "$IRONLAB" playground create -f "$WORK/vm.yaml" >/dev/null 2>"$WORK/create.err" && break
+        ((try < 60)) || { cat "$WORK/create.err" >&2; exit 1; }
+        sleep 0.5
+    done
     start_vm() {
         "$IRONLAB" playground start vm-bench -o json | sed -n 's/.*"id"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p' | head -n1
     }
@@ -144,8 +150,9 @@ YAML
         /^Rss:/ { total += $2; if (inram) ram += $2 }
         END { print total, ram }' "/proc/$pid/smaps")
     PRIV_KB=$(awk '/^Private_(Clean|Dirty):/ { p += $2 } END { print p }' "/proc/$pid/smaps_rollup")
-    echo "$RSS_KB $RAM_KB $PRIV_KB" >"$OUT/mem"
-    echo "bench[$LABEL]: QEMU RSS $((RSS_KB / 1024)) MiB, private $((PRIV_KB / 1024)) MiB, guest RAM resident $((RAM_KB / 1024)) MiB"
+    ANON_KB=$(awk '/^Private_Dirty:/ { p += $2 } END { print p }' "/proc/$pid/smaps_rollup")
+    echo "$RSS_KB $RAM_KB $PRIV_KB $ANON_KB" >"$OUT/mem"
+    echo "bench[$LABEL]: QEMU RSS $((RSS_KB / 1024)) MiB, private $((PRIV_KB / 1024)) MiB (dirty $((ANON_KB / 1024)) MiB), guest RAM resident $((RAM_KB / 1024)) MiB"
     destroy "$RUN"
     RUN=""
 
@@ -173,7 +180,7 @@ YAML
     cp "$DRIVE" "$WORK/bare-root.ext4"
     extra=()
     if [[ $ACCEL == tcg ]]; then
-        accel=(-accel "tcg,tb-size=${IRONLAB_BENCH_TB_MIB:-32}" -cpu max)
+        accel=(-accel "tcg,tb-size=${IRONLAB_VM_TCG_TB_MIB:-32}" -cpu max)
         extra=(tsc_early_khz=2000000 lpj=4000000)
     else
         accel=(-accel kvm -cpu host)
@@ -237,11 +244,11 @@ row() { # LABEL FILE [REF_MEDIAN]
 }
 median() { stats "$1" | cut -d' ' -f1; }
 mem_line() { # KIT
-    local rss ram priv
-    read -r rss ram priv <"$RES/$1/mem"
-    awk -v r="$rss" -v g="$ram" -v p="$priv" -v k="$1" -v a="$(cat "$RES/$1/accel")" 'BEGIN {
-        printf "| %s kit [%s] | %.1f | %.1f | %.1f | **%.1f** | %.1f |\n", k, a, r / 1024, g / 1024,
-            (r - g) / 1024, (p - g) / 1024, p / 1024 }'
+    local rss ram priv anon
+    read -r rss ram priv anon <"$RES/$1/mem"
+    awk -v r="$rss" -v g="$ram" -v p="$priv" -v d="$anon" -v k="$1" -v a="$(cat "$RES/$1/accel")" 'BEGIN {
+        printf "| %s kit [%s] | %.1f | %.1f | %.1f | %.1f | **%.1f** |\n", k, a, r / 1024, g / 1024,
+            (r - g) / 1024, (p - g) / 1024, (d - g) / 1024 }'
 }
 A_STOCK=$(cat "$RES/stock/accel")
 A_LEAN=$(cat "$RES/lean/accel")
@@ -264,7 +271,7 @@ $(row "lean kit: bare \`qemu-system-x86_64\` → root mounted marker [$A_LEAN]" 
 
 Lean vs stock, start→agent ready: **$(ratio "$S_STOCK" "$S_LEAN") faster** [$A_LEAN]; bare boot to the marker: $(ratio "$B_STOCK" "$B_LEAN") faster [$A_LEAN].
 
-| QEMU memory, guest ready + 10 s (256 MiB guest) | RSS MiB | guest RAM resident MiB | RSS beyond guest RAM MiB | private beyond guest RAM MiB | private total MiB |
+| QEMU memory, guest ready + 10 s (256 MiB guest, TCG cache ${IRONLAB_VM_TCG_TB_MIB:-32} MiB) | RSS MiB | guest RAM resident MiB | RSS beyond guest RAM MiB | private (clean + dirty) beyond guest RAM MiB | private dirty (anonymous) beyond guest RAM MiB |
 |---|---:|---:|---:|---:|---:|
 $(mem_line stock)
 $(mem_line lean)
@@ -280,7 +287,7 @@ if ((RECORD)); then
         echo
         echo "## microVMs, stock vs lean kernel — $(date -u '+%Y-%m-%d %H:%M UTC') — $(uname -r), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
         echo
-        echo "Command: \`sudo bench/vm.sh -n $N --record\` (stock kit $STOCK_KIT, lean kit $LEAN_KIT, TCG translation cache ${IRONLAB_BENCH_TB_MIB:-32} MiB for the bare boots)"
+        echo "Command: \`sudo bench/vm.sh -n $N --record\` (stock kit $STOCK_KIT, lean kit $LEAN_KIT, TCG translation cache ${IRONLAB_VM_TCG_TB_MIB:-32} MiB)"
         echo
         echo "$table"
     } >>bench/RESULTS.md
