@@ -138,8 +138,13 @@ YAML
     }
 
     echo "bench[$LABEL]: warm-up start (imports the image, builds its drive)"
-    RUN=$(start_vm)
-    [[ -n $RUN ]] || { echo "bench[$LABEL]: warm-up start failed" >&2; tail -n 30 "$WORK/up.log" >&2; exit 1; }
+    # (Until the worker's first status report the control plane may not offer microVMs yet.)
+    for try in $(seq 1 30); do
+        RUN=$(start_vm 2>"$WORK/start.err") && [[ -n $RUN ]] && break
+        grep -F "not available on this platform" "$WORK/start.err" >/dev/null && ((try < 30)) || break
+        sleep 1
+    done
+    [[ -n $RUN ]] || { echo "bench[$LABEL]: warm-up start failed" >&2; cat "$WORK/start.err" >&2; tail -n 30 "$WORK/up.log" >&2; exit 1; }
     # QEMU's memory beyond guest RAM, on the warm-up VM 10 s after ready: RSS and private memory
     # minus the resident part of the guest-RAM mapping (the 256 MiB anonymous, private mapping).
     sleep 10
