@@ -28,6 +28,8 @@ PACKAGES=(
     umoci build-essential pkg-config musl-tools
     chromium fonts-liberation
     kmod
+    # The lean microVM kernel (images/kernel/lean.sh compiles Debian's linux-source).
+    flex bison bc libelf-dev xz-utils
 )
 # From bookworm-backports where that suite exists (microVMs: QEMU 10 with qboot and microvm).
 BACKPORTS_PACKAGES=(qemu-system-x86)

@@ -12,7 +12,7 @@
 # web/ is built first (npm ci + npm run build) so the binary embeds the terminal scripts; the
 # browser tests (npm test in web/) run after the cargo tests against the debug `ironlab`.
 # The tests get: IRONLAB_AGENT, IRONLAB_STOCK_IMAGES, IRONLAB_TEST_IMAGE_LAYOUT,
-# IRONLAB_VM_KERNEL_DIR (the microVM kit) and
+# IRONLAB_VM_KERNEL_DIR (the microVM kit: the lean one unless IRONLAB_VM_KIT=stock) and
 # IRONLAB_E2E_REQUIRED=1 (privileged tests fail instead of skipping when something is missing).
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
@@ -54,9 +54,21 @@ images/debian/build.sh "$IRONLAB_STOCK_IMAGES/debian"
 step "build the stock docker image (Debian 12 + docker.io + ironlab/busybox, for microVMs)"
 images/docker/build.sh "$IRONLAB_STOCK_IMAGES/docker"
 
-step "build the microVM kit (Debian's cloud kernel, modules drive, initramfs)"
-IRONLAB_VM_KERNEL_DIR=$(ironlab_cache_dir kernel)
-images/kernel/build.sh "$IRONLAB_VM_KERNEL_DIR"
+step "build the microVM kits (Debian's cloud kernel + modules drive; the lean kernel, the default)"
+IRONLAB_VM_STOCK_KIT=$(ironlab_cache_dir kernel)
+images/kernel/build.sh "$IRONLAB_VM_STOCK_KIT"
+# A cold build compiles the lean kernel (10–20 min on 2 cores); it is cached by recipe hash.
+# IRONLAB_VM_KIT=stock runs the tests on the cloud kernel instead.
+IRONLAB_VM_LEAN_KIT=$(ironlab_cache_dir kernel-lean)
+images/kernel/lean.sh "$IRONLAB_VM_LEAN_KIT"
+case ${IRONLAB_VM_KIT:-lean} in
+    lean) IRONLAB_VM_KERNEL_DIR=$IRONLAB_VM_LEAN_KIT ;;
+    stock) IRONLAB_VM_KERNEL_DIR=$IRONLAB_VM_STOCK_KIT ;;
+    *)
+        echo "test: IRONLAB_VM_KIT must be lean or stock, not ${IRONLAB_VM_KIT}" >&2
+        exit 1
+        ;;
+esac
 
 export IRONLAB_AGENT IRONLAB_STOCK_IMAGES IRONLAB_TEST_IMAGE_LAYOUT IRONLAB_VM_KERNEL_DIR
 export IRONLAB_E2E_REQUIRED=1

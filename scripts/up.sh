@@ -6,7 +6,9 @@
 #
 # Environment: CARGO_TARGET_DIR (default /var/cache/ironlab-ci/target or target/),
 # IRONLAB_STOCK_IMAGES (default /var/lib/ironlab/stock-images), IRONLAB_IMAGE_CACHE (passed to
-# the image recipe), IRONLAB_VM_KERNEL_DIR (the microVM kit, default /var/lib/ironlab/kernel).
+# the image recipe), IRONLAB_VM_KIT=lean|stock (the microVM kit: lean, the default, is
+# images/kernel/lean.sh; stock is build.sh, Debian's cloud kernel), IRONLAB_VM_KERNEL_DIR (where
+# that kit is built; default /var/lib/ironlab/kernel-lean or /var/lib/ironlab/kernel).
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -24,9 +26,18 @@ if ! images/docker/build.sh "$stock/docker"; then
 fi
 export IRONLAB_STOCK_IMAGES=$stock
 
-kit=${IRONLAB_VM_KERNEL_DIR:-/var/lib/ironlab/kernel}
-echo "up: building the microVM kit into $kit"
-if images/kernel/build.sh "$kit"; then
+# The lean kernel (compiled from Debian's linux-source, cached; the first build takes 10–20 min)
+# is the default kit; IRONLAB_VM_KIT=stock uses Debian's cloud kernel + modules drive instead.
+case ${IRONLAB_VM_KIT:-lean} in
+    lean) kit=${IRONLAB_VM_KERNEL_DIR:-/var/lib/ironlab/kernel-lean} builder=images/kernel/lean.sh ;;
+    stock) kit=${IRONLAB_VM_KERNEL_DIR:-/var/lib/ironlab/kernel} builder=images/kernel/build.sh ;;
+    *)
+        echo "up: IRONLAB_VM_KIT must be lean or stock, not ${IRONLAB_VM_KIT}" >&2
+        exit 1
+        ;;
+esac
+echo "up: building the microVM kit into $kit ($builder)"
+if "$builder" "$kit"; then
     export IRONLAB_VM_KERNEL_DIR=$kit
 else
     echo "up: the microVM kit did not build; playgrounds run as containers only" >&2

@@ -5,8 +5,10 @@
 # read-only modules drive (/dev/vdb) at /lib/modules/<release> inside it, puts the agent (from
 # the cpio the worker appends: /ironlab/agent) on a tmpfs at /.ironlab, writes the hostname, and
 # hands over:
-#   - systemd, when the image has /sbin/init and /lib/systemd/systemd: the agent starts from a
-#     runtime unit in /run/systemd/system (a tmpfs: nothing is written into the image for it);
+#   - systemd, when the image has /sbin/init and /lib/systemd/systemd: the agent starts first,
+#     chrooted into the new root just before switch_root (ready without waiting for systemd's
+#     boot; devpts and /dev/shm are mounted for it), and a runtime unit in /run/systemd/system
+#     (a tmpfs: nothing is written into the image) restarts it once that early agent exits;
 #   - otherwise the agent is PID 1 (`ironlab-agent init`).
 # The agent serves on /run/ironlab/agent.sock and on the virtio-serial port /dev/virtio-ports/org.ironlab.agent.
 #
@@ -160,16 +162,20 @@ if [ "$mode" != agent ] && { [ -L /newroot/sbin/init ] || [ -e /newroot/sbin/ini
     init=systemd
 fi
 
+agent_cmd="/.ironlab/agent serve --socket /run/ironlab/agent.sock --serial /dev/virtio-ports/org.ironlab.agent"
 if [ $init = systemd ]; then
+    # The agent starts now, before systemd (agent-ready does not wait for the image's boot), and
+    # the runtime unit only restarts it: it waits for this early agent to exit, then runs a new
+    # one (Restart=always). /run is a tmpfs: nothing is written into the image for it.
     mkdir -p /newroot/run/systemd/system/sysinit.target.wants
-    cat >/newroot/run/systemd/system/ironlab-agent.service <<'UNIT'
+    cat >/newroot/run/systemd/system/ironlab-agent.service <<UNIT
 [Unit]
-Description=ironlab agent
+Description=ironlab agent (restarts the agent the initramfs started)
 DefaultDependencies=no
 Before=sysinit.target
 
 [Service]
-ExecStart=/.ironlab/agent serve --socket /run/ironlab/agent.sock --serial /dev/virtio-ports/org.ironlab.agent
+ExecStart=/bin/sh -c 'p=\$\$(cat /run/ironlab/agent.pid 2>/dev/null) && rm -f /run/ironlab/agent.pid && [ -n "\$\$p" ] && { tail --pid="\$\$p" -f /dev/null 2>/dev/null || while kill -0 "\$\$p" 2>/dev/null; do sleep 1; done; }; exec $agent_cmd'
 Restart=always
 RestartSec=200ms
 KillMode=process
@@ -182,11 +188,22 @@ fi
 mount --move /dev /newroot/dev
 mount --move /proc /newroot/proc
 mount --move /sys /newroot/sys
-
-if [ $init = systemd ]; then
-    exec switch_root /newroot /sbin/init
-fi
+# PTYs and /dev/shm for the agent's sessions (systemd leaves existing mounts as they are).
 mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts -o nosuid,noexec,newinstance,ptmxmode=0666,mode=0620,gid=5 devpts /newroot/dev/pts
 mount -t tmpfs -o nosuid,nodev,mode=1777 shm /newroot/dev/shm
+
+if [ $init = systemd ]; then
+    # Chrooted into the new root: switch_root moves that very mount to /, so the agent's root
+    # stays the image's root, and it shares the mount namespace systemd sets up next. It is a
+    # child of PID 1 (systemd reaps it) in the root cgroup; systemd does not kill processes it
+    # did not start until the final shutdown.
+    # (ash gives a background command /dev/null as stdin first: the initramfs needs its own.)
+    [ -e /dev/null ] || mknod -m 666 /dev/null c 1 3
+    # shellcheck disable=SC2086
+    setsid env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+        /bin/chroot /newroot $agent_cmd </newroot/dev/null >/newroot/dev/console 2>&1 &
+    echo $! >/newroot/run/ironlab/agent.pid
+    exec switch_root /newroot /sbin/init
+fi
 exec switch_root /newroot /.ironlab/agent init --socket /run/ironlab/agent.sock --serial /dev/virtio-ports/org.ironlab.agent

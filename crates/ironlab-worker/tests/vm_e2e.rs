@@ -532,38 +532,92 @@ async fn a_guest_that_powers_off_and_a_killed_qemu_fail_the_run_with_a_reason() 
     assert_eq!(f.leftovers(&run), Vec::<String>::new());
 }
 
+/// A busybox drive whose `/lib/systemd/systemd` (with `/sbin/init` linking to it, so the
+/// initramfs hands over to "systemd") is the shell script `script`.
+fn fake_systemd_drive(dir: &Path, script: &str) -> PathBuf {
+    let file = busybox_drive(dir);
+    let root = dir.join("rootfs");
+    std::fs::create_dir_all(root.join("lib/systemd")).expect("mkdir");
+    std::fs::create_dir_all(root.join("sbin")).expect("mkdir");
+    std::fs::write(root.join("lib/systemd/systemd"), script).expect("write");
+    Command::new("chmod")
+        .args(["755", &root.join("lib/systemd/systemd").to_string_lossy()])
+        .status()
+        .expect("chmod");
+    std::os::unix::fs::symlink("/lib/systemd/systemd", root.join("sbin/init")).expect("symlink");
+    std::fs::remove_file(&file).expect("rm");
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&root)
+        .arg(&file)
+        .arg("64M")
+        .status()
+        .expect("mkfs");
+    assert!(st.success());
+    file
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[serial]
+async fn the_agent_of_a_systemd_guest_answers_before_systemd_starts_any_unit() {
+    skip_if_not_root!();
+    let Some(kit) = kit_dir() else { return };
+    // A "systemd" that never starts a unit: the initramfs started the agent before handing
+    // over, so the machine is ready anyway, PID 1 is that "systemd", and PTYs work (devpts was
+    // mounted for the agent, not by systemd).
+    let drive = |dir: &Path| {
+        fake_systemd_drive(
+            dir,
+            "#!/bin/sh\necho fake-systemd-running\nwhile :; do sleep 1000; done\n",
+        )
+    };
+    let mut f = Fixture::new(kit, drive).await;
+    let plan = f.plan("vm");
+    let run = plan.run_id.clone();
+    let st = f.start(&plan).await;
+    assert_eq!(st.state, ObservedState::Running, "{st:?}");
+    let (out, _) = f.exec(&run, "vm", &["cat", "/proc/1/cmdline"], false).await;
+    assert!(
+        out.contains("/sbin/init") && !out.contains("ironlab"),
+        "pid 1 is {out:?}"
+    );
+    let (out, code) = f
+        .exec(&run, "vm", &["sh", "-c", "busybox tty; stty size"], true)
+        .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("/dev/pts/"), "{out:?}");
+    // The unit that restarts the agent once this early one exits is in place for systemd.
+    let (out, code) = f
+        .exec(
+            &run,
+            "vm",
+            &[
+                "cat",
+                "/run/systemd/system/sysinit.target.wants/ironlab-agent.service",
+            ],
+            false,
+        )
+        .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("tail --pid"), "{out}");
+    f.destroy(&run).await;
+    assert_eq!(f.leftovers(&run), Vec::<String>::new());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[serial]
 async fn a_guest_whose_agent_never_answers_fails_with_a_reason_and_cleans_up() {
     skip_if_not_root!();
     let Some(kit) = kit_dir() else { return };
-    // An image with a "systemd" that never starts units: the agent never comes up.
+    // A "systemd" that freezes the agent the initramfs started (before the agent's first serial
+    // session: the agent needs several round trips with the host, this script none) and never
+    // starts a unit: the agent never answers.
     let drive = |dir: &Path| {
-        let file = busybox_drive(dir);
-        let root = dir.join("rootfs");
-        std::fs::create_dir_all(root.join("lib/systemd")).expect("mkdir");
-        std::fs::create_dir_all(root.join("sbin")).expect("mkdir");
-        std::fs::write(
-            root.join("lib/systemd/systemd"),
-            "#!/bin/sh\necho fake-systemd-running\nwhile :; do sleep 1000; done\n",
+        fake_systemd_drive(
+            dir,
+            "#!/bin/sh\nbusybox kill -STOP $(busybox cat /run/ironlab/agent.pid)\n\
+             echo fake-systemd-running\nwhile :; do sleep 1000; done\n",
         )
-        .expect("write");
-        Command::new("chmod")
-            .args(["755", &root.join("lib/systemd/systemd").to_string_lossy()])
-            .status()
-            .expect("chmod");
-        std::os::unix::fs::symlink("/lib/systemd/systemd", root.join("sbin/init"))
-            .expect("symlink");
-        std::fs::remove_file(&file).expect("rm");
-        let st = Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-d"])
-            .arg(&root)
-            .arg(&file)
-            .arg("64M")
-            .status()
-            .expect("mkfs");
-        assert!(st.success());
-        file
     };
     unsafe_env_timeout();
     let mut f = Fixture::new(kit, drive).await;

@@ -83,19 +83,39 @@ fn microvm_debian_playground() {
     assert_eq!(p.ssh_ok(&id, &["id", "-u", "laborant"]), "1000\n");
     assert_eq!(p.ssh_ok(&id, &["sudo", "-n", "id", "-u"]), "0\n");
     assert_eq!(p.ssh_ok(&id, &["cat", "/proc/1/comm"]).trim(), "systemd");
-    let state = p.ssh(&id, &["systemctl", "is-system-running"]);
-    let state = String::from_utf8_lossy(&state.stdout).trim().to_string();
+    // The agent answers before systemd's manager is up (the initramfs starts it first), so
+    // `systemctl` may find no bus for the first seconds; then systemd finishes its boot with
+    // no unit failing for want of a kernel feature. Known failures that are not the kernel's:
+    // ssh.service (the image has no host keys), kmod-static-nodes.service (the cloud kit's
+    // modules drive has no static node list).
+    let waited = std::time::Instant::now();
+    let state = loop {
+        let out = p.ssh(
+            &id,
+            &[
+                "sh",
+                "-c",
+                "systemctl is-system-running --wait 2>/dev/null; true",
+            ],
+        );
+        let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !state.is_empty() || waited.elapsed() > std::time::Duration::from_secs(180) {
+            break state;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    let failed = p.ssh_ok(&id, &["systemctl", "--failed", "--no-legend", "--plain"]);
     assert!(
-        [
-            "initializing",
-            "starting",
-            "running",
-            "degraded",
-            "maintenance"
-        ]
-        .contains(&state.as_str()),
-        "systemctl is-system-running answered {state:?}"
+        state == "running" || state == "degraded",
+        "systemctl is-system-running --wait answered {state:?} after {:?}; failed units:\n{failed}",
+        waited.elapsed()
     );
+    let unexpected: Vec<&str> = failed
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|u| !["ssh.service", "kmod-static-nodes.service"].contains(u))
+        .collect();
+    assert!(unexpected.is_empty(), "failed units:\n{failed}");
     assert_eq!(p.ssh_ok(&id, &["hostname"]).trim(), "vm");
 
     // Status and the console log through the control plane.
