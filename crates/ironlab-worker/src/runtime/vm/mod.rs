@@ -57,6 +57,8 @@ pub fn tcg_tb_mib() -> u32 {
         .filter(|v| (4..=1024).contains(v))
         .unwrap_or(TCG_TB_MIB)
 }
+/// How long QEMU may take to write its pidfile before a missing one counts as an exit.
+const PIDFILE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a boot may take to print the kernel banner before it counts as hung.
 pub const BANNER_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the agent of a microVM has to answer (TCG boots are slow on a busy host);
@@ -475,7 +477,13 @@ impl VmRuntime {
                     return Ok(());
                 }
             }
-            if started > Duration::from_millis(500) && Self::pid(m).is_none() {
+            // QEMU writes its pidfile early in its start-up; on a busy host that can take a while,
+            // so only a pidfile whose process is gone (or none after PIDFILE_TIMEOUT) means it
+            // exited.
+            let pidfile = m.dir.join("qemu.pid").exists();
+            if ((pidfile && started > Duration::from_millis(500)) || started > PIDFILE_TIMEOUT)
+                && Self::pid(m).is_none()
+            {
                 anyhow::bail!(
                     "QEMU exited during boot: {}",
                     exit_reason(
@@ -524,22 +532,42 @@ impl VmRuntime {
             .context("the microVM did not boot (tried twice)")
     }
 
-    /// SIGKILLs QEMU and waits (≤ 5 s) until it is gone.
+    /// SIGKILLs QEMU (by its pidfile, and every process in the machine's cgroup: a QEMU that
+    /// has not written its pidfile yet is found there too) and waits (≤ 5 s) until all are gone.
     async fn kill(&self, m: &MachineHandle) {
-        let Some(pid) = Self::pid(m) else {
-            return;
+        let procs = host::cgroup_dir(
+            "pids",
+            &super::container::cgroup_path(&m.run_id, &m.machine),
+        )
+        .join("cgroup.procs");
+        let in_cgroup = || -> Vec<i32> {
+            std::fs::read_to_string(&procs)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect()
         };
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        let sigkill = |pid: i32| {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        };
+        let first = Self::pid(m);
+        let members = in_cgroup();
+        if first.is_none() && members.is_empty() {
+            return;
+        }
+        first.into_iter().chain(members).for_each(sigkill);
         for _ in 0..250 {
-            if Self::pid(m).is_none() {
+            let left = in_cgroup();
+            if Self::pid(m).is_none() && left.is_empty() {
                 return;
             }
+            left.into_iter().for_each(sigkill);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tracing::warn!(machine = %m.machine, pid, "QEMU did not go away after SIGKILL");
+        tracing::warn!(machine = %m.machine, "QEMU did not go away after SIGKILL");
     }
 
     async fn teardown(&self, m: &MachineHandle) -> anyhow::Result<()> {
