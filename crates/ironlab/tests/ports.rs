@@ -280,7 +280,10 @@ fn port_forward_and_http_port_tabs_reach_a_server_in_the_machine() {
     );
     let why = wait_for(Duration::from_secs(10), Duration::from_millis(100), || {
         let e = fwd.stderr();
-        e.contains("8001").then_some(e)
+        // Wait for the whole line, not just its start.
+        e.lines()
+            .any(|l| l.contains("8001") && l.to_lowercase().contains("refused"))
+            .then_some(e)
     })
     .unwrap_or_else(|| fwd.stderr());
     assert!(

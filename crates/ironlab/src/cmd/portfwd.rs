@@ -140,7 +140,7 @@ pub async fn port_forward(args: PortForwardArgs, api: &Api) -> anyhow::Result<i3
                 let (socket, from) = match listener.accept().await {
                     Ok(x) => x,
                     Err(e) => {
-                        eprintln!("error: accepting on {local}: {e}");
+                        say(format!("error: accepting on {local}: {e}"));
                         continue;
                     }
                 };
@@ -155,7 +155,9 @@ pub async fn port_forward(args: PortForwardArgs, api: &Api) -> anyhow::Result<i3
                     }
                     .await;
                     if let Err(e) = result {
-                        eprintln!("error: connection from {from} to port {remote}: {e:#}");
+                        say(format!(
+                            "error: connection from {from} to port {remote}: {e:#}"
+                        ));
                     }
                 });
             }
@@ -166,6 +168,15 @@ pub async fn port_forward(args: PortForwardArgs, api: &Api) -> anyhow::Result<i3
         .context("cannot wait for Ctrl-C")?;
     tasks.abort_all();
     Ok(0)
+}
+
+/// Prints one whole line to stderr in a single write, so that a reader of a
+/// busy forwarder's stderr never sees half a message (`eprintln!` writes each
+/// formatted piece separately on unbuffered stderr).
+fn say(mut line: String) {
+    use std::io::Write as _;
+    line.push('\n');
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
 /// Runs `ssh-proxy`: stdin/stdout ↔ the port, once.
