@@ -9,12 +9,14 @@
 #   VERSION         the kernel release (uname -r in the guest)
 #   modules.ext4    /lib/modules/<release> as an ext4 image, attached read-only as the second
 #                   virtio-blk drive and mounted at /lib/modules/<release> in the guest
-#   initramfs.cpio  busybox-static + the virtio modules of the boot path + /init (init.sh beside
-#                   this script); uncompressed (TCG decompresses slowly). The worker appends a
-#                   second cpio holding the agent, so an agent upgrade needs no rebuild here.
+#   initramfs.cpio  the virtio modules of the boot path (/modules, in /modules/order), mount
+#                   points, /dev/console and /release; uncompressed (TCG decompresses slowly).
+#                   The worker appends a second cpio holding the agent as /init
+#                   (ironlab_agent::boot loads the modules and boots the guest), so an agent
+#                   upgrade needs no rebuild here.
 #
-# Cache: when OUT_DIR/.recipe-hash equals the recipe's hash (this script, init.sh, the package
-# version), it does nothing. Needs: apt-get (Debian's registry), dpkg-deb, busybox-static, kmod,
+# Cache: when OUT_DIR/.recipe-hash equals the recipe's hash (this script, the package version),
+# it does nothing. Needs: apt-get (Debian's registry), dpkg-deb, busybox-static, kmod,
 # e2fsprogs.
 set -euo pipefail
 export PATH=/usr/local/sbin:/usr/sbin:/sbin:$PATH
@@ -23,7 +25,6 @@ say() { printf 'kernel: %s\n' "$*"; }
 die() { printf 'kernel: %s\n' "$*" >&2; exit 1; }
 
 out=${1:-/var/lib/ironlab/kernel}
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 [[ $(id -u) -eq 0 ]] || die "must run as root"
 for tool in apt-get apt-cache dpkg-deb busybox depmod mkfs.ext4; do
     command -v "$tool" >/dev/null || die "$tool not found (scripts/setup.sh installs it)"
@@ -36,7 +37,7 @@ pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: lin
 [[ -n $pkg ]] || die "cannot resolve linux-image-cloud-amd64 (run apt-get update?)"
 pkgver=$(apt-cache policy "$pkg" | awk '/Candidate:/{print $2; exit}')
 hash=$({
-    cat "$0" "$here/init.sh"
+    cat "$0"
     printf '%s\n' "$pkg" "$pkgver" "${boot_modules[@]}"
 } | sha256sum | cut -d' ' -f1)
 if [[ -f $out/.recipe-hash && $(cat "$out/.recipe-hash") == "$hash" && -f $out/initramfs.cpio ]]; then
@@ -64,9 +65,7 @@ mkfs.ext4 -q -b 4096 -L modules -d "$mods" "$work/modules.ext4" "${size_kb}k"
 
 # initramfs
 ir=$work/initramfs
-mkdir -p "$ir"/{bin,dev,proc,sys,newroot,modules,ironlab}
-cp /bin/busybox "$ir/bin/busybox"
-for a in $(busybox --list); do [[ $a == busybox ]] || ln -sf busybox "$ir/bin/$a"; done
+mkdir -p "$ir"/{dev,proc,sys,newroot,modules}
 for m in "${boot_modules[@]}"; do
     f=$(find "$mods/kernel" -name "$m.ko" -print -quit)
     [[ -n $f ]] || die "module $m not in $release"
@@ -74,7 +73,6 @@ for m in "${boot_modules[@]}"; do
 done
 printf '%s\n' "${boot_modules[@]}" >"$ir/modules/order"
 echo "$release" >"$ir/release"
-install -m 0755 "$here/init.sh" "$ir/init"
 mknod -m 600 "$ir/dev/console" c 5 1
 (cd "$ir" && find . | LC_ALL=C sort | busybox cpio -o -H newc >"$work/initramfs.cpio" 2>/dev/null)
 

@@ -11,12 +11,13 @@
 #                   (no decompression, which is slow under TCG). Named like the cloud kit's file.
 #   VERSION         the kernel release (uname -r in the guest), e.g. 6.1.192-ironlab-lean
 #   config          the kernel's full .config (also in the guest as /proc/config.gz)
-#   initramfs.cpio  busybox-static + /init (init.sh beside this script) + an empty module order;
-#                   uncompressed. No modules.ext4: nothing is a module.
+#   initramfs.cpio  mount points, /dev/console, /release and an empty module order; uncompressed.
+#                   No /init: the worker appends the agent as /init (ironlab_agent::boot boots
+#                   the guest). No modules.ext4: nothing is a module.
 #   .build/         the source tree and objects (kept, so a config change rebuilds incrementally)
 #
 # Cache: two hashes. The kernel (this script's kernel recipe, lean.config, the source package
-# version) is compiled only when OUT_DIR/.kernel-hash differs; the initramfs (init.sh, busybox)
+# version) is compiled only when OUT_DIR/.kernel-hash differs; the initramfs (this script)
 # is rebuilt when OUT_DIR/.recipe-hash differs. The compile runs `nice -n 19 make -j$(nproc)`
 # (the machine is shared) and takes 10–20 min on 2 cores; progress goes to OUT_DIR/.build/make.log
 # and a line every minute here. Needs: apt-get (Debian's registry), dpkg-deb, xz, gcc, make, flex,
@@ -48,8 +49,7 @@ kernel_hash=$({
 } | sha256sum | cut -d' ' -f1)
 recipe_hash=$({
     echo "$kernel_hash"
-    cat "$0" "$here/init.sh"
-    sha256sum /bin/busybox
+    cat "$0"
 } | sha256sum | cut -d' ' -f1)
 if [[ -f $out/.recipe-hash && $(cat "$out/.recipe-hash") == "$recipe_hash" && -f $out/vmlinuz &&
     -f $out/initramfs.cpio ]]; then
@@ -132,12 +132,9 @@ release=$(cat "$out/.build/release")
 work=$(mktemp -d "$out/.tmp.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 ir=$work/initramfs
-mkdir -p "$ir"/{bin,dev,proc,sys,newroot,modules,ironlab}
-cp /bin/busybox "$ir/bin/busybox"
-for a in $(busybox --list); do [[ $a == busybox ]] || ln -sf busybox "$ir/bin/$a"; done
+mkdir -p "$ir"/{dev,proc,sys,newroot,modules}
 : >"$ir/modules/order"
 echo "$release" >"$ir/release"
-install -m 0755 "$here/init.sh" "$ir/init"
 mknod -m 600 "$ir/dev/console" c 5 1
 (cd "$ir" && find . | LC_ALL=C sort | busybox cpio -o -H newc >"$work/initramfs.cpio" 2>/dev/null)
 

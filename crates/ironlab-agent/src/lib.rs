@@ -4,7 +4,8 @@
 //! unix socket (bind-mounted into a container at [`DEFAULT_SOCKET`]'s directory). The service runs
 //! processes ([`exec`], with [`pty`] for terminals), writes files ([`files`]) and creates
 //! accounts ([`users`]), runs the machine's task checks ([`tasks`]) and opens TCP connections inside the
-//! machine for published ports ([`dial`]). In a machine, [`init`] is PID 1 and supervises the `serve` process.
+//! machine for published ports ([`dial`]). In a machine, [`init`] is PID 1 and supervises the `serve` process;
+//! in a microVM, [`boot`] is the initramfs's `/init` before that.
 //!
 //! The worker and tests use [`connect`] to reach an agent.
 #![warn(missing_docs)]
@@ -15,6 +16,7 @@ use hyper_util::rt::TokioIo;
 use ironlab_api::agent::agent_client::AgentClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+pub mod boot;
 pub mod dial;
 pub mod exec;
 pub mod files;
@@ -33,6 +35,13 @@ pub const DEFAULT_SOCKET: &str = "/run/ironlab/agent.sock";
 pub const ROOT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// `PATH` of other users' sessions.
 pub const USER_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Seconds since the kernel booted (`CLOCK_BOOTTIME`), for the console's boot lines.
+pub fn uptime() -> f64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
+        .unwrap_or(0.0)
+}
 
 /// Connects to the agent listening on the unix socket `socket` (fails if nothing listens).
 /// Responses up to [`server::MAX_MESSAGE`] are accepted and requests that large are sent.

@@ -1,5 +1,5 @@
 //! The `ironlab-agent` binary: `init`, `serve`, `tasks`, `version` (arguments parsed by hand to keep the
-//! static binary small).
+//! static binary small); as PID 1 without arguments, a microVM initramfs's `/init` (`boot`).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -77,13 +77,14 @@ fn serve(opts: Opts) -> anyhow::Result<i32> {
 
         let listener = server::bind(&opts.socket)?;
         eprintln!(
-            "ironlab-agent {VERSION}: serving on {}{} (pid {})",
+            "ironlab-agent {VERSION}: serving on {}{} (pid {}, up {:.2} s)",
             opts.socket.display(),
             opts.serial
                 .as_ref()
                 .map(|p| format!(" and {}", p.display()))
                 .unwrap_or_default(),
-            std::process::id()
+            std::process::id(),
+            ironlab_agent::uptime()
         );
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let service = server::AgentService::new(&opts.root).with_task_state(&opts.tasks_state);
@@ -141,6 +142,10 @@ fn run(args: &[String]) -> anyhow::Result<i32> {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // The kernel runs a microVM initramfs's `/init` (this binary) as PID 1 without arguments.
+    if args.is_empty() && std::process::id() == 1 {
+        ironlab_agent::boot::run();
+    }
     let code = match run(&args) {
         Ok(code) => code,
         Err(e) => {

@@ -233,8 +233,9 @@ pub fn incoming(path: PathBuf) -> ReceiverStream<io::Result<SerialConn>> {
             logged = false;
             match conn.handshake().await {
                 Ok(nonce) => eprintln!(
-                    "ironlab-agent: serial session {nonce} on {}",
-                    path.display()
+                    "ironlab-agent: serial session {nonce} on {} (up {:.2} s)",
+                    path.display(),
+                    crate::uptime()
                 ),
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => {
                     tokio::time::sleep(IDLE_POLL).await;

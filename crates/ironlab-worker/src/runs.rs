@@ -1066,12 +1066,25 @@ impl RunManager {
             if st != MachineState::Running {
                 anyhow::bail!("machine {} is {st:?}", m.name);
             }
-            agent_client::health(
-                &self.runtime.agent(&h).socket,
-                self.runtime.recover_timeout(&h),
-            )
-            .await
-            .with_context(|| format!("machine {}", m.name))?;
+            // A microVM's proxy answers UNAVAILABLE until the guest's agent has re-made its
+            // serial session with this new worker (slow while a TCG guest is busy booting):
+            // ask again until the runtime's recovery time is up.
+            let timeout = self.runtime.recover_timeout(&h);
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                match agent_client::health(&self.runtime.agent(&h).socket, timeout).await {
+                    Ok(_) => break,
+                    Err(e)
+                        if tokio::time::Instant::now() < deadline
+                            && e.downcast_ref::<tonic::Status>()
+                                .is_some_and(|s| s.code() == tonic::Code::Unavailable) =>
+                    {
+                        tracing::debug!(run = %run_id, machine = %m.name, "agent not back yet: {e:#}");
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    Err(e) => return Err(e.context(format!("machine {}", m.name))),
+                }
+            }
         }
         if !plan.networks.is_empty() {
             self.net.ensure(&plan).await.context("its network")?;

@@ -17,9 +17,11 @@
 //! uid of its own (`-run-with user=`) under `-sandbox on`, `chroot`ed into the empty, read-only
 //! `jail/` of its machine directory (`-run-with chroot=`: every file it uses is open by then).
 //!
-//! The guest kit (`--vm-kernel-dir`, built by `images/kernel/build.sh`): `vmlinuz`,
-//! `initramfs.cpio`, `modules.ext4`, `VERSION`. The agent is appended to the initramfs as a
-//! second cpio archive (`pool/vm/initrd-<hash>.img`, made once per agent binary).
+//! The guest kit (`--vm-kernel-dir`, built by `images/kernel/lean.sh` or `build.sh`): `vmlinuz`,
+//! `initramfs.cpio` (boot modules, `/release`, mount points), `modules.ext4` (stock kit only),
+//! `VERSION`. The agent is appended to the initramfs as a second cpio archive holding it as
+//! `/init` (`pool/vm/initrd-<hash>.img`, made once per agent binary): the kernel runs it as PID
+//! 1 and it boots the guest itself (`ironlab_agent::boot`: no shell, no fork per step).
 
 pub mod cmdline;
 pub mod guestnet;
@@ -161,12 +163,10 @@ pub fn cpio(entries: &[(&str, u32, &[u8])]) -> Vec<u8> {
     out
 }
 
-/// A newc cpio archive holding `ironlab/agent` (appended to the kit's initramfs).
+/// A newc cpio archive holding the agent as `/init` (appended to the kit's initramfs: a later
+/// entry replaces an earlier one of the same name).
 pub fn agent_cpio(agent: &[u8]) -> Vec<u8> {
-    cpio(&[
-        ("ironlab", 0o040755, &[]),
-        ("ironlab/agent", 0o100755, agent),
-    ])
+    cpio(&[("init", 0o100755, agent)])
 }
 
 /// The uid/gid QEMU of `name` (`il-<run>-<machine>`) runs as: one per machine, from a range no
@@ -1034,14 +1034,13 @@ mod tests {
         let c = agent_cpio(b"\x7fELFdata");
         assert!(c.starts_with(b"070701"));
         let text = String::from_utf8_lossy(&c);
-        assert!(text.contains("ironlab/agent"));
         assert!(text.contains("TRAILER!!!"));
         assert_eq!(c.len() % 4, 0);
-        // The file size field of the agent entry (the 7th field, after magic and 6 fields).
-        let pos = c
-            .windows(13)
-            .position(|w| w == b"ironlab/agent")
-            .expect("name");
+        // The first entry is `init` (name size 5 with its NUL), mode 0100755.
+        assert_eq!(&c[110..115], b"init\0");
+        let pos = 110;
+        assert_eq!(&c[14..22], b"000081ed");
+        assert_eq!(&c[94..102], b"00000005");
         let header = &c[pos - 110..pos];
         assert_eq!(&header[54..62], b"00000008");
     }
