@@ -43,16 +43,12 @@ pub fn uptime() -> f64 {
         .unwrap_or(0.0)
 }
 
-pub use ironlab_api::agent::{CONNECTION_WINDOW, STREAM_WINDOW};
-
 /// Connects to the agent listening on the unix socket `socket` (fails if nothing listens).
 /// Responses up to [`server::MAX_MESSAGE`] are accepted and requests that large are sent.
 pub async fn connect(socket: &Path) -> Result<AgentClient<Channel>, tonic::transport::Error> {
     let socket = socket.to_path_buf();
     // The URI is required by tonic but unused: the connector below ignores it.
     let channel = Endpoint::from_static("http://ironlab-agent")
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let socket = socket.clone();
             async move {

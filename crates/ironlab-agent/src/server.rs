@@ -377,8 +377,6 @@ pub async fn serve_with_serial(
     let unix = UnixListenerStream::new(listener).map(|r| r.map(AgentConn::Unix));
     let port = crate::serial::incoming(serial).map(|r| r.map(AgentConn::Serial));
     tonic::transport::Server::builder()
-        .initial_stream_window_size(crate::STREAM_WINDOW)
-        .initial_connection_window_size(crate::CONNECTION_WINDOW)
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(unix.merge(port), shutdown)
         .await
@@ -392,8 +390,6 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     tonic::transport::Server::builder()
-        .initial_stream_window_size(crate::STREAM_WINDOW)
-        .initial_connection_window_size(crate::CONNECTION_WINDOW)
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await

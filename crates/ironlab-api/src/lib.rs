@@ -10,15 +10,6 @@
 #[allow(missing_docs, clippy::all)]
 pub mod agent {
     tonic::include_proto!("ironlab.agent.v1");
-
-    /// HTTP/2 receive window per stream of the agent's gRPC, set by both ends (the agent's
-    /// server and every client): a terminal flood or a file travels in windows of this size
-    /// between acknowledgements (h2's default of 64 KiB cost a round trip between the
-    /// processes per 64 KiB; measured with `bench/terminal.sh`). It also bounds what a slow
-    /// reader buffers per call.
-    pub const STREAM_WINDOW: u32 = 1 << 20;
-    /// HTTP/2 receive window per connection of the agent's gRPC (both ends).
-    pub const CONNECTION_WINDOW: u32 = 2 << 20;
 }
 
 pub mod portfwd;

@@ -19,8 +19,6 @@ pub async fn connect(socket: &Path) -> Result<Agent, tonic::transport::Error> {
     // The URI is required by tonic but unused: the connector always dials the socket.
     let channel = Endpoint::from_static("http://agent.local")
         .connect_timeout(Duration::from_secs(2))
-        .initial_stream_window_size(ironlab_api::agent::STREAM_WINDOW)
-        .initial_connection_window_size(ironlab_api::agent::CONNECTION_WINDOW)
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
             async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
