@@ -44,6 +44,24 @@ pub const DRAIN_IDLE: Duration = Duration::from_millis(200);
 pub const KILL_GRACE: Duration = Duration::from_secs(2);
 /// `TERM` of PTY sessions when the request names none.
 pub const DEFAULT_TERM: &str = "xterm-256color";
+/// How long a session waits for a systemd guest's manager ([`wait_for_init`]).
+pub const INIT_WAIT: Duration = Duration::from_secs(20);
+
+/// In a machine whose PID 1 is systemd (a microVM: the agent answers before systemd is up),
+/// waits until the manager listens on `/run/systemd/private`, at most [`INIT_WAIT`], so that a
+/// session's first `systemctl` works instead of failing with "Failed to connect to bus" (and
+/// PAM's sudo is not slowed by the boot). Returns at once elsewhere (a container's PID 1 is
+/// the agent).
+pub async fn wait_for_init() {
+    let systemd = std::fs::read_to_string("/proc/1/comm").is_ok_and(|c| c.trim() == "systemd");
+    if !systemd {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + INIT_WAIT;
+    while !Path::new("/run/systemd/private").exists() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
 
 /// Errors that keep a session from starting.
 #[derive(Debug, thiserror::Error)]

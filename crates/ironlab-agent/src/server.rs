@@ -222,6 +222,7 @@ impl Agent for AgentService {
                 ));
             }
         };
+        exec::wait_for_init().await;
         let rx = exec::spawn_session(&self.db, start, input).map_err(|e| status_of(&e))?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
     }

@@ -54,12 +54,25 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
+/// A client command whose output goes to a closed pipe (`ironlab playground catalog | head`)
+/// ends quietly, as other command-line tools do, instead of panicking in `println!`. (Rust
+/// ignores SIGPIPE at start; the servers keep that: their sockets report EPIPE instead.)
+#[allow(unsafe_code)]
+fn restore_sigpipe() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: at the very start of main, before any thread exists; SIG_DFL is no handler.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let server = matches!(
         cli.command,
         Command::Up(_) | Command::Control(_) | Command::Worker(_)
     );
+    if !server {
+        restore_sigpipe();
+    }
     init_tracing(server);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -142,6 +142,28 @@ fn bad_requests_get_clear_4xx_errors() {
         !text(&out.stderr).trim().is_empty(),
         "CLI failed silently with a wrong token"
     );
+
+    // Output into a closed pipe (`ironlab playground catalog -o json | true`): the CLI ends by
+    // SIGPIPE as other tools do, not with a panic about printing.
+    let mut cmd = p.cli_command(&token);
+    cmd.args(["playground", "catalog", "-o", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn the CLI");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait for the CLI");
+    assert!(
+        !text(&out.stderr).contains("panicked"),
+        "the CLI panicked on a closed stdout: {}",
+        text(&out.stderr)
+    );
+    use std::os::unix::process::ExitStatusExt as _;
+    assert_eq!(
+        out.status.signal(),
+        Some(13),
+        "SIGPIPE expected: {}",
+        out.status
+    );
 }
 
 fn two_machines(image: &str) -> String {

@@ -71,6 +71,29 @@ fn microvm_debian_playground() {
     assert_eq!(run["state"], "running", "start printed {run}");
     let id = run["id"].as_str().expect("id").to_string();
 
+    // The agent answers before systemd's manager is up (the initramfs starts it first), but a
+    // session waits for the manager: the very first command, right after `running`, can use
+    // `systemctl` (a student's first `sudo systemctl …` must not fail with "Failed to connect
+    // to bus").
+    let first = p.ssh(
+        &id,
+        &[
+            "sudo",
+            "-n",
+            "systemctl",
+            "show",
+            "-p",
+            "Version",
+            "--value",
+        ],
+    );
+    assert!(
+        first.status.success() && !String::from_utf8_lossy(&first.stdout).trim().is_empty(),
+        "the first systemctl right after start failed: {}\n{}",
+        String::from_utf8_lossy(&first.stdout),
+        String::from_utf8_lossy(&first.stderr)
+    );
+
     // The guest's own kernel, the planned memory, the image's user, sudo, systemd.
     assert_eq!(p.ssh_ok(&id, &["uname", "-r"]).trim(), release.trim());
     let mem = p.ssh_ok(&id, &["grep", "MemTotal", "/proc/meminfo"]);
@@ -83,9 +106,7 @@ fn microvm_debian_playground() {
     assert_eq!(p.ssh_ok(&id, &["id", "-u", "laborant"]), "1000\n");
     assert_eq!(p.ssh_ok(&id, &["sudo", "-n", "id", "-u"]), "0\n");
     assert_eq!(p.ssh_ok(&id, &["cat", "/proc/1/comm"]).trim(), "systemd");
-    // The agent answers before systemd's manager is up (the initramfs starts it first), so
-    // `systemctl` may find no bus for the first seconds; then systemd finishes its boot with
-    // no unit failing for want of a kernel feature. Known failures that are not the kernel's:
+    // systemd finishes its boot with no unit failing for want of a kernel feature. Known failures that are not the kernel's:
     // ssh.service (the image has no host keys), kmod-static-nodes.service (the cloud kit's
     // modules drive has no static node list).
     let waited = std::time::Instant::now();

@@ -39,6 +39,8 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// How often the checklist is polled while waiting.
 const POLL: Duration = Duration::from_millis(250);
+/// How long a new terminal has to echo a marker before it is typed again (see `Term::wait_ready`).
+const READY_RETRY: Duration = Duration::from_secs(3);
 
 /// One terminal session typed into.
 struct Term {
@@ -133,6 +135,36 @@ impl Term {
             ))
             .await
             .context("cannot type into the terminal")
+    }
+
+    /// Waits until the shell reads what is typed: types a marker command until its output
+    /// appears. Text typed while `sudo -i` or `su -` is still starting can be lost (sudo
+    /// flushes the terminal's pending input when it sets up its own; seen on a microVM whose
+    /// systemd was still booting, where PAM made sudo slow), and the step would then wait for
+    /// a marker that never comes.
+    async fn wait_ready(&mut self, deadline: Instant) -> anyhow::Result<()> {
+        let mut attempt = 0u32;
+        loop {
+            let from = self.len();
+            // `$((N+0))`: the echoed command line itself does not contain the marker.
+            self.type_text(&format!("echo ironlab-ready-$(({attempt}+0))-ok\n"))
+                .await?;
+            let until = (Instant::now() + READY_RETRY).min(deadline);
+            match self
+                .wait_for(&format!("ironlab-ready-{attempt}-ok"), from, until)
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(_) if Instant::now() < deadline && self.ended_why().is_none() => {
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn ended_why(&self) -> Option<String> {
+        self.ended.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Waits until `needle` appears in the output after byte `from`.
@@ -348,7 +380,16 @@ async fn play(
                         .find(|m| m.name == *machine)
                         .map(|m| m.default_user().to_string())
                         .unwrap_or_else(|| "root".into());
-                    let t = Term::open(api, run, machine, switch_user(&default_user, user)).await?;
+                    let mut t =
+                        Term::open(api, run, machine, switch_user(&default_user, user)).await?;
+                    if let Err(e) = t.wait_ready(deadline).await {
+                        eprintln!(
+                            "error: step {} (line {line}): the shell on {machine} as {user} did not start: {e:#}; the terminal shows:\n{}",
+                            n + 1,
+                            t.tail(2000)
+                        );
+                        return finish(api, run, up).await.map(|_| 1);
+                    }
                     terms.insert(key.clone(), t);
                 }
                 let Some(term) = terms.get_mut(&key) else {
