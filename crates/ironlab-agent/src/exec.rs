@@ -53,7 +53,13 @@ pub const INIT_WAIT: Duration = Duration::from_secs(20);
 /// PAM's sudo is not slowed by the boot). Returns at once elsewhere (a container's PID 1 is
 /// the agent).
 pub async fn wait_for_init() {
-    let systemd = std::fs::read_to_string("/proc/1/comm").is_ok_and(|c| c.trim() == "systemd");
+    // sd_booted()'s test, plus PID 1's name: right after the initramfs execs `/sbin/init`,
+    // PID 1 is still called `init` until systemd renames itself (the initramfs creates
+    // /run/systemd/system for the agent's unit before it starts the agent). A container's
+    // PID 1 is the agent, whatever its /run holds.
+    let pid1 = std::fs::read_to_string("/proc/1/comm").unwrap_or_default();
+    let systemd =
+        Path::new("/run/systemd/system").is_dir() && matches!(pid1.trim(), "systemd" | "init");
     if !systemd {
         return;
     }
