@@ -6,7 +6,11 @@
 # initramfs and root drive to an init marker (IRONLAB-BARE-READY, printed once the root drive is
 # mounted), and QEMU's memory beyond the guest's RAM, both as RSS and as private memory
 # (Private_Clean + Private_Dirty of /proc/PID/smaps_rollup: what one more VM really costs).
-# Ratios: each path against its bare boot, and stock against lean. The accelerator the worker's
+# Ratios: each path against its bare boot, and stock against lean. Then a third pass with boot
+# templates on (the lean kit): after the warm-up start the worker builds the shape's template (a
+# RAM snapshot of the guest booted to systemd), and the N starts restore from it; their start→
+# ready is set against the lean bare boot, and the memory is a restored VM's. (The first two
+# passes run with IRONLAB_VM_TEMPLATES=0: they measure boots.) The accelerator the worker's
 # probe chose is named next to every figure.
 #
 #   sudo bench/vm.sh [-n N] [--record] [--stock-kit DIR] [--lean-kit DIR]
@@ -54,7 +58,7 @@ while (($#)); do
             shift 4
             ;;
         -h | --help)
-            sed -n '2,23p' "$0"
+            sed -n '2,27p' "$0"
             exit 0
             ;;
         *)
@@ -90,6 +94,12 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; els
 if ((${#ONE[@]})); then
     LABEL=${ONE[0]} KIT=${ONE[1]} OUT=${ONE[2]}
     export IRONLAB_VM_KERNEL_DIR=$KIT
+    # Boot templates only for the `restore` pass: the others measure boots.
+    if [[ $LABEL == restore ]]; then
+        export IRONLAB_VM_TEMPLATES=1
+    else
+        export IRONLAB_VM_TEMPLATES=0
+    fi
     # shellcheck source=bench/lib.sh
     source "$REPO_ROOT/bench/lib.sh"
     now_ns() { date +%s%N; }
@@ -145,6 +155,23 @@ YAML
         sleep 1
     done
     [[ -n $RUN ]] || { echo "bench[$LABEL]: warm-up start failed" >&2; cat "$WORK/start.err" >&2; tail -n 30 "$WORK/up.log" >&2; exit 1; }
+    if [[ $LABEL == restore ]]; then
+        # The worker builds the shape's template once the warm-up VM is up; then a start
+        # restores, and the memory below is that of a restored VM.
+        echo "bench[$LABEL]: waiting for the boot template"
+        for _ in $(seq 1 1200); do
+            ls "$WORK"/data/worker/pool/vm/tpl/*/done >/dev/null 2>&1 && break
+            sleep 0.5
+        done
+        ls "$WORK"/data/worker/pool/vm/tpl/*/done >/dev/null 2>&1 || {
+            echo "bench[$LABEL]: no boot template after 600 s" >&2
+            grep -i template "$WORK/up.log" >&2
+            exit 1
+        }
+        destroy "$RUN"
+        RUN=$(start_vm)
+        [[ -n $RUN ]] || { echo "bench[$LABEL]: restore start failed" >&2; exit 1; }
+    fi
     # QEMU's memory beyond guest RAM, on the warm-up VM 10 s after ready: RSS and private memory
     # minus the resident part of the guest-RAM mapping (the 256 MiB anonymous, private mapping).
     sleep 10
@@ -178,6 +205,15 @@ YAML
         sed -n 's/.*start_ms=\([0-9]*\).*agent_ms=\([0-9]*\).*/\1 \2/p' >"$WORK/split"
     awk '{print $1}' "$WORK/split" >"$OUT/qemu_up.ms"
     awk '{print $2}' "$WORK/split" >"$OUT/agent.ms"
+    if [[ $LABEL == restore ]]; then
+        # The worker's restore: drive, QEMU + RAM, agent, configure (one line per start).
+        cat "$WORK/up.log" "$WORK/data/worker.log" 2>/dev/null | grep 'restored from the boot template' |
+            sort -u | tail -n "$N" | sed -n 's/.* ms=\([0-9]*\) steps=\(.*\)/\1 \2/p' >"$WORK/restores"
+        awk '{print $1}' "$WORK/restores" >"$OUT/restore.ms"
+        tail -n 1 "$WORK/restores" | cut -d' ' -f2- >"$OUT/restore.steps"
+        [[ $(wc -l <"$OUT/restore.ms") -eq $N ]] || { echo "bench[$LABEL]: only $(wc -l <"$OUT/restore.ms") of $N starts were restores" >&2; exit 1; }
+        exit 0
+    fi
 
     # Bare QEMU: same kernel, initramfs (with the agent), root drive; marker after the root mount.
     DRIVE=$(ls "$WORK"/data/worker/pool/images/*.ext4 | head -n1)
@@ -235,10 +271,10 @@ for need in "$IRONLAB" "$STOCK/debian/index.json" "$STOCK_KIT/vmlinuz" "$STOCK_K
 done
 RES=$(mktemp -d /var/tmp/ironlab-bench-vm.XXXXXX)
 trap 'rm -rf "$RES"' EXIT
-for kit in stock lean; do
+for kit in stock lean restore; do
     mkdir -p "$RES/$kit"
     dir=$STOCK_KIT
-    [[ $kit == lean ]] && dir=$LEAN_KIT
+    [[ $kit != stock ]] && dir=$LEAN_KIT
     "$0" -n "$N" --one "$kit" "$dir" "$RES/$kit"
 done
 
@@ -273,13 +309,16 @@ $(row "lean kit ($(cat "$RES/lean/release")): \`playground start\` debian + syst
 $(row "lean kit: worker's QEMU started → kernel banner [$A_LEAN]" "$RES/lean/qemu_up.ms")
 $(row "lean kit: worker's kernel banner → agent answers [$A_LEAN]" "$RES/lean/agent.ms")
 $(row "lean kit: bare \`qemu-system-x86_64\` → root mounted marker [$A_LEAN]" "$RES/lean/bare.ms" "$B_LEAN")
+$(row "lean kit, restored from a boot template (debian booted to systemd running): \`playground start\` → agent ready and configured [$(cat "$RES/restore/accel")]" "$RES/restore/start.ms" "$B_LEAN")
+$(row "restored: the worker's restore (drive, QEMU + RAM, agent, configure) [$(cat "$RES/restore/accel")]" "$RES/restore/restore.ms")
 
-Lean vs stock, start→agent ready: **$(ratio "$S_STOCK" "$S_LEAN") faster** [$A_LEAN]; bare boot to the marker: $(ratio "$B_STOCK" "$B_LEAN") faster [$A_LEAN].
+Lean vs stock, start→agent ready: **$(ratio "$S_STOCK" "$S_LEAN") faster** [$A_LEAN]; bare boot to the marker: $(ratio "$B_STOCK" "$B_LEAN") faster [$A_LEAN]. Restored vs the lean bare boot: **$(ratio "$(median "$RES/restore/start.ms")" "$B_LEAN")** [$(cat "$RES/restore/accel")]; one restore's steps: $(cat "$RES/restore/restore.steps").
 
 | QEMU memory, guest ready + 10 s (256 MiB guest, TCG cache ${IRONLAB_VM_TCG_TB_MIB:-32} MiB) | RSS MiB | guest RAM resident MiB | RSS beyond guest RAM MiB | private (clean + dirty) beyond guest RAM MiB | private dirty (anonymous) beyond guest RAM MiB |
 |---|---:|---:|---:|---:|---:|
 $(mem_line stock)
 $(mem_line lean)
+$(mem_line restore)
 TABLE
 )
 echo

@@ -48,6 +48,9 @@ images/testimg/build.sh "$IRONLAB_TEST_IMAGE_LAYOUT"
 
 step "build the stock debian image"
 IRONLAB_STOCK_IMAGES=$images_dir/stock-images
+# Boot templates (microVMs restored from a RAM snapshot) are built in the background after a
+# shape's first start: off for the test run, except in the test of templates itself.
+export IRONLAB_VM_TEMPLATES=${IRONLAB_VM_TEMPLATES:-0}
 export IRONLAB_IMAGE_CACHE=${IRONLAB_IMAGE_CACHE:-$(ironlab_cache_dir image-cache)}
 images/debian/build.sh "$IRONLAB_STOCK_IMAGES/debian"
 

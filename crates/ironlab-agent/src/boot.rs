@@ -40,6 +40,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use nix::fcntl::OFlag;
 use nix::mount::{MsFlags, mount, umount};
 
 /// The name of the agent's virtio-serial port.
@@ -57,6 +58,10 @@ const NEWROOT: &str = "/newroot";
 /// Where the agent is put (a tmpfs mounted read-only over the image's directory).
 const AGENT_DIR: &str = "/.ironlab";
 const AGENT: &str = "/.ironlab/agent";
+/// The fd number the early agent gets for `serve --answered-fd`.
+const ANSWERED_FD: i32 = 3;
+/// How long systemd's start waits for the early agent's first answer to the host.
+const ANSWER_WAIT: Duration = Duration::from_secs(3);
 /// How long devices may take to appear.
 const DEVICE_WAIT: Duration = Duration::from_secs(5);
 /// `PATH` of the early agent.
@@ -82,6 +87,9 @@ pub struct Cmdline {
     pub hostname: String,
     /// `ironlab.mode` (default [`Mode::Auto`]).
     pub mode: Mode,
+    /// `ironlab.template=1`: this boot becomes a boot template (a RAM snapshot the worker
+    /// restores for every machine of the same shape; see [`configure`]).
+    pub template: bool,
 }
 
 /// Reads `ironlab.hostname=` and `ironlab.mode=` from a kernel command line.
@@ -89,12 +97,15 @@ pub fn parse_cmdline(s: &str) -> Cmdline {
     let mut c = Cmdline {
         hostname: "ironlab".into(),
         mode: Mode::Auto,
+        template: false,
     };
     for arg in s.split_whitespace() {
         if let Some(h) = arg.strip_prefix("ironlab.hostname=") {
             if !h.is_empty() {
                 c.hostname = h.to_string();
             }
+        } else if arg == "ironlab.template=1" {
+            c.template = true;
         } else if let Some(m) = arg.strip_prefix("ironlab.mode=") {
             c.mode = match m {
                 "agent" => Mode::Agent,
@@ -271,6 +282,28 @@ fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> anyhow::Resu
     }
 }
 
+/// Whether `fd` became readable (data or end of file) within `timeout`.
+fn wait_readable(fd: &std::os::fd::OwnedFd, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid `pollfd` for an open fd.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n > 0 {
+            return true;
+        }
+        if n == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return false;
+        }
+    }
+}
+
 fn read_trimmed(p: impl AsRef<Path>) -> Option<String> {
     fs::read_to_string(p).ok().map(|s| s.trim().to_string())
 }
@@ -359,10 +392,7 @@ fn boot() -> anyhow::Result<Infallible> {
 
     install_agent()?;
     steps.done("agent in place");
-    let hosts = format!(
-        "127.0.0.1\tlocalhost\n127.0.1.1\t{0}\n::1\tlocalhost ip6-localhost ip6-loopback\n",
-        cmd.hostname
-    );
+    let hosts = default_hosts(&cmd.hostname);
     fs::write(newroot("/etc/hostname"), format!("{}\n", cmd.hostname))
         .context("cannot write /etc/hostname")?;
     fs::write(newroot("/etc/hosts"), hosts).context("cannot write /etc/hosts")?;
@@ -391,6 +421,7 @@ fn boot() -> anyhow::Result<Infallible> {
         "--serial",
         SERIAL_LINK,
     ];
+    let answered_fd = ANSWERED_FD.to_string();
     if systemd {
         let wants = newroot("/run/systemd/system/sysinit.target.wants");
         fs::create_dir_all(&wants)?;
@@ -423,6 +454,7 @@ fn boot() -> anyhow::Result<Infallible> {
         Some("mode=1777"),
     )?;
 
+    steps.done("mounts");
     if systemd {
         // Chrooted into the new root: switch_root moves that very mount to /, so the agent's
         // root stays the image's root and it shares the mount namespace systemd sets up next.
@@ -432,9 +464,13 @@ fn boot() -> anyhow::Result<Infallible> {
             .write(true)
             .open(newroot("/dev/console"))
             .context("cannot open the console")?;
+        let (answered_r, answered_w) =
+            nix::unistd::pipe2(OFlag::O_CLOEXEC).context("cannot make a pipe")?;
+        let answered_w_raw = answered_w.as_raw_fd();
         let mut agent = std::process::Command::new(AGENT);
         agent
             .args(serve)
+            .args(["--answered-fd", &answered_fd])
             .env_clear()
             .env("PATH", PATH)
             .stdin(fs::File::open(newroot("/dev/null")).context("cannot open /dev/null")?)
@@ -442,16 +478,37 @@ fn boot() -> anyhow::Result<Infallible> {
             .stderr(console);
         // SAFETY: only async-signal-safe calls (setsid, chroot, chdir) between fork and exec.
         unsafe {
-            agent.pre_exec(|| {
+            agent.pre_exec(move || {
                 nix::unistd::setsid()?;
                 nix::unistd::chroot(NEWROOT)?;
                 nix::unistd::chdir("/")?;
+                // The write end as fd ANSWERED_FD, without close-on-exec (dup2 clears it).
+                let rc = if answered_w_raw == ANSWERED_FD {
+                    libc::fcntl(answered_w_raw, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(answered_w_raw, ANSWERED_FD)
+                };
+                if rc == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 Ok(())
             });
         }
         let child = agent.spawn().context("cannot start the agent")?;
+        drop(answered_w);
         fs::write(newroot("/run/ironlab/agent.pid"), child.id().to_string())?;
         steps.done("agent started");
+        // systemd's early boot would share the one vCPU with the agent's start and its first
+        // answers to the host; it starts once the host's first `Health` call was answered (or
+        // the agent ended, or after ANSWER_WAIT).
+        let mut byte = [0u8; 1];
+        steps.done(if !wait_readable(&answered_r, ANSWER_WAIT) {
+            "agent not answering yet"
+        } else if nix::unistd::read(&answered_r, &mut byte) == Ok(1) {
+            "agent answered"
+        } else {
+            "agent ended"
+        });
     }
 
     free_initramfs();
@@ -480,6 +537,94 @@ fn boot() -> anyhow::Result<Infallible> {
         .collect();
     let e = nix::unistd::execv(&argv[0], &argv).unwrap_err();
     bail!("cannot start {}: {e}", argv[0].to_string_lossy())
+}
+
+/// `/etc/hosts` of a machine on no network.
+fn default_hosts(hostname: &str) -> String {
+    format!(
+        "127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+    )
+}
+
+/// Whether `name` is a hostname the guest may take: 1–63 letters, digits and inner dashes.
+pub fn valid_hostname(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// What the agent of a machine restored from a boot template does at the worker's `Configure`
+/// (in the early agent: its root is the machine's root). The template was booted with
+/// `ironlab.template=1`, its cards unconfigured. Returns the steps with their times.
+pub fn configure(req: &ironlab_api::agent::ConfigureRequest) -> anyhow::Result<String> {
+    let cmd = parse_cmdline(&fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    if !cmd.template {
+        bail!("this machine was not restored from a boot template");
+    }
+    if !valid_hostname(&req.hostname) {
+        bail!("hostname {:?} is not a valid hostname", req.hostname);
+    }
+    if req.seed.len() < 32 {
+        bail!("seed: {} bytes, at least 32 needed", req.seed.len());
+    }
+    let t0 = Instant::now();
+    let mut steps = Vec::new();
+    let mut step = |what: &str, t: &mut Instant| {
+        steps.push(format!("{what} {} ms", t.elapsed().as_millis()));
+        *t = Instant::now();
+    };
+    let mut t = t0;
+    reseed(&req.seed).context("cannot reseed the random generator")?;
+    let secs = req.time_unix_ns.div_euclid(1_000_000_000);
+    let nanos = req.time_unix_ns.rem_euclid(1_000_000_000);
+    #[allow(clippy::useless_conversion)] // (time_t and c_long differ between targets)
+    let now = nix::sys::time::TimeSpec::new(secs.try_into()?, nanos.try_into()?);
+    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, now)
+        .context("cannot set the clock")?;
+    step("seed and clock", &mut t);
+    nix::unistd::sethostname(&req.hostname).context("cannot set the hostname")?;
+    fs::write("/etc/hostname", format!("{}\n", req.hostname))
+        .context("cannot write /etc/hostname")?;
+    if req.config.is_empty() {
+        fs::write("/etc/hosts", default_hosts(&req.hostname)).context("cannot write /etc/hosts")?;
+    }
+    step("hostname", &mut t);
+    if !req.config.is_empty() {
+        net::apply_archive(&req.config, "the configuration", &req.macs, Path::new("/"))?;
+        step("network", &mut t);
+    }
+    Ok(steps.join(", "))
+}
+
+/// Mixes `seed` into the kernel's random generator (credited) and makes it reseed now: every
+/// machine restored from one template starts with the template's generator state.
+fn reseed(seed: &[u8]) -> anyhow::Result<()> {
+    const RNDADDENTROPY: u64 = 0x4008_5203;
+    const RNDRESEEDCRNG: u64 = 0x5207;
+    let words = seed.len().div_ceil(4);
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = vec![0u32; 2 + words];
+    info[0] = u32::try_from(seed.len() * 8).unwrap_or(u32::MAX);
+    info[1] = u32::try_from(seed.len()).unwrap_or(u32::MAX);
+    for (i, chunk) in seed.chunks(4).enumerate() {
+        let mut w = [0u8; 4];
+        w[..chunk.len()].copy_from_slice(chunk);
+        info[2 + i] = u32::from_ne_bytes(w);
+    }
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")
+        .context("cannot open /dev/urandom")?;
+    // SAFETY: `info` is a rand_pool_info of `buf_size` bytes, alive across the call.
+    if unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("RNDADDENTROPY");
+    }
+    // SAFETY: a request without an argument.
+    if unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG as _) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("RNDRESEEDCRNG");
+    }
+    Ok(())
 }
 
 /// Loads `/modules/<name>.ko` for each name of `/modules/order` (the stock kit's boot path).
@@ -608,6 +753,7 @@ mod net {
     const SIOCSIFADDR: u64 = 0x8916;
     const SIOCSIFNETMASK: u64 = 0x891c;
     const SIOCSIFNAME: u64 = 0x8923;
+    const SIOCSIFHWADDR: u64 = 0x8924;
     const SIOCADDRT: u64 = 0x890b;
     const RTF_UP: u16 = 0x1;
     const RTF_GATEWAY: u16 = 0x2;
@@ -676,6 +822,26 @@ mod net {
         let mut r = ifreq(from)?;
         r.data[..to.len()].copy_from_slice(ifreq(to)?.name[..to.len()].as_ref());
         ioctl(fd, SIOCSIFNAME, &mut r, &format!("cannot name {from} {to}"))
+    }
+
+    fn set_mac(fd: &OwnedFd, name: &str, mac: &str) -> anyhow::Result<()> {
+        let bytes: Vec<u8> = mac
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16))
+            .collect::<Result<_, _>>()
+            .ok()
+            .filter(|b: &Vec<u8>| b.len() == 6)
+            .with_context(|| format!("bad MAC {mac:?}"))?;
+        let mut r = ifreq(name)?;
+        // A sockaddr: sa_family ARPHRD_ETHER (1), then the address.
+        r.data[..2].copy_from_slice(&1u16.to_ne_bytes());
+        r.data[2..8].copy_from_slice(&bytes);
+        ioctl(
+            fd,
+            SIOCSIFHWADDR,
+            &mut r,
+            &format!("cannot give {name} the MAC {mac}"),
+        )
     }
 
     fn up(fd: &OwnedFd, name: &str) -> anyhow::Result<()> {
@@ -758,6 +924,8 @@ mod net {
             .map(|n| format!("/dev/{n}"))
     }
 
+    /// Applies the config drive, when the worker attached one, to the root drive at
+    /// [`NEWROOT`](super::NEWROOT).
     pub(super) fn apply() -> anyhow::Result<()> {
         let Some(dev) = config_drive() else {
             return Ok(());
@@ -766,13 +934,25 @@ mod net {
             Path::new(&dev).exists().then_some(())
         })?;
         let data = fs::read(&dev).with_context(|| format!("cannot read the config drive {dev}"))?;
-        let files = super::cpio_files(&data).with_context(|| format!("the config drive {dev}"))?;
+        apply_archive(&data, &format!("the config drive {dev}"), &[], &newroot(""))
+    }
+
+    /// Applies a config archive (net.conf, hosts, resolv.conf) to the machine whose root is
+    /// `root`. `macs`: first give card `i` (device order) the MAC `macs[i]` (a machine restored
+    /// from a boot template has the template's MACs).
+    pub(super) fn apply_archive(
+        data: &[u8],
+        what: &str,
+        macs: &[String],
+        root: &Path,
+    ) -> anyhow::Result<()> {
+        let files = super::cpio_files(data).with_context(|| what.to_string())?;
         let file = |name: &str| {
             files
                 .iter()
                 .find(|(n, _)| n == name)
                 .map(|(_, d)| String::from_utf8_lossy(d).into_owned())
-                .with_context(|| format!("the config drive {dev} has no {name}"))
+                .with_context(|| format!("{what} has no {name}"))
         };
         let conf = super::parse_net_conf(&file("net.conf")?)?;
 
@@ -787,17 +967,34 @@ mod net {
         // Every card (a device behind it: not lo, dummy or tunnel devices) first gets a
         // temporary name, so the plan's names never clash with the kernel's; then each card
         // with a planned MAC gets its name. A renamed name is what udev keeps.
-        let mut cards = Vec::new();
-        for (i, e) in fs::read_dir("/sys/class/net")?.flatten().enumerate() {
-            let name = e.file_name().to_string_lossy().into_owned();
+        let mut found = Vec::new();
+        for e in fs::read_dir("/sys/class/net")?.flatten() {
             if !e.path().join("device").exists() {
                 continue;
             }
+            let index: u32 = read_trimmed(e.path().join("ifindex"))
+                .and_then(|i| i.parse().ok())
+                .unwrap_or(u32::MAX);
+            let name = e.file_name().to_string_lossy().into_owned();
             let mac = read_trimmed(e.path().join("address"))
                 .unwrap_or_default()
                 .to_ascii_lowercase();
+            found.push((index, name, mac));
+        }
+        // Device order: the kernel numbers the cards as it finds them.
+        found.sort();
+        let mut cards = Vec::new();
+        for (i, (_, name, mut mac)) in found.into_iter().enumerate() {
+            if let Some(want) = macs.get(i)
+                && *want != mac
+            {
+                set_mac(&fd, &name, want)?;
+                mac.clone_from(want);
+            }
             let tmp = format!("ilnic{i}");
-            rename(&fd, &name, &tmp)?;
+            if name != tmp {
+                rename(&fd, &name, &tmp)?;
+            }
             cards.push((tmp, mac));
         }
         for f in &conf.ifaces {
@@ -811,8 +1008,8 @@ mod net {
         if let Some(gw) = conf.gateway {
             default_route(&fd, gw)?;
         }
-        fs::write(newroot("/etc/hosts"), file("hosts")?).context("cannot write /etc/hosts")?;
-        let resolv = newroot("/etc/resolv.conf");
+        fs::write(root.join("etc/hosts"), file("hosts")?).context("cannot write /etc/hosts")?;
+        let resolv = root.join("etc/resolv.conf");
         let _ = fs::remove_file(&resolv);
         fs::write(&resolv, file("resolv.conf")?).context("cannot write /etc/resolv.conf")?;
         Ok(())
@@ -832,13 +1029,26 @@ mod tests {
             c,
             Cmdline {
                 hostname: "web-1".into(),
-                mode: Mode::Bare
+                mode: Mode::Bare,
+                template: false,
             }
         );
+        assert!(parse_cmdline("ironlab.template=1 ironlab.hostname=t").template);
+        assert!(!parse_cmdline("ironlab.template=0").template);
         let c = parse_cmdline("console=ttyS0 ironlab.hostname= ironlab.mode=odd");
         assert_eq!((c.hostname.as_str(), c.mode), ("ironlab", Mode::Auto));
         assert_eq!(parse_cmdline("ironlab.mode=probe").mode, Mode::Probe);
         assert_eq!(parse_cmdline("ironlab.mode=agent").mode, Mode::Agent);
+    }
+
+    #[test]
+    fn hostnames_are_checked() {
+        for ok in ["web-1", "a", "node2", &"x".repeat(63)] {
+            assert!(valid_hostname(ok), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "a b", "a.b", "ä", &"x".repeat(64)] {
+            assert!(!valid_hostname(bad), "{bad}");
+        }
     }
 
     #[test]

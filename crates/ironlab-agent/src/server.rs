@@ -16,10 +16,11 @@ use std::time::Instant;
 use anyhow::Context;
 use ironlab_api::agent::agent_server::{Agent, AgentServer};
 use ironlab_api::agent::{
-    ApplyTasksRequest, ApplyTasksResponse, DialInput, DialOutput, EnsureUsersRequest,
-    EnsureUsersResponse, ExecInput, ExecOutput, HealthRequest, HealthResponse, ListTasksRequest,
-    ListTasksResponse, PutFileRequest, PutFileResponse, SetExternalRequest, SetExternalResponse,
-    TaskEvent, TaskInputRequest, TaskInputResponse, WatchTasksRequest, dial_input, exec_input,
+    ApplyTasksRequest, ApplyTasksResponse, ConfigureRequest, ConfigureResponse, DialInput,
+    DialOutput, EnsureUsersRequest, EnsureUsersResponse, ExecInput, ExecOutput, HealthRequest,
+    HealthResponse, ListTasksRequest, ListTasksResponse, PutFileRequest, PutFileResponse,
+    SetExternalRequest, SetExternalResponse, TaskEvent, TaskInputRequest, TaskInputResponse,
+    WatchTasksRequest, dial_input, exec_input,
 };
 use tokio::net::UnixListener;
 use tokio::sync::{broadcast, mpsc};
@@ -44,6 +45,9 @@ pub struct AgentService {
     db: UserDb,
     started: Instant,
     tasks: Engine,
+    /// Written to (one byte) and closed at the first `Health` call: the microVM boot waits on
+    /// it before it starts systemd ([`AgentService::with_answered_signal`]).
+    answered: Arc<std::sync::Mutex<Option<fs::File>>>,
 }
 
 impl AgentService {
@@ -56,7 +60,15 @@ impl AgentService {
             db,
             started: Instant::now(),
             tasks,
+            answered: Arc::default(),
         }
+    }
+
+    /// Writes a byte to `file` and closes it when the first `Health` call is answered: the
+    /// host's first sign of life (the worker calls `Health` until it answers).
+    pub fn with_answered_signal(self, file: fs::File) -> Self {
+        *self.answered.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
+        self
     }
 
     /// Replaces the task engine by one that persists its state at `path` and resumes the tasks
@@ -200,11 +212,43 @@ impl Agent for AgentService {
         &self,
         _request: Request<HealthRequest>,
     ) -> Result<Response<HealthResponse>, Status> {
+        let signal = self
+            .answered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(mut file) = signal {
+            use std::io::Write as _;
+            // The reader only waits for it; a failed write (it gave up) changes nothing here.
+            let _ = file.write_all(b"1");
+        }
         Ok(Response::new(HealthResponse {
             version: crate::VERSION.to_string(),
             hostname: hostname(),
             uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
         }))
+    }
+
+    async fn configure(
+        &self,
+        request: Request<ConfigureRequest>,
+    ) -> Result<Response<ConfigureResponse>, Status> {
+        let req = request.into_inner();
+        let steps = tokio::task::spawn_blocking(move || crate::boot::configure(&req))
+            .await
+            .map_err(|e| Status::internal(format!("configure: {e}")))?
+            .map_err(|e| {
+                let msg = format!("{e:#}");
+                if msg.starts_with("this machine was not restored") {
+                    Status::failed_precondition(msg)
+                } else if msg.starts_with("hostname ") || msg.starts_with("seed: ") {
+                    Status::invalid_argument(msg)
+                } else {
+                    Status::internal(msg)
+                }
+            })?;
+        eprintln!("ironlab-agent: configured from the boot template: {steps}");
+        Ok(Response::new(ConfigureResponse { steps }))
     }
 
     type ExecStream = ExecStream;

@@ -560,6 +560,7 @@ impl RunManager {
             etc_hosts,
             resolv_conf,
             net,
+            fresh_from: Some(image.path.clone()),
         };
         write_atomic(
             &handle.dir.join("image-env.json"),

@@ -161,3 +161,168 @@ fn microvm_debian_playground() {
         "console log after destroy:\n{logs}"
     );
 }
+
+const PAIR: &str = r#"
+kind: playground
+name: vm-pair
+title: Two microVMs on one network
+playground:
+  networks:
+    - {name: lan, subnet: 10.77.0.0/24}
+  machines:
+    - name: alpha
+      runtime: microvm
+      resources: {cpu: 1, memory: 256MiB}
+      drives: [{source: debian, mount: /, size: 2GiB}]
+      network: {interfaces: [{network: lan, address: 10.77.0.11}]}
+    - name: beta
+      runtime: microvm
+      resources: {cpu: 1, memory: 256MiB}
+      drives: [{source: debian, mount: /, size: 2GiB}]
+      network: {interfaces: [{network: lan, address: 10.77.0.12}]}
+"#;
+
+/// Boot templates: the first start of a shape boots and has a template built (a RAM snapshot of
+/// a booted guest); the next start restores both machines from it, and each is its own machine:
+/// its hostname, address, MAC, clock and a working network between them, systemd up.
+#[test]
+fn microvm_restored_from_a_boot_template() {
+    let _serial = serial();
+    let Some(env) = preflight(
+        "microvm_restored_from_a_boot_template",
+        Needs {
+            debian: true,
+            ..Needs::default()
+        },
+    ) else {
+        return;
+    };
+    if kit().is_none() {
+        return;
+    }
+    let mut p = Platform::start(&env);
+    // (The test run turns templates off for every other test.)
+    p.kill_worker();
+    p.worker_env
+        .push(("IRONLAB_VM_TEMPLATES".into(), "1".into()));
+    p.start_worker();
+    let out = p.create_playground(PAIR);
+    assert!(
+        out.status.success(),
+        "create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let booted = p.start_run("vm-pair");
+    assert_eq!(booted["state"], "running", "start printed {booted}");
+    let booted = booted["id"].as_str().expect("id").to_string();
+    let logs = p.cli_ok(&["playground", "logs", &booted, "--machine", "alpha"]);
+    assert!(
+        !logs.contains("configured from the boot template"),
+        "the first start boots:\n{logs}"
+    );
+
+    // The worker builds the template in the background once the first machine is up; a start
+    // restores from it as soon as it is complete.
+    let templates = p.data.join("worker").join("pool").join("vm").join("tpl");
+    let ready = common::wait_for(
+        std::time::Duration::from_secs(400),
+        std::time::Duration::from_millis(500),
+        || {
+            std::fs::read_dir(&templates)
+                .ok()?
+                .flatten()
+                .find(|e| e.path().join("done").is_file())
+        },
+    );
+    assert!(ready.is_some(), "no boot template after 400 s");
+    // Nothing of the build is left running.
+    let qemus = String::from_utf8_lossy(
+        &std::process::Command::new("pgrep")
+            .args(["-f", "guest=ilt-"])
+            .output()
+            .expect("pgrep")
+            .stdout,
+    )
+    .into_owned();
+    assert!(qemus.trim().is_empty(), "template QEMU still runs: {qemus}");
+
+    let started = std::time::Instant::now();
+    let run = p.start_run("vm-pair");
+    assert_eq!(run["state"], "running", "start printed {run}");
+    let id = run["id"].as_str().expect("id").to_string();
+    eprintln!("restored start took {:?}", started.elapsed());
+    let mut macs = Vec::new();
+    for (name, addr, other) in [
+        ("alpha", "10.77.0.11", "10.77.0.12"),
+        ("beta", "10.77.0.12", "10.77.0.11"),
+    ] {
+        let logs = p.cli_ok(&["playground", "logs", &id, "--machine", name]);
+        assert!(
+            logs.contains("configured from the boot template") && logs.contains("Linux version"),
+            "{name} was not restored (or its log lost the boot):\n{logs}"
+        );
+        let out = p.cli_ok(&[
+                "ssh",
+                &id,
+                "--machine",
+                name,
+                "--",
+                "sh",
+                "-c",
+                "hostname; cat /etc/hostname; ip -4 -br addr show eth0; cat /sys/class/net/eth0/address; date +%s; systemctl is-system-running",
+            ]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.first().copied(), Some(name), "{out}");
+        assert_eq!(lines.get(1).copied(), Some(name), "{out}");
+        assert!(
+            lines
+                .get(2)
+                .is_some_and(|l| l.contains(&format!("{addr}/24"))),
+            "{out}"
+        );
+        macs.push(lines.get(3).copied().unwrap_or_default().to_string());
+        let guest: u64 = lines
+            .get(4)
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or(0);
+        let host = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        assert!(
+            guest.abs_diff(host) < 30,
+            "guest clock {guest}, host {host}: {out}"
+        );
+        assert!(
+            lines
+                .get(5)
+                .is_some_and(|l| *l == "running" || *l == "degraded"),
+            "systemd not up right after a restore: {out}"
+        );
+        let ping = p.cli(&[
+            "ssh",
+            &id,
+            "--machine",
+            name,
+            "--",
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "5",
+            other,
+        ]);
+        assert!(
+            ping.status.success(),
+            "{name} cannot reach {other}: {}{}",
+            String::from_utf8_lossy(&ping.stdout),
+            String::from_utf8_lossy(&ping.stderr)
+        );
+    }
+    assert_ne!(macs[0], macs[1], "restored machines share a MAC");
+
+    for run in [&booted, &id] {
+        p.destroy(run);
+        p.assert_clean(run);
+    }
+}

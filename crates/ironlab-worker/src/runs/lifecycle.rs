@@ -471,6 +471,7 @@ impl RunManager {
                     etc_hosts,
                     resolv_conf,
                     net,
+                    fresh_from: None,
                 };
                 let h = self.runtime.start(&spec).await?;
                 let client = tokio::select! {

@@ -730,6 +730,7 @@ mod tests {
             etc_hosts: None,
             resolv_conf: None,
             net: None,
+            fresh_from: None,
         }
     }
 

@@ -34,6 +34,10 @@ pub struct MachineSpec {
     /// The machine's interfaces, addresses and default route (plans with networks): a microVM
     /// guest configures them itself (a container's namespace already has them).
     pub net: Option<crate::net::layout::MachineNet>,
+    /// The image drive `root_drive` was just cloned from (a fresh start: nothing of the user's
+    /// is on the drive yet). `None` for restarts. A microVM runtime may then replace the drive
+    /// by a boot template's (the same image, booted) and restore the template's RAM.
+    pub fresh_from: Option<PathBuf>,
 }
 
 /// Names a machine on the host. Derivable from names alone, so teardown works after a crash.

@@ -59,7 +59,8 @@ pub const CONFIG_DRIVE_SERIAL: &str = "ironlab-config";
 /// A guest network card on a tap device of QEMU's network namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Nic {
-    /// The tap (it exists before QEMU starts).
+    /// The tap (it exists before QEMU starts); empty: a card on a hub port of its own, which
+    /// leads nowhere (a boot template's cards).
     pub tap: String,
     /// The guest NIC's MAC address (how the guest tells its cards apart).
     pub mac: String,
@@ -109,6 +110,11 @@ pub struct VmConfig {
     pub chroot: Option<PathBuf>,
     /// TCG translation cache in MiB (bounds QEMU's memory overhead).
     pub tcg_tb_mib: u32,
+    /// A boot template's boot (`ironlab.template=1`: the guest leaves its cards unconfigured
+    /// and accepts `Configure` once restored).
+    pub template: bool,
+    /// Wait for a migration stream (`-incoming defer`): the VM is restored from a template.
+    pub incoming: bool,
 }
 
 /// The kernel command line.
@@ -126,6 +132,9 @@ pub fn kernel_cmdline(c: &VmConfig) -> String {
     }
     parts.push(format!("ironlab.hostname={}", c.hostname));
     parts.push(format!("ironlab.mode={}", c.mode.as_str()));
+    if c.template {
+        parts.push("ironlab.template=1".into());
+    }
     parts.join(" ")
 }
 
@@ -241,12 +250,20 @@ pub fn qemu_args(c: &VmConfig) -> Vec<String> {
         ]);
     }
     for (i, nic) in c.nics.iter().enumerate() {
+        let backend = if nic.tap.is_empty() {
+            format!("hubport,id=net{i},hubid={i}")
+        } else {
+            format!("tap,id=net{i},ifname={},script=no,downscript=no", nic.tap)
+        };
         push(&[
             "-netdev",
-            &format!("tap,id=net{i},ifname={},script=no,downscript=no", nic.tap),
+            &backend,
             "-device",
             &format!("virtio-net-device,netdev=net{i},mac={}", nic.mac),
         ]);
+    }
+    if c.incoming {
+        push(&["-incoming", "defer"]);
     }
     a
 }
@@ -286,6 +303,8 @@ mod tests {
             run_as: Some((1_000_123, 1_000_123)),
             chroot: Some("/p/runs/abc/web/jail".into()),
             tcg_tb_mib: 64,
+            template: false,
+            incoming: false,
         }
     }
 

@@ -166,6 +166,7 @@ mod tests {
             image_env: vec![],
             etc_hosts: with_net.then(|| l.hosts_file("vm")),
             resolv_conf: with_net.then(|| l.resolv_conf("vm")),
+            fresh_from: None,
             net: with_net.then(|| l.machines[0].clone()),
         }
     }

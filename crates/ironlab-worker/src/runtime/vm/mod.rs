@@ -27,6 +27,7 @@ pub mod cmdline;
 pub mod guestnet;
 pub mod proxy;
 pub mod qmp;
+pub mod template;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -223,6 +224,7 @@ pub struct VmRuntime {
     firmware: Option<PathBuf>,
     accel: Accel,
     proxies: Mutex<HashMap<PathBuf, proxy::AgentProxy>>,
+    templates: std::sync::Arc<template::Templates>,
 }
 
 impl std::fmt::Debug for VmRuntime {
@@ -261,6 +263,11 @@ impl VmRuntime {
             firmware,
             accel,
             proxies: Mutex::new(HashMap::new()),
+            templates: {
+                let dir = state_dir.join("tpl");
+                template::kill_orphans(&dir);
+                std::sync::Arc::new(template::Templates::new(dir, template::enabled_by_env()))
+            },
         })
     }
 
@@ -345,6 +352,8 @@ impl VmRuntime {
             run_as: Some((uid, uid)),
             chroot: Some(spec.dir.join(JAIL)),
             tcg_tb_mib: tcg_tb_mib(),
+            template: false,
+            incoming: false,
         }
     }
 
@@ -393,6 +402,20 @@ impl VmRuntime {
     /// Launches QEMU once; returns when QMP answers and the kernel printed its banner.
     async fn launch(&self, spec: &MachineSpec, m: &MachineHandle) -> anyhow::Result<()> {
         let config = self.config(spec, BootMode::Auto);
+        let qemu_log = self.spawn_qemu(spec, m, &config, None).await?;
+        self.wait_banner(m, &config, &qemu_log).await
+    }
+
+    /// Starts QEMU (detached, in the machine's namespace and cgroup) for `config`; returns the
+    /// path of its log. `ram`: a template's RAM file, hard-linked into the jail as `/ram.bin`
+    /// (QEMU reads it there once chrooted).
+    async fn spawn_qemu(
+        &self,
+        spec: &MachineSpec,
+        m: &MachineHandle,
+        config: &VmConfig,
+        ram: Option<&Path>,
+    ) -> anyhow::Result<PathBuf> {
         for f in ["qmp.sock", "agent.serial", "qemu.pid", "stopped"] {
             let _ = std::fs::remove_file(m.dir.join(f));
         }
@@ -400,7 +423,18 @@ impl VmRuntime {
             write_file_atomic(path, &image)?;
         }
         if let Some(jail) = &config.chroot {
+            // What a restore linked into the jail before.
+            for f in [template::RAM_FILE, template::ROOT_FILE] {
+                let _ = std::fs::remove_file(jail.join(f));
+            }
             make_jail(jail)?;
+            if let Some(ram) = ram {
+                // QEMU re-opens the drive by its name when the migration hands the drive over,
+                // by then inside the jail: the drive is there too, under the relative name the
+                // command line uses (QEMU starts in the jail directory).
+                fs_err::hard_link(ram, jail.join(template::RAM_FILE))?;
+                fs_err::hard_link(&spec.root_drive, jail.join(template::ROOT_FILE))?;
+            }
         }
         let procs = self.make_cgroup(spec, config.memory_mib);
         let (uid, gid) = config.run_as.unwrap_or((0, 0));
@@ -443,8 +477,12 @@ impl VmRuntime {
             "--".into(),
             self.qemu.to_string_lossy().into_owned(),
         ];
-        args.extend(cmdline::qemu_args(&config));
-        let status = tokio::process::Command::new("setsid")
+        args.extend(cmdline::qemu_args(config));
+        let mut command = tokio::process::Command::new("setsid");
+        if let Some(jail) = &config.chroot {
+            command.current_dir(jail);
+        }
+        let status = command
             .args(&args)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::from(log.into_parts().0))
@@ -455,6 +493,16 @@ impl VmRuntime {
         if !status.success() {
             anyhow::bail!("setsid failed ({status})");
         }
+        Ok(qemu_log)
+    }
+
+    /// Waits until QMP answers and the kernel printed its banner.
+    async fn wait_banner(
+        &self,
+        m: &MachineHandle,
+        config: &VmConfig,
+        qemu_log: &Path,
+    ) -> anyhow::Result<()> {
         // QMP up (QEMU running), then the kernel banner (the rare hang is before it).
         let deadline = tokio::time::Instant::now() + BANNER_TIMEOUT;
         let qmp_path = m.dir.join("qmp.sock");
@@ -490,7 +538,7 @@ impl VmRuntime {
                         &String::from_utf8_lossy(
                             &std::fs::read(&config.console_log).unwrap_or_default()
                         ),
-                        &std::fs::read_to_string(&qemu_log).unwrap_or_default(),
+                        &std::fs::read_to_string(qemu_log).unwrap_or_default(),
                         false
                     )
                 );
@@ -514,6 +562,56 @@ impl VmRuntime {
         fs_err::create_dir_all(&m.dir)?;
         fs_err::write(m.dir.join(MARKER), "microvm\n")?;
         fs_err::create_dir_all(m.dir.join("agent"))?;
+        if let Some(key) = self.template_key(spec) {
+            if let Some(dir) = self.templates.ready(&key) {
+                let t0 = std::time::Instant::now();
+                match self.restore(spec, &m, &dir).await {
+                    Ok(steps) => {
+                        tracing::info!(
+                            machine = %m.machine,
+                            template = %key,
+                            ms = t0.elapsed().as_millis() as u64,
+                            %steps,
+                            "restored from the boot template"
+                        );
+                        return Ok(m);
+                    }
+                    Err(e) => {
+                        // A stale or broken template: boot instead (the drive is the template's
+                        // clone of the same image, which boots like the image's own).
+                        tracing::warn!(machine = %m.machine, template = %key, "cannot restore from the boot template, booting instead: {e:#}");
+                        self.proxies().remove(&m.dir);
+                        self.kill(&m).await;
+                        self.templates.forget(&key);
+                    }
+                }
+            } else if let Some(build) = self.templates.claim(&key) {
+                // The drive as cloned from the image, before this machine changes it.
+                match template::copy_drive(&spec.root_drive, &build.join(template::ROOT_FILE)).await
+                {
+                    Ok(()) => {
+                        let job = template::Build {
+                            qemu: self.qemu.clone(),
+                            kit: self.kit.clone(),
+                            initrd: self.initrd.clone(),
+                            firmware: self.firmware.clone(),
+                            accel: self.accel,
+                            memory_mib: self.config(spec, BootMode::Auto).memory_mib,
+                            cpus: spec.plan.cpus.max(1),
+                            nics: guestnet::nics(spec).len(),
+                            config_drive: spec.net.is_some(),
+                        };
+                        let templates = self.templates.clone();
+                        let after = m.agent_socket();
+                        tokio::spawn(template::build_after(templates, key, build, job, after));
+                    }
+                    Err(e) => {
+                        tracing::warn!("cannot prepare a boot template: {e:#}");
+                        self.templates.release(&key, false);
+                    }
+                }
+            }
+        }
         let mut last = None;
         for attempt in 0..2 {
             match self.launch(spec, &m).await {
@@ -530,6 +628,139 @@ impl VmRuntime {
         }
         Err(last.unwrap_or_else(|| anyhow::anyhow!("boot failed")))
             .context("the microVM did not boot (tried twice)")
+    }
+
+    /// The boot-template key of a fresh start's machine (`None`: restarts, templates off).
+    fn template_key(&self, spec: &MachineSpec) -> Option<String> {
+        let image = spec.fresh_from.as_ref()?;
+        if !self.templates.enabled() {
+            return None;
+        }
+        let config = self.config(spec, BootMode::Auto);
+        let size = std::fs::metadata(&spec.root_drive).ok()?.len();
+        let kernel = std::fs::metadata(&self.kit.kernel).ok()?;
+        let modified = kernel
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        Some(template::key(&[
+            &self.qemu.to_string_lossy(),
+            &self.kit.kernel.to_string_lossy(),
+            &format!("{}/{modified}/{}", kernel.len(), self.kit.release),
+            &self.initrd.to_string_lossy(),
+            &format!("{:?}", self.kit.modules),
+            self.accel.as_str(),
+            &config.tcg_tb_mib.to_string(),
+            &config.memory_mib.to_string(),
+            &config.cpus.to_string(),
+            &config.nics.len().to_string(),
+            &config.config_drive.is_some().to_string(),
+            &size.to_string(),
+            &image.to_string_lossy(),
+        ]))
+    }
+
+    /// Restores the machine from the boot template in `dir`: its drive becomes a clone of the
+    /// template's, QEMU starts with `-incoming defer` and loads the template's RAM, then the
+    /// agent makes the guest this machine (`Configure`). Returns the steps with their times.
+    async fn restore(
+        &self,
+        spec: &MachineSpec,
+        m: &MachineHandle,
+        dir: &Path,
+    ) -> anyhow::Result<String> {
+        let mut steps = Vec::new();
+        let mut t = std::time::Instant::now();
+        let mut step = |what: &str, t: &mut std::time::Instant| {
+            steps.push(format!("{what} {} ms", t.elapsed().as_millis()));
+            *t = std::time::Instant::now();
+        };
+        template::copy_drive(&dir.join(template::ROOT_FILE), &spec.root_drive).await?;
+        // The console log starts with the template's boot (what `playground logs` shows).
+        let mut log = std::fs::read(dir.join("console.log")).unwrap_or_default();
+        log.extend_from_slice(
+            format!(
+                "\nironlab: the lines above are the boot of the template this machine was restored from ({})\n",
+                dir.file_name().unwrap_or_default().to_string_lossy()
+            )
+            .as_bytes(),
+        );
+        fs_err::write(spec.dir.join("console.log"), log)?;
+        step("drive", &mut t);
+        let mut config = self.config(spec, BootMode::Auto);
+        config.incoming = true;
+        // The drive's link in the jail (see `spawn_qemu`).
+        config.root_drive = Some(PathBuf::from(template::ROOT_FILE));
+        let ram = dir.join(template::RAM_FILE);
+        let qemu_log = self.spawn_qemu(spec, m, &config, Some(&ram)).await?;
+        let jail_ram = config.chroot.as_ref().map(|j| j.join(template::RAM_FILE));
+        let restored = async {
+            let qmp_path = m.dir.join("qmp.sock");
+            let deadline = tokio::time::Instant::now() + PIDFILE_TIMEOUT;
+            let mut q = loop {
+                if qmp_path.exists()
+                    && let Ok(q) = qmp::Qmp::connect(&qmp_path, Duration::from_secs(5)).await
+                {
+                    break q;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    anyhow::bail!(
+                        "QEMU did not open its QMP socket: {}",
+                        std::fs::read_to_string(&qemu_log)
+                            .unwrap_or_default()
+                            .trim()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            };
+            q.execute(
+                "migrate-incoming",
+                Some(serde_json::json!({ "uri": format!("file:/{}", template::RAM_FILE) })),
+            )
+            .await?;
+            q.wait_migration(template::MIGRATE_TIMEOUT).await?;
+            if q.query_status().await? != "running" {
+                q.execute("cont", None).await?;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        if let Some(p) = &jail_ram {
+            let _ = std::fs::remove_file(p);
+        }
+        restored?;
+        step("QEMU and RAM", &mut t);
+        self.ensure_proxy(m)?;
+        let socket = m.agent_socket();
+        let deadline = tokio::time::Instant::now() + template::AGENT_TIMEOUT;
+        let mut client = loop {
+            match crate::agent_client::health(&socket, Duration::from_secs(2)).await {
+                Ok((client, _)) => break client,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(e.context("the restored guest's agent did not answer"));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        };
+        step("agent", &mut t);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let reply = client
+            .configure(ironlab_api::agent::ConfigureRequest {
+                hostname: spec.plan.name.clone(),
+                config: guestnet::config_drive(spec).unwrap_or_default(),
+                macs: config.nics.iter().map(|n| n.mac.clone()).collect(),
+                time_unix_ns: i64::try_from(now.as_nanos()).unwrap_or(i64::MAX),
+                seed: (0..64).map(|_| rand::random::<u8>()).collect(),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("the guest could not configure itself: {}", s.message()))?
+            .into_inner();
+        step("configure", &mut t);
+        Ok(format!("{} (guest: {})", steps.join(", "), reply.steps))
     }
 
     /// SIGKILLs QEMU (by its pidfile, and every process in the machine's cgroup: a QEMU that
@@ -681,7 +912,7 @@ impl VmRuntime {
 
 /// Makes `dir` an empty directory owned by root, mode 0555 (QEMU's root after start-up: it
 /// can neither see nor create anything there).
-fn make_jail(dir: &Path) -> anyhow::Result<()> {
+pub(crate) fn make_jail(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     match std::fs::symlink_metadata(dir) {
         Ok(md) if md.is_dir() => {
@@ -862,6 +1093,8 @@ async fn probe_kvm(qemu: &Path, kit: &Kit, initrd: &Path, state_dir: &Path) -> a
         run_as: None,
         chroot: None,
         tcg_tb_mib: tcg_tb_mib(),
+        template: false,
+        incoming: false,
     };
     let mut child = tokio::process::Command::new(qemu)
         .args(cmdline::qemu_args(&config))

@@ -152,6 +152,29 @@ impl Qmp {
             .ok_or_else(|| QmpError::Protocol(r.to_string()))
     }
 
+    /// Waits until the migration in either direction ended (`query-migrate` polled every 10 ms);
+    /// an error names QEMU's reason when it failed.
+    pub async fn wait_migration(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let r = self.execute("query-migrate", None).await?;
+            match r.get("status").and_then(Value::as_str) {
+                Some("completed") => return Ok(()),
+                Some("failed") | Some("cancelled") => anyhow::bail!(
+                    "migration failed: {}",
+                    r.get("error-desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("no reason given")
+                ),
+                _ => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!("migration did not finish within {} s", timeout.as_secs());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Presses the ACPI power button.
     pub async fn system_powerdown(&mut self) -> Result<(), QmpError> {
         self.execute("system_powerdown", None).await.map(|_| ())
