@@ -40,7 +40,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use nix::fcntl::OFlag;
 use nix::mount::{MsFlags, mount, umount};
 
 /// The name of the agent's virtio-serial port.
@@ -58,10 +57,6 @@ const NEWROOT: &str = "/newroot";
 /// Where the agent is put (a tmpfs mounted read-only over the image's directory).
 const AGENT_DIR: &str = "/.ironlab";
 const AGENT: &str = "/.ironlab/agent";
-/// The fd number the early agent gets for `serve --answered-fd`.
-const ANSWERED_FD: i32 = 3;
-/// How long systemd's start waits for the early agent's first answer to the host.
-const ANSWER_WAIT: Duration = Duration::from_secs(3);
 /// How long devices may take to appear.
 const DEVICE_WAIT: Duration = Duration::from_secs(5);
 /// `PATH` of the early agent.
@@ -282,28 +277,6 @@ fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> anyhow::Resu
     }
 }
 
-/// Whether `fd` became readable (data or end of file) within `timeout`.
-fn wait_readable(fd: &std::os::fd::OwnedFd, timeout: Duration) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
-        // SAFETY: one valid `pollfd` for an open fd.
-        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if n > 0 {
-            return true;
-        }
-        if n == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            return false;
-        }
-    }
-}
-
 fn read_trimmed(p: impl AsRef<Path>) -> Option<String> {
     fs::read_to_string(p).ok().map(|s| s.trim().to_string())
 }
@@ -421,7 +394,6 @@ fn boot() -> anyhow::Result<Infallible> {
         "--serial",
         SERIAL_LINK,
     ];
-    let answered_fd = ANSWERED_FD.to_string();
     if systemd {
         let wants = newroot("/run/systemd/system/sysinit.target.wants");
         fs::create_dir_all(&wants)?;
@@ -454,7 +426,6 @@ fn boot() -> anyhow::Result<Infallible> {
         Some("mode=1777"),
     )?;
 
-    steps.done("mounts");
     if systemd {
         // Chrooted into the new root: switch_root moves that very mount to /, so the agent's
         // root stays the image's root and it shares the mount namespace systemd sets up next.
@@ -464,13 +435,9 @@ fn boot() -> anyhow::Result<Infallible> {
             .write(true)
             .open(newroot("/dev/console"))
             .context("cannot open the console")?;
-        let (answered_r, answered_w) =
-            nix::unistd::pipe2(OFlag::O_CLOEXEC).context("cannot make a pipe")?;
-        let answered_w_raw = answered_w.as_raw_fd();
         let mut agent = std::process::Command::new(AGENT);
         agent
             .args(serve)
-            .args(["--answered-fd", &answered_fd])
             .env_clear()
             .env("PATH", PATH)
             .stdin(fs::File::open(newroot("/dev/null")).context("cannot open /dev/null")?)
@@ -478,37 +445,16 @@ fn boot() -> anyhow::Result<Infallible> {
             .stderr(console);
         // SAFETY: only async-signal-safe calls (setsid, chroot, chdir) between fork and exec.
         unsafe {
-            agent.pre_exec(move || {
+            agent.pre_exec(|| {
                 nix::unistd::setsid()?;
                 nix::unistd::chroot(NEWROOT)?;
                 nix::unistd::chdir("/")?;
-                // The write end as fd ANSWERED_FD, without close-on-exec (dup2 clears it).
-                let rc = if answered_w_raw == ANSWERED_FD {
-                    libc::fcntl(answered_w_raw, libc::F_SETFD, 0)
-                } else {
-                    libc::dup2(answered_w_raw, ANSWERED_FD)
-                };
-                if rc == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
                 Ok(())
             });
         }
         let child = agent.spawn().context("cannot start the agent")?;
-        drop(answered_w);
         fs::write(newroot("/run/ironlab/agent.pid"), child.id().to_string())?;
         steps.done("agent started");
-        // systemd's early boot would share the one vCPU with the agent's start and its first
-        // answers to the host; it starts once the host's first `Health` call was answered (or
-        // the agent ended, or after ANSWER_WAIT).
-        let mut byte = [0u8; 1];
-        steps.done(if !wait_readable(&answered_r, ANSWER_WAIT) {
-            "agent not answering yet"
-        } else if nix::unistd::read(&answered_r, &mut byte) == Ok(1) {
-            "agent answered"
-        } else {
-            "agent ended"
-        });
     }
 
     free_initramfs();

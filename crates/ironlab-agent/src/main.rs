@@ -10,15 +10,13 @@ use ironlab_agent::{DEFAULT_SOCKET, VERSION, init, server, tasks};
 const USAGE: &str = "\
 usage: ironlab-agent init  [--socket PATH] [--serial DEV] PID 1: reap zombies, supervise `serve`
        ironlab-agent serve [--socket PATH] [--serial DEV] [--root DIR] [--tasks-state FILE]
-                           [--answered-fd N]             serve the agent gRPC API
+                                                         serve the agent gRPC API
        ironlab-agent tasks [--socket PATH] list|watch|input NAME VALUE|wait NAME [--timeout S]
        ironlab-agent version
 
 --socket defaults to /run/ironlab/agent.sock; --serial also serves on a virtio-serial port (microVMs,
 e.g. /dev/vport0p1); --root (default /) is where /etc/passwd etc. are read;
---tasks-state (default /var/lib/ironlab-agent/tasks.json) is where task states survive restarts;
---answered-fd: an inherited fd that gets one byte, and is closed, once the first Health call is
-answered (the microVM boot waits for it before it starts systemd).";
+--tasks-state (default /var/lib/ironlab-agent/tasks.json) is where task states survive restarts.";
 
 /// How long `serve` waits for open calls (sessions) after SIGTERM before it exits anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -28,7 +26,6 @@ struct Opts {
     serial: Option<PathBuf>,
     root: PathBuf,
     tasks_state: PathBuf,
-    answered_fd: Option<i32>,
 }
 
 fn parse(args: &[String], allow_root: bool) -> anyhow::Result<Opts> {
@@ -37,7 +34,6 @@ fn parse(args: &[String], allow_root: bool) -> anyhow::Result<Opts> {
         serial: None,
         root: PathBuf::from("/"),
         tasks_state: PathBuf::from(tasks::DEFAULT_STATE_PATH),
-        answered_fd: None,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -59,46 +55,14 @@ fn parse(args: &[String], allow_root: bool) -> anyhow::Result<Opts> {
             "--serial" => opts.serial = Some(PathBuf::from(value()?)),
             "--root" if allow_root => opts.root = PathBuf::from(value()?),
             "--tasks-state" if allow_root => opts.tasks_state = PathBuf::from(value()?),
-            "--answered-fd" if allow_root => {
-                let v = value()?;
-                let fd = v
-                    .parse::<i32>()
-                    .ok()
-                    .filter(|fd| *fd > 2)
-                    .with_context(|| {
-                        format!("--answered-fd: {v:?} is not a file descriptor above 2")
-                    })?;
-                opts.answered_fd = Some(fd);
-            }
             other => bail!("unknown option {other:?}\n\n{USAGE}"),
         }
     }
     Ok(opts)
 }
 
-/// Takes ownership of the inherited fd `fd` (it must be open).
-#[allow(unsafe_code)]
-fn inherited(fd: i32) -> anyhow::Result<std::fs::File> {
-    use std::os::fd::FromRawFd as _;
-    // SAFETY: F_GETFD only reads the fd's flags; it fails (EBADF) when `fd` is not open.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
-        bail!("--answered-fd: fd {fd} is not open");
-    }
-    // SAFETY: the fd is open, was inherited for this purpose, and nothing else in this process
-    // owns it: the `File` becomes its only owner.
-    let file = unsafe { std::fs::File::from_raw_fd(fd) };
-    // Not passed on to the sessions' processes.
-    nix::fcntl::fcntl(
-        &file,
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    )
-    .context("--answered-fd: cannot set close-on-exec")?;
-    Ok(file)
-}
-
 fn serve(opts: Opts) -> anyhow::Result<i32> {
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
-    let answered = opts.answered_fd.map(inherited).transpose()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -123,10 +87,7 @@ fn serve(opts: Opts) -> anyhow::Result<i32> {
             ironlab_agent::uptime()
         );
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let mut service = server::AgentService::new(&opts.root).with_task_state(&opts.tasks_state);
-        if let Some(file) = answered {
-            service = service.with_answered_signal(file);
-        }
+        let service = server::AgentService::new(&opts.root).with_task_state(&opts.tasks_state);
         let tasks = service.tasks().clone();
         let server = server::serve_with_serial(listener, opts.serial.clone(), service, async {
             let _ = stop_rx.await;

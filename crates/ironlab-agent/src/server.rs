@@ -45,9 +45,6 @@ pub struct AgentService {
     db: UserDb,
     started: Instant,
     tasks: Engine,
-    /// Written to (one byte) and closed at the first `Health` call: the microVM boot waits on
-    /// it before it starts systemd ([`AgentService::with_answered_signal`]).
-    answered: Arc<std::sync::Mutex<Option<fs::File>>>,
 }
 
 impl AgentService {
@@ -60,15 +57,7 @@ impl AgentService {
             db,
             started: Instant::now(),
             tasks,
-            answered: Arc::default(),
         }
-    }
-
-    /// Writes a byte to `file` and closes it when the first `Health` call is answered: the
-    /// host's first sign of life (the worker calls `Health` until it answers).
-    pub fn with_answered_signal(self, file: fs::File) -> Self {
-        *self.answered.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
-        self
     }
 
     /// Replaces the task engine by one that persists its state at `path` and resumes the tasks
@@ -212,16 +201,6 @@ impl Agent for AgentService {
         &self,
         _request: Request<HealthRequest>,
     ) -> Result<Response<HealthResponse>, Status> {
-        let signal = self
-            .answered
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(mut file) = signal {
-            use std::io::Write as _;
-            // The reader only waits for it; a failed write (it gave up) changes nothing here.
-            let _ = file.write_all(b"1");
-        }
         Ok(Response::new(HealthResponse {
             version: crate::VERSION.to_string(),
             hostname: hostname(),
