@@ -288,7 +288,8 @@ mem_line() { # KIT
     local rss ram priv anon
     read -r rss ram priv anon <"$RES/$1/mem"
     awk -v r="$rss" -v g="$ram" -v p="$priv" -v d="$anon" -v k="$1" -v a="$(cat "$RES/$1/accel")" 'BEGIN {
-        printf "| %s kit [%s] | %.1f | %.1f | %.1f | %.1f | **%.1f** |\n", k, a, r / 1024, g / 1024,
+        name = (k == "restore") ? "lean kit, restored from a template" : k " kit"
+        printf "| %s [%s] | %.1f | %.1f | %.1f | %.1f | **%.1f** |\n", name, a, r / 1024, g / 1024,
             (r - g) / 1024, (p - g) / 1024, (d - g) / 1024 }'
 }
 A_STOCK=$(cat "$RES/stock/accel")
