@@ -181,14 +181,18 @@ pub fn qemu_args(c: &VmConfig) -> Vec<String> {
     if let Some(fw) = &c.firmware {
         push(&["-bios", &fw.to_string_lossy()]);
     }
-    push(&[
-        "-kernel",
-        &c.kernel.to_string_lossy(),
-        "-initrd",
-        &c.initrd.to_string_lossy(),
-        "-append",
-        &kernel_cmdline(c),
-    ]);
+    // A restored guest's kernel and initramfs are in its RAM already: without them QEMU keeps
+    // no copies of the files for the firmware (≈ 15 MiB of private memory for the lean kit).
+    if !c.incoming {
+        push(&[
+            "-kernel",
+            &c.kernel.to_string_lossy(),
+            "-initrd",
+            &c.initrd.to_string_lossy(),
+            "-append",
+            &kernel_cmdline(c),
+        ]);
+    }
     push(&[
         "-chardev",
         &format!("file,id=console,path={},append=on", esc(&c.console_log)),
@@ -396,6 +400,37 @@ mod tests {
             ]
         );
         assert_eq!(after(&a, "-name"), ["guest=il-abc-web,debug-threads=on"]);
+    }
+
+    #[test]
+    fn templates_boot_with_the_flag_on_hub_ports_and_restores_wait_for_the_stream() {
+        let mut c = config();
+        c.template = true;
+        c.nics[1].tap = String::new();
+        let args = qemu_args(&c);
+        let joined = args.join(" ");
+        assert!(kernel_cmdline(&c).ends_with(" ironlab.template=1"));
+        assert!(
+            joined.contains("-netdev tap,id=net0,ifname=tap0,"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("-netdev hubport,id=net1,hubid=1 "),
+            "{joined}"
+        );
+        assert!(!joined.contains("-incoming"));
+
+        let mut r = config();
+        r.incoming = true;
+        let args = qemu_args(&r);
+        assert_eq!(&args[args.len() - 2..], ["-incoming", "defer"]);
+        // The restored guest needs neither the kernel nor the initramfs files.
+        assert!(
+            !args
+                .iter()
+                .any(|a| a == "-kernel" || a == "-initrd" || a == "-append")
+        );
+        assert!(!kernel_cmdline(&r).contains("template"));
     }
 
     #[test]

@@ -306,18 +306,10 @@ impl VmRuntime {
 
     /// The QEMU process of `m`, if it runs (pid file + the process's command line names it).
     pub fn pid(m: &MachineHandle) -> Option<i32> {
-        let pid: i32 = std::fs::read_to_string(m.dir.join("qemu.pid"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let want = format!("guest={},", vm_name(&m.run_id, &m.machine));
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let zombie = stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z'));
-        (!zombie && String::from_utf8_lossy(&cmdline).contains(&want)).then_some(pid)
+        qemu_pid(
+            &m.dir.join("qemu.pid"),
+            &format!("guest={},", vm_name(&m.run_id, &m.machine)),
+        )
     }
 
     fn config(&self, spec: &MachineSpec, mode: BootMode) -> VmConfig {
@@ -455,11 +447,6 @@ impl VmRuntime {
             }
         }
         let qemu_log = m.dir.join("qemu.log");
-        let log = fs_err::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&qemu_log)?;
-        let log2 = log.file().try_clone()?;
         // sh joins the cgroups and execs nsenter, which execs QEMU: one pid all along.
         let mut script = String::new();
         for p in &procs {
@@ -478,21 +465,7 @@ impl VmRuntime {
             self.qemu.to_string_lossy().into_owned(),
         ];
         args.extend(cmdline::qemu_args(config));
-        let mut command = tokio::process::Command::new("setsid");
-        if let Some(jail) = &config.chroot {
-            command.current_dir(jail);
-        }
-        let status = command
-            .args(&args)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::from(log.into_parts().0))
-            .stderr(std::process::Stdio::from(log2))
-            .status()
-            .await
-            .context("cannot run setsid")?;
-        if !status.success() {
-            anyhow::bail!("setsid failed ({status})");
-        }
+        setsid(&args, config.chroot.as_deref(), &qemu_log).await?;
         Ok(qemu_log)
     }
 
@@ -926,6 +899,43 @@ pub(crate) fn make_jail(dir: &Path) -> anyhow::Result<()> {
     std::os::unix::fs::chown(dir, Some(0), Some(0))
         .with_context(|| format!("cannot chown {}", dir.display()))?;
     fs_err::set_permissions(dir, std::fs::Permissions::from_mode(0o555))?;
+    Ok(())
+}
+
+/// The live (not zombie) process of `pidfile` whose command line contains `want`.
+pub(crate) fn qemu_pid(pidfile: &Path, want: &str) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let zombie = stat
+        .rsplit_once(") ")
+        .is_some_and(|(_, rest)| rest.starts_with('Z'));
+    (!zombie && String::from_utf8_lossy(&cmdline).contains(want)).then_some(pid)
+}
+
+/// Runs `setsid ARGS` (ARGS starting with `-f`: what it runs detaches and outlives the worker)
+/// in `cwd`, its output appended to `log`.
+pub(crate) async fn setsid(args: &[String], cwd: Option<&Path>, log: &Path) -> anyhow::Result<()> {
+    let out = fs_err::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let err = out.file().try_clone()?;
+    let mut command = tokio::process::Command::new("setsid");
+    if let Some(dir) = cwd {
+        command.current_dir(dir);
+    }
+    let status = command
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::from(out.into_parts().0))
+        .stderr(std::process::Stdio::from(err))
+        .status()
+        .await
+        .context("cannot run setsid")?;
+    if !status.success() {
+        anyhow::bail!("setsid failed ({status})");
+    }
     Ok(())
 }
 

@@ -333,20 +333,9 @@ async fn build(job: &Build, key: &str, dir: &Path) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot chown {}", f.display()))?;
         }
     }
-    let log = fs_err::File::create(dir.join("qemu.log"))?;
-    let log2 = log.file().try_clone()?;
     let mut args = vec!["-f".to_string(), job.qemu.to_string_lossy().into_owned()];
     args.extend(super::cmdline::qemu_args(&config));
-    let status = tokio::process::Command::new("setsid")
-        .current_dir(&jail)
-        .args(&args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::from(log.into_parts().0))
-        .stderr(std::process::Stdio::from(log2))
-        .status()
-        .await
-        .context("cannot run setsid")?;
-    anyhow::ensure!(status.success(), "setsid failed ({status})");
+    super::setsid(&args, Some(&jail), &dir.join("qemu.log")).await?;
     let running = Guest {
         dir: dir.to_path_buf(),
     };
@@ -429,17 +418,7 @@ struct Guest {
 
 impl Guest {
     fn pid(&self) -> Option<i32> {
-        let pid: i32 = std::fs::read_to_string(self.dir.join("qemu.pid"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let zombie = stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z'));
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        (!zombie && String::from_utf8_lossy(&cmdline).contains("guest=ilt-")).then_some(pid)
+        super::qemu_pid(&self.dir.join("qemu.pid"), "guest=ilt-")
     }
 
     fn kill(&self) {
