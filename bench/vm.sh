@@ -315,7 +315,7 @@ $(row "restored: the worker's restore (drive, QEMU + RAM, agent, configure) [$(c
 
 Lean vs stock, start→agent ready: **$(ratio "$S_STOCK" "$S_LEAN") faster** [$A_LEAN]; bare boot to the marker: $(ratio "$B_STOCK" "$B_LEAN") faster [$A_LEAN]. Restored vs the lean bare boot: **$(ratio "$(median "$RES/restore/start.ms")" "$B_LEAN")** [$(cat "$RES/restore/accel")]; one restore's steps: $(cat "$RES/restore/restore.steps").
 
-| QEMU memory, guest ready + 10 s (256 MiB guest, TCG cache ${IRONLAB_VM_TCG_TB_MIB:-32} MiB) | RSS MiB | guest RAM resident MiB | RSS beyond guest RAM MiB | private (clean + dirty) beyond guest RAM MiB | private dirty (anonymous) beyond guest RAM MiB |
+| QEMU memory, guest ready + 10 s (256 MiB guest, TCG cache ${IRONLAB_VM_TCG_TB_MIB:-32} MiB for boots, half that for restored VMs) | RSS MiB | guest RAM resident MiB | RSS beyond guest RAM MiB | private (clean + dirty) beyond guest RAM MiB | private dirty (anonymous) beyond guest RAM MiB |
 |---|---:|---:|---:|---:|---:|
 $(mem_line stock)
 $(mem_line lean)

@@ -60,6 +60,14 @@ pub fn tcg_tb_mib() -> u32 {
         .filter(|v| (4..=1024).contains(v))
         .unwrap_or(TCG_TB_MIB)
 }
+/// The TCG translation cache of a VM restored from a boot template: half a booting VM's (at
+/// least 4 MiB). A boot runs a large amount of code once (kernel init, systemd), where a bigger
+/// cache pays; a restored guest starts after all that. Measured (`bench/vm.sh`, debian, lean
+/// kit): 16 MiB instead of 32 takes a restored start from 0.46–0.50 s to 0.66 s and its private
+/// dirty memory beyond guest RAM from 45 to 33 MiB.
+pub fn restored_tb_mib(boot: u32) -> u32 {
+    (boot / 2).max(4)
+}
 /// How long QEMU may take to write its pidfile before a missing one counts as an exit.
 const PIDFILE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a boot may take to print the kernel banner before it counts as hung.
@@ -664,6 +672,7 @@ impl VmRuntime {
         step("drive", &mut t);
         let mut config = self.config(spec, BootMode::Auto);
         config.incoming = true;
+        config.tcg_tb_mib = restored_tb_mib(config.tcg_tb_mib);
         // The drive's link in the jail (see `spawn_qemu`).
         config.root_drive = Some(PathBuf::from(template::ROOT_FILE));
         let ram = dir.join(template::RAM_FILE);

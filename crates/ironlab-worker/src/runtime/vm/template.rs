@@ -449,6 +449,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn restored_vms_get_half_the_translation_cache() {
+        assert_eq!(super::super::restored_tb_mib(32), 16);
+        assert_eq!(super::super::restored_tb_mib(8), 4);
+        assert_eq!(super::super::restored_tb_mib(4), 4);
+    }
+
+    #[test]
     fn keys_differ_by_every_part_and_are_stable() {
         let a = key(&["qemu", "256", "1"]);
         assert_eq!(a, key(&["qemu", "256", "1"]));
