@@ -6,10 +6,12 @@
 # over a local PTY on the host; plus the worker's RSS before, during and after the `cat` and a
 # `yes` flood read slowly.
 #
-#   sudo bench/terminal.sh [-n KEYS] [--mib MIB] [--record]
+#   sudo bench/terminal.sh [-n KEYS] [--mib MIB] [--rounds R] [--record]
 #
 #   -n KEYS     keystrokes per path (default 1000)
 #   --mib MIB   size of the file `cat` prints (default 100)
+#   --rounds R  `cat` rounds, each through all three paths in turn; the median round is
+#               reported, with the slowest and fastest (default 5)
 #   --record    append the results table to bench/RESULTS.md
 #
 # Needs: root; `ironlab` built (scripts/build.sh; $IRONLAB_BIN overrides); the stock debian image
@@ -22,6 +24,7 @@ cd "$REPO_ROOT"
 
 KEYS=1000
 MIB=100
+ROUNDS=5
 RECORD=0
 while (($#)); do
     case $1 in
@@ -33,12 +36,16 @@ while (($#)); do
             MIB=$2
             shift 2
             ;;
+        --rounds)
+            ROUNDS=$2
+            shift 2
+            ;;
         --record)
             RECORD=1
             shift
             ;;
         -h | --help)
-            sed -n '2,17p' "$0"
+            sed -n '2,19p' "$0"
             exit 0
             ;;
         *)
@@ -53,6 +60,10 @@ if ! [[ $KEYS =~ ^[0-9]+$ ]] || ((KEYS < 10 || KEYS > 100000)); then
 fi
 if ! [[ $MIB =~ ^[0-9]+$ ]] || ((MIB < 1 || MIB > 2048)); then
     echo "bench: --mib must be 1..2048" >&2
+    exit 2
+fi
+if ! [[ $ROUNDS =~ ^[0-9]+$ ]] || ((ROUNDS < 1 || ROUNDS > 100)); then
+    echo "bench: --rounds must be 1..100" >&2
     exit 2
 fi
 if [[ $(id -u) -ne 0 ]]; then
@@ -78,6 +89,7 @@ fi
 # shellcheck source=bench/lib.sh
 source "$REPO_ROOT/bench/lib.sh"
 
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 bench_up
 
 # The worker is `up`'s child process.
@@ -102,6 +114,7 @@ echo "bench: run $RUN, machine $MACHINE, worker pid $WORKER_PID"
 
 "$CLIENT" --server "$IRONLAB_SERVER" --token "$IRONLAB_TOKEN" --run "$RUN" --machine "$MACHINE" \
     --worker-pid "$WORKER_PID" --agent-socket "$SOCKET" --keys "$KEYS" --mib "$MIB" \
+    --rounds "$ROUNDS" \
     --local-dir "$WORK" >"$WORK/result.env"
 declare -A R
 while IFS='=' read -r k v; do R[$k]=$v; done <"$WORK/result.env"
@@ -117,13 +130,13 @@ table=$(
 | agent gRPC directly → PTY | ${R[echo_direct_median_ms]} | ${R[echo_direct_p99_ms]} | ${R[echo_direct_min_ms]} | ${R[echo_direct_max_ms]} | 1.0x | $(ratio "${R[echo_direct_median_ms]}" "${R[echo_local_median_ms]}") |
 | local PTY on the host | ${R[echo_local_median_ms]} | ${R[echo_local_p99_ms]} | ${R[echo_local_min_ms]} | ${R[echo_local_max_ms]} | - | 1.0x |
 
-| \`cat\` of a $MIB MiB text file on a PTY | seconds | MiB/s | vs direct agent | vs local PTY | avg bytes per frame/message/read |
-|---|---:|---:|---:|---:|---:|
-| WebSocket → relay → agent → PTY (browser path) | ${R[cat_relay_s]} | ${R[cat_relay_mibps]} | $(ratio "${R[cat_relay_mibps]}" "${R[cat_direct_mibps]}") | $(ratio "${R[cat_relay_mibps]}" "${R[cat_local_mibps]}") | $(per "${R[cat_relay_wire_bytes]}" "${R[cat_relay_chunks]}") |
-| agent gRPC directly → PTY | ${R[cat_direct_s]} | ${R[cat_direct_mibps]} | 1.0x | $(ratio "${R[cat_direct_mibps]}" "${R[cat_local_mibps]}") | $(per "${R[cat_direct_wire_bytes]}" "${R[cat_direct_chunks]}") |
-| local PTY on the host | ${R[cat_local_s]} | ${R[cat_local_mibps]} | - | 1.0x | $(per "${R[cat_local_wire_bytes]}" "${R[cat_local_chunks]}") |
+| \`cat\` of a $MIB MiB text file on a PTY (median of $ROUNDS rounds) | seconds | MiB/s | slowest–fastest MiB/s | vs direct agent | vs local PTY | avg bytes per frame/message/read |
+|---|---:|---:|---:|---:|---:|---:|
+| WebSocket → relay → agent → PTY (browser path) | ${R[cat_relay_s]} | ${R[cat_relay_mibps]} | ${R[cat_relay_mibps_min]}–${R[cat_relay_mibps_max]} | $(ratio "${R[cat_relay_mibps]}" "${R[cat_direct_mibps]}") | $(ratio "${R[cat_relay_mibps]}" "${R[cat_local_mibps]}") | $(per "${R[cat_relay_wire_bytes]}" "${R[cat_relay_chunks]}") |
+| agent gRPC directly → PTY | ${R[cat_direct_s]} | ${R[cat_direct_mibps]} | ${R[cat_direct_mibps_min]}–${R[cat_direct_mibps_max]} | 1.0x | $(ratio "${R[cat_direct_mibps]}" "${R[cat_local_mibps]}") | $(per "${R[cat_direct_wire_bytes]}" "${R[cat_direct_chunks]}") |
+| local PTY on the host | ${R[cat_local_s]} | ${R[cat_local_mibps]} | ${R[cat_local_mibps_min]}–${R[cat_local_mibps_max]} | - | 1.0x | $(per "${R[cat_local_wire_bytes]}" "${R[cat_local_chunks]}") |
 
-| worker RSS (MiB) | start | before \`cat\` | peak during \`cat\` | after \`cat\` | peak during 3 s slow-read \`yes\` | end |
+| worker RSS (MiB) | start | before \`cat\` | peak during the relay \`cat\`s | after the \`cat\`s | peak during 3 s slow-read \`yes\` | end |
 |---|---:|---:|---:|---:|---:|---:|
 | \`ironlab worker\` (pid of \`up\`'s child) | $(mib "${R[rss_start_kib]}") | $(mib "${R[rss_before_cat_kib]}") | $(mib "${R[rss_peak_cat_kib]}") | $(mib "${R[rss_after_cat_kib]}") | $(mib "${R[rss_peak_yes_kib]}") | $(mib "${R[rss_end_kib]}") |
 TABLE
@@ -136,9 +149,9 @@ echo "targets: echo median < 5 ms, cat >= 50 MiB/s, worker memory flat during th
 if ((RECORD)); then
     {
         echo
-        echo "## Terminal path: $(date -u '+%Y-%m-%d %H:%M UTC') — $(uname -r), $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+        echo "## Terminal path: $(date -u '+%Y-%m-%d %H:%M UTC') — $(uname -r), $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), load at start $LOAD_START, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
         echo
-        echo "Command: \`sudo bench/terminal.sh -n $KEYS --mib $MIB --record\`"
+        echo "Command: \`sudo bench/terminal.sh -n $KEYS --mib $MIB --rounds $ROUNDS --record\`"
         echo
         echo "$table"
     } >>bench/RESULTS.md

@@ -7,13 +7,16 @@
 //!   as a shell's line editor does), with a token from the control plane for every connection;
 //!   (b) the agent's gRPC directly (the worker's own hop, no relay);
 //!   (c) a local PTY on the host (the floor);
-//! - output throughput of `cat` of a 100 MiB text file through the same three paths;
+//! - output throughput of `cat` of a 100 MiB text file through the same three paths, in
+//!   `--rounds` interleaved rounds (relay, direct, local in each), reported as the median round
+//!   per path with its min and max;
 //! - the worker's RSS (`/proc/PID/status`) before, during (peak) and after the `cat`, and during
 //!   a `yes` flood read slowly for 3 s.
 //!
 //! ```text
 //! terminal_bench --server URL --token T --run RUN --worker-pid PID --agent-socket PATH
-//!                [--machine M] [--keys 1000] [--mib 100] [--local-dir DIR] [--user laborant]
+//!                [--machine M] [--keys 1000] [--mib 100] [--rounds 5] [--local-dir DIR]
+//!                [--user laborant]
 //! ```
 //! Prints a human summary on stderr and `key=value` lines on stdout.
 
@@ -48,6 +51,7 @@ struct Args {
     agent_socket: PathBuf,
     keys: usize,
     mib: u64,
+    rounds: usize,
     local_dir: PathBuf,
     user: String,
 }
@@ -84,6 +88,10 @@ fn parse_args() -> anyhow::Result<Args> {
             .get("mib")
             .map_or(Ok(100), |v| v.parse())
             .context("--mib")?,
+        rounds: m
+            .get("rounds")
+            .map_or(Ok(5), |v| v.parse())
+            .context("--rounds")?,
         local_dir: PathBuf::from(
             m.get("local-dir")
                 .cloned()
@@ -520,6 +528,28 @@ fn mibps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / (1024.0 * 1024.0) / d.as_secs_f64()
 }
 
+/// One path's `cat` rounds: the median round (time, wire bytes, chunks) and the spread.
+struct CatStats {
+    median: (Duration, u64, u64),
+    mibps: f64,
+    mibps_min: f64,
+    mibps_max: f64,
+}
+
+impl CatStats {
+    /// `runs` is not empty. With an even count the median is the slower of the middle two.
+    fn of(mut runs: Vec<(Duration, u64, u64)>, size: u64) -> CatStats {
+        runs.sort_by_key(|r| r.0);
+        let median = runs[runs.len() / 2];
+        CatStats {
+            median,
+            mibps: mibps(size, median.0),
+            mibps_min: mibps(size, runs[runs.len() - 1].0),
+            mibps_max: mibps(size, runs[0].0),
+        }
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
@@ -558,20 +588,29 @@ async fn main() -> anyhow::Result<()> {
     let keys = args.keys;
     let echo_local = stats(tokio::task::spawn_blocking(move || local_echo(keys)).await??);
 
-    eprintln!("terminal_bench: cat {} MiB through the relay", args.mib);
+    if args.rounds == 0 || args.rounds > 100 {
+        bail!("--rounds must be 1..100");
+    }
     let rss_before = rss_kib(args.worker_pid);
-    let sampler = RssSampler::start(args.worker_pid);
-    let (t_relay, b_relay, n_relay) = relay.cat(remote_file).await?;
-    let rss_peak_cat = sampler.finish();
+    let mut rss_peak_cat = rss_before;
+    let (mut relay_runs, mut direct_runs, mut local_runs) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=args.rounds {
+        eprintln!(
+            "terminal_bench: round {round}/{}: cat {} MiB through the relay, from the agent \
+             directly, on a local PTY",
+            args.rounds, args.mib
+        );
+        let sampler = RssSampler::start(args.worker_pid);
+        relay_runs.push(relay.cat(remote_file).await?);
+        rss_peak_cat = rss_peak_cat.max(sampler.finish());
+        direct_runs.push(direct.cat(remote_file).await?);
+        let lf = local_file.clone();
+        local_runs.push(tokio::task::spawn_blocking(move || local_cat(&lf)).await??);
+    }
     let rss_after = rss_kib(args.worker_pid);
-    eprintln!(
-        "terminal_bench: cat {} MiB from the agent directly",
-        args.mib
-    );
-    let (t_direct, b_direct, n_direct) = direct.cat(remote_file).await?;
-    eprintln!("terminal_bench: cat {} MiB on a local PTY", args.mib);
-    let lf = local_file.clone();
-    let (t_local, b_local, n_local) = tokio::task::spawn_blocking(move || local_cat(&lf)).await??;
+    let cat_relay = CatStats::of(relay_runs, size);
+    let cat_direct = CatStats::of(direct_runs, size);
+    let cat_local = CatStats::of(local_runs, size);
 
     eprintln!("terminal_bench: yes flood read slowly for 3 s through the relay");
     let sampler = RssSampler::start(args.worker_pid);
@@ -606,18 +645,7 @@ async fn main() -> anyhow::Result<()> {
         ("echo_local_min_ms", format!("{:.3}", echo_local.min_ms)),
         ("echo_local_max_ms", format!("{:.3}", echo_local.max_ms)),
         ("cat_mib", args.mib.to_string()),
-        ("cat_relay_s", format!("{:.3}", t_relay.as_secs_f64())),
-        ("cat_relay_mibps", format!("{:.1}", mibps(size, t_relay))),
-        ("cat_relay_wire_bytes", b_relay.to_string()),
-        ("cat_relay_chunks", n_relay.to_string()),
-        ("cat_direct_s", format!("{:.3}", t_direct.as_secs_f64())),
-        ("cat_direct_mibps", format!("{:.1}", mibps(size, t_direct))),
-        ("cat_direct_wire_bytes", b_direct.to_string()),
-        ("cat_direct_chunks", n_direct.to_string()),
-        ("cat_local_s", format!("{:.3}", t_local.as_secs_f64())),
-        ("cat_local_mibps", format!("{:.1}", mibps(size, t_local))),
-        ("cat_local_wire_bytes", b_local.to_string()),
-        ("cat_local_chunks", n_local.to_string()),
+        ("cat_rounds", args.rounds.to_string()),
         ("rss_start_kib", rss_start.to_string()),
         ("rss_before_cat_kib", rss_before.to_string()),
         ("rss_peak_cat_kib", rss_peak_cat.to_string()),
@@ -628,6 +656,18 @@ async fn main() -> anyhow::Result<()> {
     ];
     for (k, v) in out {
         println!("{k}={v}");
+    }
+    for (path, c) in [
+        ("relay", &cat_relay),
+        ("direct", &cat_direct),
+        ("local", &cat_local),
+    ] {
+        println!("cat_{path}_s={:.3}", c.median.0.as_secs_f64());
+        println!("cat_{path}_mibps={:.1}", c.mibps);
+        println!("cat_{path}_mibps_min={:.1}", c.mibps_min);
+        println!("cat_{path}_mibps_max={:.1}", c.mibps_max);
+        println!("cat_{path}_wire_bytes={}", c.median.1);
+        println!("cat_{path}_chunks={}", c.median.2);
     }
     Ok(())
 }
