@@ -28,6 +28,8 @@ PACKAGES=(
     umoci build-essential pkg-config musl-tools
     chromium fonts-liberation
     kmod
+    # The control plane's PostgreSQL backend is tested against a private server (scripts/pg.sh).
+    postgresql postgresql-client
     # The lean microVM kernel (images/kernel/lean.sh compiles Debian's linux-source).
     flex bison bc libelf-dev xz-utils
 )

@@ -10,7 +10,8 @@
 #   IRONLAB_CLIPPY=0     skip `cargo clippy` (default: run it)
 #   IRONLAB_FMT=0        skip `cargo fmt --check` (default: run it)
 # web/ is built first (npm ci + npm run build) so the binary embeds the terminal scripts; the
-# browser tests (npm test in web/) run after the cargo tests against the debug `ironlab`.
+# browser tests (npm test in web/) run after the cargo tests against the debug `ironlab`. The
+# control plane's tests run twice: on SQLite (in the workspace run) and on PostgreSQL.
 # The tests get: IRONLAB_AGENT, IRONLAB_STOCK_IMAGES, IRONLAB_TEST_IMAGE_LAYOUT,
 # IRONLAB_VM_KERNEL_DIR (the microVM kit: the lean one unless IRONLAB_VM_KIT=stock) and
 # IRONLAB_E2E_REQUIRED=1 (privileged tests fail instead of skipping when something is missing).
@@ -101,6 +102,25 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --workspace --no-fail-fast "$@" || failed+=("tests")
 fi
+
+step "control plane tests again, on PostgreSQL (a private server: scripts/pg.sh)"
+# The same tests as above, each on a fresh database of its own (IRONLAB_TEST_DATABASE_URL);
+# the SQLite run above is the default backend's.
+pg_dir=$(mktemp -d /var/tmp/ironlab-pg.XXXXXX)
+trap 'scripts/pg.sh stop "$pg_dir" >/dev/null 2>&1 || true' EXIT
+if pg_url=$(scripts/pg.sh start "$pg_dir"); then
+    echo "test: IRONLAB_TEST_DATABASE_URL=$pg_url"
+    if cargo nextest --version >/dev/null 2>&1; then
+        IRONLAB_TEST_DATABASE_URL=$pg_url cargo nextest run -p ironlab-control --no-fail-fast ||
+            failed+=("control plane tests on PostgreSQL")
+    else
+        IRONLAB_TEST_DATABASE_URL=$pg_url cargo test -p ironlab-control --no-fail-fast ||
+            failed+=("control plane tests on PostgreSQL")
+    fi
+else
+    failed+=("PostgreSQL server for the tests")
+fi
+scripts/pg.sh stop "$pg_dir"
 
 step "browser tests (web/tests: Debian chromium driven by playwright-core; screenshots in target/screenshots)"
 # The same cross-process lock as the Rust end-to-end tests: one platform at a time.

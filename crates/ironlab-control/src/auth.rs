@@ -263,7 +263,8 @@ mod tests {
     #[tokio::test]
     async fn admin_token_survives_restart_and_file_loss() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = db::open(&dir.path().join("db.sqlite")).await.expect("db");
+        let tdb = db::testing::TestDatabase::new(dir.path()).await;
+        let db = db::open(&tdb.database).await.expect("db");
         let file = dir.path().join("admin-token");
         let t1 = bootstrap_admin(&db, &file).await.expect("first");
         assert!(t1.starts_with("ilt_") && t1.len() == 36);
@@ -286,7 +287,8 @@ mod tests {
     #[tokio::test]
     async fn rejects_bad_tokens() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = db::open(&dir.path().join("db.sqlite")).await.expect("db");
+        let tdb = db::testing::TestDatabase::new(dir.path()).await;
+        let db = db::open(&tdb.database).await.expect("db");
         for h in [
             None,
             Some("Bearer"),

@@ -15,6 +15,7 @@
 //!     data_dir: "/var/lib/ironlab".into(),
 //!     worker_url: "http://127.0.0.1:8081".into(),
 //!     worker_token: "secret".into(),
+//!     database: None, // SQLite in DATA_DIR/control/ironlab.db
 //! })
 //! .await?;
 //! println!("admin token: {}", control.admin_token());
@@ -66,19 +67,24 @@ pub struct Ctx {
 /// How to run the control plane.
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
-    /// Data directory; the database lives in `DATA_DIR/control/ironlab.db`, the admin token in
+    /// Data directory: the SQLite database (unless [`ControlConfig::database`] says otherwise)
+    /// in `DATA_DIR/control/ironlab.db`, content bundles, the admin token in
     /// `DATA_DIR/admin-token`.
     pub data_dir: PathBuf,
     /// Base URL of the worker REST API, e.g. `http://127.0.0.1:8081`.
     pub worker_url: String,
     /// Bearer token of the worker API.
     pub worker_token: String,
+    /// Where the state lives; `None`: SQLite in `DATA_DIR/control/ironlab.db`.
+    pub database: Option<db::Database>,
 }
 
 impl ControlConfig {
-    /// `DATA_DIR/control/ironlab.db`.
-    pub fn db_path(&self) -> PathBuf {
-        self.data_dir.join("control").join("ironlab.db")
+    /// The configured database, or SQLite in `DATA_DIR/control/ironlab.db`.
+    pub fn database(&self) -> db::Database {
+        self.database.clone().unwrap_or_else(|| {
+            db::Database::Sqlite(self.data_dir.join("control").join("ironlab.db"))
+        })
     }
 
     /// `DATA_DIR/admin-token`.
@@ -98,7 +104,7 @@ impl Control {
     /// file, and registers the stock playgrounds.
     pub async fn open(config: ControlConfig) -> anyhow::Result<Self> {
         fs_err::create_dir_all(config.data_dir.join("control").join("objects"))?;
-        let db = db::open(&config.db_path()).await?;
+        let db = db::open(&config.database()).await?;
         let admin_token = auth::bootstrap_admin(&db, &config.admin_token_path())
             .await
             .context("failed to set up the admin user")?;

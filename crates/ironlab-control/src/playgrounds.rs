@@ -119,12 +119,13 @@ type Row = (
     String,
     String,
     String,
-    bool,
+    i64,
     Option<String>,
     i64,
 );
 
-const COLUMNS: &str = "name, owner, title, description, manifest, stock, parent, created_at";
+/// `stock` is read as 0/1 (see [`db::bool_col`]).
+const COLUMNS: &str = "name, owner, title, description, manifest, CASE WHEN stock THEN 1 ELSE 0 END, parent, created_at";
 
 fn from_row(row: Row) -> ApiResult<Playground> {
     let (name, owner, title, description, text, stock, parent, created_at) = row;
@@ -144,7 +145,7 @@ fn from_row(row: Row) -> ApiResult<Playground> {
             title,
             description,
             machines,
-            stock,
+            stock: db::bool_col(stock),
             owner,
             parent,
             created_at: db::from_ms(created_at),

@@ -262,6 +262,7 @@ async fn fake_worker(fake: Fake, listener: tokio::net::TcpListener) {
 
 struct Harness {
     dir: tempfile::TempDir,
+    database: crate::db::testing::TestDatabase,
     worker_addr: SocketAddr,
     fake: Fake,
     worker_task: Option<tokio::task::JoinHandle<()>>,
@@ -282,11 +283,16 @@ impl Drop for Harness {
     }
 }
 
-async fn open_control(dir: &std::path::Path, worker: SocketAddr) -> Control {
+async fn open_control(
+    dir: &std::path::Path,
+    database: &crate::db::testing::TestDatabase,
+    worker: SocketAddr,
+) -> Control {
     Control::open(ControlConfig {
         data_dir: dir.to_path_buf(),
         worker_url: format!("http://{worker}"),
         worker_token: WORKER_TOKEN.into(),
+        database: Some(database.database.clone()),
     })
     .await
     .expect("control plane opens")
@@ -301,11 +307,13 @@ impl Harness {
         let fake = Fake::default();
         let worker_task = Some(tokio::spawn(fake_worker(fake.clone(), listener)));
         let dir = tempfile::tempdir().expect("tempdir");
-        let control = open_control(dir.path(), worker_addr).await;
+        let database = crate::db::testing::TestDatabase::new(dir.path()).await;
+        let control = open_control(dir.path(), &database, worker_addr).await;
         let router = control.router();
         let admin = control.admin_token().to_string();
         Harness {
             dir,
+            database,
             worker_addr,
             fake,
             worker_task,
@@ -917,7 +925,8 @@ async fn an_unreachable_worker_is_retried_until_it_answers() {
     let addr = probe.local_addr().expect("addr");
     drop(probe);
     let dir = tempfile::tempdir().expect("tempdir");
-    let control = open_control(dir.path(), addr).await;
+    let database = crate::db::testing::TestDatabase::new(dir.path()).await;
+    let control = open_control(dir.path(), &database, addr).await;
     let router = control.router();
     let reconciler = control.spawn_reconciler();
     let admin = control.admin_token().to_string();
@@ -1071,7 +1080,7 @@ async fn restart_keeps_users_playgrounds_and_runs() {
             r.1 = ObservedState::Running;
         }
     });
-    let control = open_control(&dir, h.worker_addr).await;
+    let control = open_control(&dir, &h.database, h.worker_addr).await;
     assert_eq!(control.admin_token(), admin_before, "admin token is kept");
     h.router = control.router();
     h.reconciler = Some(control.spawn_reconciler());

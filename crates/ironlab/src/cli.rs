@@ -110,6 +110,17 @@ pub struct UpArgs {
     /// Data directory (database, tokens, worker pool).
     #[arg(long, default_value = "/var/lib/ironlab")]
     pub data_dir: PathBuf,
+    /// Where the control plane keeps its state: a PostgreSQL URL
+    /// (`postgres://USER:PASSWORD@HOST/DB`, the database must exist) or a SQLite file
+    /// [default: DATA_DIR/control/ironlab.db].
+    /// (Parsed by the command, not clap: clap would echo a refused URL, password and all.)
+    #[arg(
+        long,
+        env = "IRONLAB_DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL|FILE"
+    )]
+    pub database: Option<String>,
     /// Publish every content item folder in DIR at start, as the admin (e.g. the repository's
     /// `content/`); unchanged items keep their version.
     #[arg(long, value_name = "DIR")]
@@ -123,9 +134,20 @@ pub struct ControlArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// Data directory (`control/ironlab.db`, `admin-token`).
+    /// Data directory (`control/ironlab.db`, content bundles, `admin-token`).
     #[arg(long, default_value = "/var/lib/ironlab")]
     pub data_dir: PathBuf,
+    /// Where the control plane keeps its state: a PostgreSQL URL
+    /// (`postgres://USER:PASSWORD@HOST/DB`, the database must exist) or a SQLite file
+    /// [default: DATA_DIR/control/ironlab.db].
+    /// (Parsed by the command, not clap: clap would echo a refused URL, password and all.)
+    #[arg(
+        long,
+        env = "IRONLAB_DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL|FILE"
+    )]
+    pub database: Option<String>,
     /// Base URL of the worker API.
     #[arg(long, default_value = "http://127.0.0.1:7070")]
     pub worker_url: String,

@@ -196,11 +196,16 @@ async fn fake_worker(fake: Fake, listener: tokio::net::TcpListener) {
     let _ = axum::serve(listener, app).await;
 }
 
-async fn open_control(dir: &std::path::Path, worker: std::net::SocketAddr) -> Control {
+async fn open_control(
+    dir: &std::path::Path,
+    database: &crate::db::testing::TestDatabase,
+    worker: std::net::SocketAddr,
+) -> Control {
     Control::open(ControlConfig {
         data_dir: dir.to_path_buf(),
         worker_url: format!("http://{worker}"),
         worker_token: WORKER_TOKEN.into(),
+        database: Some(database.database.clone()),
     })
     .await
     .expect("control plane opens")
@@ -301,7 +306,8 @@ async fn task_changes_are_recorded_once_streamed_and_survive_restarts() {
     let fake = Fake::new();
     let worker = tokio::spawn(fake_worker(fake.clone(), listener));
     let dir = tempfile::tempdir().expect("tempdir");
-    let control = open_control(dir.path(), worker_addr).await;
+    let database = crate::db::testing::TestDatabase::new(dir.path()).await;
+    let control = open_control(dir.path(), &database, worker_addr).await;
     let router = control.router();
     let admin = control.admin_token().to_string();
     let reconciler = control.spawn_reconciler();
@@ -543,7 +549,7 @@ async fn task_changes_are_recorded_once_streamed_and_survive_restarts() {
     drop(router);
     control.ctx().db.close().await;
     drop(control);
-    let control = open_control(dir.path(), worker_addr).await;
+    let control = open_control(dir.path(), &database, worker_addr).await;
     let router = control.router();
     let v = wait_for_tasks(&router, &admin, &id, |_| true).await;
     assert_eq!(state_of(&v, "check"), "completed");

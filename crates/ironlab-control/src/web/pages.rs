@@ -649,9 +649,10 @@ async fn admin_users_page(
     error: Option<String>,
     token: Option<String>,
 ) -> PageResult<Response> {
-    let rows: Vec<(String, String, Option<String>, i64, bool)> = sqlx::query_as(
+    let rows: Vec<(String, String, Option<String>, i64, i64)> = sqlx::query_as(
         "SELECT name, role, password_hash, created_at, \
-         EXISTS (SELECT 1 FROM content_authors a WHERE a.user_id = users.id) FROM users ORDER BY name",
+         CASE WHEN EXISTS (SELECT 1 FROM content_authors a WHERE a.user_id = users.id) THEN 1 ELSE 0 END \
+         FROM users ORDER BY name",
     )
     .fetch_all(&ctx.db)
     .await?;
@@ -659,7 +660,7 @@ async fn admin_users_page(
         .into_iter()
         .map(|(name, role, hash, created, author)| {
             context! {
-                name, role, has_password => hash.is_some(), author,
+                name, role, has_password => hash.is_some(), author => db::bool_col(author),
                 created => db::from_ms(created).format("%Y-%m-%d").to_string(),
             }
         })

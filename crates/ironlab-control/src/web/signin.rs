@@ -244,7 +244,8 @@ mod tests {
     #[tokio::test]
     async fn password_sign_in() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = db::open(&dir.path().join("db.sqlite")).await.expect("db");
+        let tdb = db::testing::TestDatabase::new(dir.path()).await;
+        let db = db::open(&tdb.database).await.expect("db");
         let (alice, _) = auth::create_user(&db, "alice", Role::User)
             .await
             .expect("create");
@@ -277,7 +278,8 @@ mod tests {
     #[tokio::test]
     async fn admin_link_is_single_use() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = db::open(&dir.path().join("db.sqlite")).await.expect("db");
+        let tdb = db::testing::TestDatabase::new(dir.path()).await;
+        let db = db::open(&tdb.database).await.expect("db");
         auth::bootstrap_admin(&db, &dir.path().join("admin-token"))
             .await
             .expect("admin");

@@ -200,10 +200,12 @@ mod tests {
     #[tokio::test]
     async fn checklist_renders_and_restart_replaces_the_run() {
         let dir = tempfile::tempdir().expect("tempdir");
+        let _db = crate::db::testing::TestDatabase::new(dir.path()).await;
         let control = Control::open(ControlConfig {
             data_dir: dir.path().to_path_buf(),
             worker_url: "http://127.0.0.1:9".into(),
             worker_token: "unused".into(),
+            database: Some(_db.database.clone()),
         })
         .await
         .expect("opens");

@@ -12,21 +12,28 @@ use crate::{Control, ControlConfig};
 const ORIGIN: &str = "http://127.0.0.1:8080";
 
 struct H {
-    _dir: tempfile::TempDir,
     control: Control,
+    _db: crate::db::testing::TestDatabase,
+    _dir: tempfile::TempDir,
 }
 
 impl H {
     async fn new() -> H {
         let dir = tempfile::tempdir().expect("tempdir");
+        let db = crate::db::testing::TestDatabase::new(dir.path()).await;
         let control = Control::open(ControlConfig {
             data_dir: dir.path().to_path_buf(),
             worker_url: "http://127.0.0.1:9".into(),
             worker_token: "unused".into(),
+            database: Some(db.database.clone()),
         })
         .await
         .expect("control plane opens");
-        H { _dir: dir, control }
+        H {
+            control,
+            _db: db,
+            _dir: dir,
+        }
     }
 
     async fn send(&self, req: Request<Body>) -> Response {

@@ -107,13 +107,20 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// `--database`, checked before anything starts; the error names the flag, never a password.
+fn parse_database(arg: Option<&str>) -> anyhow::Result<Option<ironlab_control::db::Database>> {
+    arg.map(ironlab_control::db::Database::parse).transpose()
+}
+
 /// `ironlab control`.
 pub async fn control(args: ControlArgs) -> anyhow::Result<i32> {
+    let database = parse_database(args.database.as_deref())?;
     let worker_token = read_token(&args.worker_token_file)?;
     let control = Control::open(ControlConfig {
         data_dir: args.data_dir.clone(),
         worker_url: args.worker_url,
         worker_token,
+        database,
     })
     .await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -299,6 +306,7 @@ async fn wait_worker_ready(url: &str, token: &str, within: Duration) -> bool {
 
 /// `ironlab up`.
 pub async fn up(args: UpArgs) -> anyhow::Result<i32> {
+    let database = parse_database(args.database.as_deref())?;
     let data_dir = if args.data_dir.is_absolute() {
         args.data_dir.clone()
     } else {
@@ -324,6 +332,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<i32> {
         data_dir: data_dir.clone(),
         worker_url: worker_url.clone(),
         worker_token: worker_token.clone(),
+        database,
     })
     .await?;
     let admin_token = control.admin_token().to_string();

@@ -61,6 +61,8 @@ pub struct Needs {
     /// The stock docker image under `IRONLAB_STOCK_IMAGES` and what boots it as a microVM:
     /// `qemu-system-x86_64` and the guest kit (`IRONLAB_VM_KERNEL_DIR`).
     pub docker: bool,
+    /// PostgreSQL's server binaries and `psql` ([`Postgres::start`]).
+    pub postgres: bool,
 }
 
 /// Paths to the artefacts built by `scripts/test.sh`.
@@ -93,6 +95,12 @@ pub fn preflight(test: &str, needs: Needs) -> Option<Env> {
     }
     if which("crun").is_none() && which("runc").is_none() {
         return unmet(test, "neither crun nor runc is installed".into());
+    }
+    if needs.postgres && (which("psql").is_none() || Postgres::bin_dir().is_none()) {
+        return unmet(
+            test,
+            "PostgreSQL is not installed (scripts/setup.sh installs the postgresql package)".into(),
+        );
     }
     let agent = match std::env::var_os("IRONLAB_AGENT") {
         Some(p) => PathBuf::from(p),
@@ -247,6 +255,92 @@ pub fn free_port_pair() -> u16 {
         }
     }
     panic!("no two adjacent free ports on 127.0.0.1 after 100 tries");
+}
+
+/// A private PostgreSQL server (`scripts/pg.sh`): its own data dir, 127.0.0.1 on a free port,
+/// trust authentication; stopped and removed in `Drop`.
+pub struct Postgres {
+    dir: PathBuf,
+    /// `postgres://ironlab@127.0.0.1:PORT/postgres`.
+    pub server_url: String,
+}
+
+impl Postgres {
+    fn script() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/pg.sh")
+    }
+
+    /// `/usr/lib/postgresql/N/bin` when the server is installed.
+    pub fn bin_dir() -> Option<PathBuf> {
+        let mut dirs: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .filter(|b| b.join("initdb").is_file())
+            .collect();
+        dirs.sort();
+        dirs.pop()
+    }
+
+    /// Starts a server; panics with its log when it does not come up.
+    pub fn start() -> Postgres {
+        let dir = PathBuf::from("/var/tmp").join(format!(
+            "ironlab-e2e-pg-{}-{:x}",
+            std::process::id(),
+            nanos()
+        ));
+        let out = run_with_timeout(
+            {
+                let mut c = Command::new(Self::script());
+                c.args(["start", &dir.to_string_lossy()]);
+                c
+            },
+            Duration::from_secs(120),
+        );
+        let pg = Postgres {
+            dir,
+            server_url: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        };
+        assert!(
+            out.status.success() && pg.server_url.starts_with("postgres://"),
+            "scripts/pg.sh start failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        pg
+    }
+
+    /// Creates database `name`; returns its URL.
+    pub fn create_db(&self, name: &str) -> String {
+        self.psql(&self.server_url, &format!("CREATE DATABASE {name}"));
+        self.server_url.replace("/postgres", &format!("/{name}"))
+    }
+
+    /// Runs one statement with `psql` against `url`; returns its unaligned output.
+    pub fn psql(&self, url: &str, sql: &str) -> String {
+        let out = run_with_timeout(
+            {
+                let mut c = Command::new("psql");
+                c.args([url, "-v", "ON_ERROR_STOP=1", "-Atc", sql]);
+                c
+            },
+            Duration::from_secs(60),
+        );
+        assert!(
+            out.status.success(),
+            "psql {sql:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = Command::new(Self::script())
+            .args(["stop", &self.dir.to_string_lossy()])
+            .stdin(Stdio::null())
+            .status();
+    }
 }
 
 /// A fresh directory removed in `Drop`.
@@ -827,13 +921,18 @@ pub struct Platform {
     up: bool,
     /// Extra environment of the next worker start (e.g. `IRONLAB_TEST_CRASH_AT`).
     pub worker_env: Vec<(String, String)>,
-    /// Extra arguments of `ironlab up` (e.g. `--content DIR`).
+    /// Extra arguments of `ironlab up` or `ironlab control` (e.g. `--content DIR`).
     pub up_args: Vec<String>,
 }
 
 impl Platform {
     /// Starts the worker, then the control plane, and waits until both answer.
     pub fn start(env: &Env) -> Platform {
+        Self::start_with(env, &[])
+    }
+
+    /// [`Platform::start`] with extra arguments of `ironlab control` (e.g. `--database URL`).
+    pub fn start_with(env: &Env, control_args: &[&str]) -> Platform {
         let dir = TempDir::new("platform");
         let data = dir.path().join("data");
         fs::create_dir_all(&data).expect("create the data dir");
@@ -851,7 +950,7 @@ impl Platform {
             runs: Vec::new(),
             up: false,
             worker_env: Vec::new(),
-            up_args: Vec::new(),
+            up_args: control_args.iter().map(|a| a.to_string()).collect(),
         };
         p.start_worker();
         p.start_control();
@@ -994,9 +1093,7 @@ impl Platform {
             "--data-dir".into(),
             self.data.to_string_lossy().into_owned(),
         ];
-        if self.up {
-            args.extend(self.up_args.iter().cloned());
-        }
+        args.extend(self.up_args.iter().cloned());
         if !self.up {
             args.extend([
                 "--worker-url".into(),
