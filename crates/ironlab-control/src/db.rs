@@ -111,8 +111,15 @@ pub async fn open(database: &Database) -> anyhow::Result<Db> {
             if let Some(dir) = path.parent() {
                 fs_err::create_dir_all(dir)?;
             }
-            // `mode=rwc`: create the file when missing.
-            format!("sqlite://{}?mode=rwc", path.display())
+            // `mode=rwc`: create the file when missing. The driver %-decodes the path, so a
+            // `%`, `?` or `#` in it is encoded first.
+            let path = path
+                .to_str()
+                .with_context(|| format!("database path {} is not UTF-8", path.display()))?
+                .replace('%', "%25")
+                .replace('?', "%3F")
+                .replace('#', "%23");
+            format!("sqlite://{path}?mode=rwc")
         }
         Database::Postgres(url) => url.clone(),
     };
@@ -299,6 +306,24 @@ mod tests {
             .await
             .expect("migrations table");
         assert_eq!(applied, MIGRATOR.iter().count() as i64);
+    }
+
+    #[tokio::test]
+    async fn sqlite_paths_with_url_characters_open_where_they_say() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let odd = dir.path().join("a b%20c?d#e");
+        let file = odd.join("ironlab.db");
+        let db = open(&Database::Sqlite(file.clone())).await.expect("opens");
+        db.close().await;
+        assert!(file.is_file(), "{} was not created", file.display());
+        let journal: String = {
+            let db = open(&Database::Sqlite(file)).await.expect("reopens");
+            sqlx::query_scalar("PRAGMA journal_mode")
+                .fetch_one(&db)
+                .await
+                .expect("pragma")
+        };
+        assert_eq!(journal, "wal");
     }
 
     #[test]
