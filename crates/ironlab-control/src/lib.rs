@@ -10,10 +10,10 @@
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
-//! use ironlab_control::{Control, ControlConfig};
+//! use ironlab_control::{Control, ControlConfig, worker_client::WorkerSpec};
 //! let control = Control::open(ControlConfig {
 //!     data_dir: "/var/lib/ironlab".into(),
-//!     worker_url: "http://127.0.0.1:8081".into(),
+//!     workers: WorkerSpec::parse_all(&["http://127.0.0.1:8081"])?,
 //!     worker_token: "secret".into(),
 //!     database: None, // SQLite in DATA_DIR/control/ironlab.db
 //! })
@@ -47,21 +47,39 @@ use anyhow::Context;
 
 pub use error::{ApiError, ApiResult};
 use runs::Signals;
-use worker_client::WorkerClient;
+use worker_client::{WorkerClient, WorkerSpec, Workers};
 
 /// Shared state of the services and handlers (cheap to clone).
 #[derive(Clone)]
 pub struct Ctx {
     /// The database.
     pub db: db::Db,
-    /// The (single, local) worker.
-    pub worker: Arc<WorkerClient>,
+    /// The workers; each run is pinned to one ([`Ctx::worker_of`]).
+    pub workers: Arc<Workers>,
     /// State-change and reconciler wake-up notifications.
     pub signals: Arc<Signals>,
     /// Web-UI state (event streams' shutdown signal).
     pub web: Arc<web::WebState>,
     /// Content bundles (`DATA_DIR/control/objects/content`).
     pub content: Arc<content::BundleStore>,
+}
+
+impl Ctx {
+    /// The worker `run` is pinned to. A name this control plane is not configured with is a
+    /// 503 that says so (its runs are left alone until the worker is configured again).
+    pub fn worker_of(&self, run: &runs::Run) -> Result<Arc<WorkerClient>, error::ApiError> {
+        self.workers
+            .get(run.worker.as_deref())
+            .cloned()
+            .ok_or_else(|| {
+                error::ApiError::Unavailable(format!(
+                    "run {} is on worker {}, which this control plane is not configured with \
+                     (--worker-url NAME=URL)",
+                    run.id,
+                    run.worker.as_deref().unwrap_or_default()
+                ))
+            })
+    }
 }
 
 /// How to run the control plane.
@@ -71,9 +89,9 @@ pub struct ControlConfig {
     /// in `DATA_DIR/control/ironlab.db`, content bundles, the admin token in
     /// `DATA_DIR/admin-token`.
     pub data_dir: PathBuf,
-    /// Base URL of the worker REST API, e.g. `http://127.0.0.1:8081`.
-    pub worker_url: String,
-    /// Bearer token of the worker API.
+    /// The workers (at least one), in order: new runs go to the least loaded that answers.
+    pub workers: Vec<WorkerSpec>,
+    /// Bearer token of the workers' API (the same for all).
     pub worker_token: String,
     /// Where the state lives; `None`: SQLite in `DATA_DIR/control/ironlab.db`.
     pub database: Option<db::Database>,
@@ -109,7 +127,7 @@ impl Control {
             .await
             .context("failed to set up the admin user")?;
         playgrounds::register_stock(&db).await?;
-        let worker = WorkerClient::new(&config.worker_url, &config.worker_token)?;
+        let workers = Workers::new(&config.workers, &config.worker_token)?;
         let content = content::BundleStore::open(
             &config
                 .data_dir
@@ -120,7 +138,7 @@ impl Control {
         Ok(Control {
             ctx: Ctx {
                 db,
-                worker: Arc::new(worker),
+                workers: Arc::new(workers),
                 signals: Arc::new(Signals::default()),
                 web: Arc::new(web::WebState::default()),
                 content: Arc::new(content),

@@ -214,7 +214,7 @@ pub async fn create(db: &Db, user: &User, value: serde_json::Value) -> ApiResult
             }
         }
     }
-    insert(db, user, &manifest, None, None).await
+    insert(db, user, &manifest, None).await
 }
 
 fn parse(value: serde_json::Value) -> ApiResult<Manifest> {
@@ -225,41 +225,43 @@ fn parse(value: serde_json::Value) -> ApiResult<Manifest> {
 }
 
 /// Registers a playground saved from run `source_run` whose machines start from the saved
-/// drives `saved_id` (the manifest's `parent` names the playground it was saved from).
+/// drives `saved_id`, kept on worker `on` (the manifest's `parent` names the playground it was
+/// saved from).
 pub async fn create_saved(
     db: &Db,
     user: &User,
     value: serde_json::Value,
     saved_id: &str,
     source_run: &str,
+    on: &str,
 ) -> ApiResult<PlaygroundView> {
     let manifest = parse(value)?;
-    insert(db, user, &manifest, Some(saved_id), Some(source_run)).await
+    insert(db, user, &manifest, Some((saved_id, source_run, on))).await
 }
 
-/// The saved drives a playground starts from, if it was saved from a run.
-pub async fn saved_id_of(db: &Db, name: &str) -> ApiResult<Option<String>> {
-    let v: Option<Option<String>> =
-        sqlx::query_scalar("SELECT saved_id FROM playgrounds WHERE name = $1")
+/// The saved drives a playground starts from, if it was saved from a run, and the worker
+/// they are on (`None`: saved before workers had names, the first).
+pub async fn saved_id_of(db: &Db, name: &str) -> ApiResult<Option<(String, Option<String>)>> {
+    let v: Option<(Option<String>, Option<String>)> =
+        sqlx::query_as("SELECT saved_id, saved_worker FROM playgrounds WHERE name = $1")
             .bind(name)
             .fetch_optional(db)
             .await?;
-    Ok(v.flatten())
+    Ok(v.and_then(|(id, on)| id.map(|id| (id, on))))
 }
 
 async fn insert(
     db: &Db,
     user: &User,
     manifest: &Manifest,
-    saved_id: Option<&str>,
-    source_run: Option<&str>,
+    saved: Option<(&str, &str, &str)>,
 ) -> ApiResult<PlaygroundView> {
     let text = serde_json::to_string(&manifest)
         .map_err(|e| anyhow::anyhow!("failed to serialize manifest {}: {e}", manifest.name))?;
     let result = sqlx::query(
         "INSERT INTO playgrounds (name, owner, title, description, manifest, stock, parent, created_at, \
-         saved_id, source_run) \
-         VALUES ($1, $2, $3, $4, $5, FALSE, $6, $7, $8, $9) ON CONFLICT (name) DO NOTHING",
+         saved_id, source_run, saved_worker) \
+         VALUES ($1, $2, $3, $4, $5, FALSE, $6, $7, $8, $9, $10) ON CONFLICT (name) DO NOTHING",
     )
     .bind(&manifest.name)
     .bind(&user.id)
@@ -268,8 +270,9 @@ async fn insert(
     .bind(&text)
     .bind(&manifest.parent)
     .bind(db::now_ms())
-    .bind(saved_id)
-    .bind(source_run)
+    .bind(saved.map(|s| s.0))
+    .bind(saved.map(|s| s.1))
+    .bind(saved.map(|s| s.2))
     .execute(db)
     .await?;
     if result.rows_affected() == 0 {

@@ -182,7 +182,7 @@ async fn step(ctx: &Ctx, run: Run) -> Result<(), StepError> {
         RunState::Starting => watch_start(ctx, &run).await,
         RunState::Running => check_running(ctx, &run).await,
         RunState::Destroying => {
-            ctx.worker.delete_run(&run.id).await?;
+            ctx.worker_of(&run)?.delete_run(&run.id).await?;
             runs::apply(&ctx.db, &ctx.signals, &run.id, RunEvent::Gone, None)
                 .await?
                 .ok();
@@ -198,7 +198,7 @@ async fn step(ctx: &Ctx, run: Run) -> Result<(), StepError> {
 async fn fail(ctx: &Ctx, run: &Run, reason: &str) -> Result<(), StepError> {
     // Leave nothing behind on the worker before the run reads `failed`; a later destroy
     // repeats this idempotently if the worker cannot be reached now.
-    if let Err(e) = ctx.worker.delete_run(&run.id).await {
+    if let Err(e) = ctx.worker_of(run)?.delete_run(&run.id).await {
         tracing::warn!(run = %run.id, error = %e, "could not remove a failed run from the worker");
     }
     runs::apply(&ctx.db, &ctx.signals, &run.id, RunEvent::Fail, Some(reason))
@@ -208,7 +208,7 @@ async fn fail(ctx: &Ctx, run: &Run, reason: &str) -> Result<(), StepError> {
 }
 
 async fn dispatch(ctx: &Ctx, run: &Run) -> Result<(), StepError> {
-    match ctx.worker.put_run(&run.plan).await {
+    match ctx.worker_of(run)?.put_run(&run.plan).await {
         Ok(_) => {
             runs::count_attempt(&ctx.db, &run.id).await?;
         }
@@ -231,7 +231,7 @@ async fn dispatch(ctx: &Ctx, run: &Run) -> Result<(), StepError> {
         if let Some(now) = runs::load(&ctx.db, &run.id).await?
             && matches!(now.state, RunState::Destroyed | RunState::Failed)
         {
-            ctx.worker.delete_run(&run.id).await?;
+            ctx.worker_of(run)?.delete_run(&run.id).await?;
         }
     }
     Ok(())
@@ -265,7 +265,11 @@ async fn watch_start(ctx: &Ctx, run: &Run) -> Result<(), StepError> {
     if age > START_TIMEOUT.as_millis() as i64 {
         return fail(ctx, run, "timed out").await;
     }
-    match ctx.worker.get_run(&run.id, Some(START_POLL_SECS)).await? {
+    match ctx
+        .worker_of(run)?
+        .get_run(&run.id, Some(START_POLL_SECS))
+        .await?
+    {
         Some(s) => match s.state {
             ObservedState::Running => {
                 runs::apply(&ctx.db, &ctx.signals, &run.id, RunEvent::Ready, None)
@@ -284,7 +288,7 @@ async fn watch_start(ctx: &Ctx, run: &Run) -> Result<(), StepError> {
                 return fail(ctx, run, "worker lost the run 3 times").await;
             }
             tracing::warn!(run = %run.id, attempt = run.worker_attempts + 1, "the worker does not know a starting run; sending the plan again");
-            match ctx.worker.put_run(&run.plan).await {
+            match ctx.worker_of(run)?.put_run(&run.plan).await {
                 Ok(_) => {
                     runs::count_attempt(&ctx.db, &run.id).await?;
                 }
@@ -304,7 +308,7 @@ async fn watch_start(ctx: &Ctx, run: &Run) -> Result<(), StepError> {
 }
 
 async fn check_running(ctx: &Ctx, run: &Run) -> Result<(), StepError> {
-    match ctx.worker.get_run(&run.id, None).await? {
+    match ctx.worker_of(run)?.get_run(&run.id, None).await? {
         None => fail(ctx, run, "the worker lost this run").await,
         Some(s) if s.state == ObservedState::Failed => fail(ctx, run, &failure_reason(&s)).await,
         Some(s) if s.state == ObservedState::Stopped => {
@@ -335,7 +339,7 @@ async fn mark_stopped(
 }
 
 async fn stop_on_worker(ctx: &Ctx, run: &Run) -> Result<(), StepError> {
-    match ctx.worker.stop_run(&run.id).await {
+    match ctx.worker_of(run)?.stop_run(&run.id).await {
         Ok(s) if s.state == ObservedState::Stopped => mark_stopped(ctx, run, &s, None).await,
         Ok(_) => Ok(()),
         Err(WorkerError::Status { status, .. }) if status == reqwest::StatusCode::NOT_FOUND => {
@@ -355,7 +359,7 @@ async fn stop_on_worker(ctx: &Ctx, run: &Run) -> Result<(), StepError> {
 
 async fn watch_restart(ctx: &Ctx, run: &Run) -> Result<(), StepError> {
     if run.worker_attempts == 0 {
-        match ctx.worker.restart_run(&run.id).await {
+        match ctx.worker_of(run)?.restart_run(&run.id).await {
             Ok(_) => {
                 runs::count_attempt(&ctx.db, &run.id).await?;
                 return Ok(());
@@ -379,7 +383,11 @@ async fn watch_restart(ctx: &Ctx, run: &Run) -> Result<(), StepError> {
             Err(e) => return Err(e.into()),
         }
     }
-    match ctx.worker.get_run(&run.id, Some(START_POLL_SECS)).await? {
+    match ctx
+        .worker_of(run)?
+        .get_run(&run.id, Some(START_POLL_SECS))
+        .await?
+    {
         None => fail(ctx, run, "the worker lost this run").await,
         Some(s) => match s.state {
             ObservedState::Running => {
@@ -402,7 +410,7 @@ async fn watch_restart(ctx: &Ctx, run: &Run) -> Result<(), StepError> {
 }
 
 async fn check_stopped(ctx: &Ctx, run: &Run) -> Result<(), StepError> {
-    match ctx.worker.get_run(&run.id, None).await? {
+    match ctx.worker_of(run)?.get_run(&run.id, None).await? {
         Some(s) => {
             if let Some(b) = s.storage_bytes
                 && run.storage_bytes != i64::try_from(b).ok()
@@ -420,7 +428,7 @@ async fn check_stopped(ctx: &Ctx, run: &Run) -> Result<(), StepError> {
         None => {
             // A clone recorded here but never made on the worker: ask again (idempotent).
             if let Some(src) = &run.cloned_from {
-                match ctx.worker.clone_run(src, &run.id).await {
+                match ctx.worker_of(run)?.clone_run(src, &run.id).await {
                     Ok(s) => {
                         if let Some(b) = s.storage_bytes {
                             runs::persist::record_storage(&ctx.db, &run.id, b).await?;

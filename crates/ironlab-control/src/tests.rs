@@ -290,7 +290,10 @@ async fn open_control(
 ) -> Control {
     Control::open(ControlConfig {
         data_dir: dir.to_path_buf(),
-        worker_url: format!("http://{worker}"),
+        workers: vec![crate::worker_client::WorkerSpec {
+            name: "local".into(),
+            url: format!("http://{worker}"),
+        }],
         worker_token: WORKER_TOKEN.into(),
         database: Some(database.database.clone()),
     })
@@ -1666,3 +1669,179 @@ async fn http_port_links_sign_in_the_owner_on_the_port_host_only() {
 }
 
 mod content_api;
+
+/// Several workers: new runs go to the least loaded one that answers; every call about a run
+/// (start, connect, stop, clone, save, destroy) goes to the worker it is pinned to; a saved
+/// playground starts where its drives are; a run on a worker no longer configured is a clear
+/// 503.
+#[tokio::test]
+async fn runs_are_spread_over_workers_and_pinned_to_theirs() {
+    let mut fakes = Vec::new();
+    let mut tasks = Vec::new();
+    let mut specs = Vec::new();
+    for name in ["a", "b"] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let fake = Fake::default();
+        tasks.push(tokio::spawn(fake_worker(fake.clone(), listener)));
+        fakes.push(fake);
+        specs.push(crate::worker_client::WorkerSpec {
+            name: name.into(),
+            url: format!("http://{addr}"),
+        });
+    }
+    // A third worker that does not answer: never chosen while others do.
+    let probe = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let gone = probe.local_addr().expect("addr");
+    drop(probe);
+    specs.push(crate::worker_client::WorkerSpec {
+        name: "c".into(),
+        url: format!("http://{gone}"),
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let database = crate::db::testing::TestDatabase::new(dir.path()).await;
+    let control = Control::open(ControlConfig {
+        data_dir: dir.path().to_path_buf(),
+        workers: specs,
+        worker_token: WORKER_TOKEN.into(),
+        database: Some(database.database.clone()),
+    })
+    .await
+    .expect("control plane opens");
+    let mut h = Harness {
+        router: control.router(),
+        admin: control.admin_token().to_string(),
+        dir,
+        database,
+        worker_addr: gone,
+        fake: fakes[0].clone(),
+        worker_task: None,
+        control,
+        reconciler: None,
+    };
+    h.reconcile();
+    let on = |id: &str| -> Vec<usize> {
+        (0..2)
+            .filter(|i| fakes[*i].with(|s| s.runs.contains_key(id)))
+            .collect()
+    };
+
+    // Four runs: a, b, a, b (the least loaded; ties go to the first configured).
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let (s, v) = h
+            .admin(
+                "POST",
+                "/api/v1/runs",
+                Some(json!({"playground": "debian"})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        let id = v["id"].as_str().expect("id").to_string();
+        let admin = h.admin.clone();
+        assert_eq!(h.settle(&admin, &id).await["state"], "running");
+        ids.push(id);
+    }
+    let placed: Vec<Vec<usize>> = ids.iter().map(|id| on(id)).collect();
+    assert_eq!(placed, [vec![0], vec![1], vec![0], vec![1]]);
+
+    // Connect: the token is granted by the run's own worker.
+    let (s, v) = h
+        .admin("POST", &format!("/api/v1/runs/{}/connect", ids[1]), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(fakes[1].with(|s| s.tokens.iter().any(|t| t.run == ids[1])));
+    assert!(fakes[0].with(|s| s.tokens.is_empty()));
+
+    // Stop, clone and save a run on b: the clone and the saved drives are on b.
+    let (s, v) = h
+        .admin("POST", &format!("/api/v1/runs/{}/stop", ids[1]), None)
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let admin = h.admin.clone();
+    assert_eq!(h.settle(&admin, &ids[1]).await["state"], "stopped");
+    let (s, v) = h
+        .admin(
+            "POST",
+            &format!("/api/v1/runs/{}/clone", ids[1]),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let clone = v["id"].as_str().expect("id").to_string();
+    assert_eq!(on(&clone), [1]);
+    let (s, pg) = h
+        .admin(
+            "POST",
+            &format!("/api/v1/runs/{}/save", ids[1]),
+            Some(json!({"name": "on-b"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{pg}");
+    assert_eq!(fakes[1].with(|s| s.saves.len()), 1);
+    assert_eq!(fakes[0].with(|s| s.saves.len()), 0);
+    // a has 2 active runs, b has 1: a run of the saved playground still goes to b.
+    let (s, v) = h
+        .admin("POST", "/api/v1/runs", Some(json!({"playground": "on-b"})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let from_saved = v["id"].as_str().expect("id").to_string();
+    assert_eq!(h.settle(&admin, &from_saved).await["state"], "running");
+    assert_eq!(on(&from_saved), [1]);
+    // Removing the playground removes its drives from b.
+    let (s, v) = h.admin("DELETE", "/api/v1/playgrounds/on-b", None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    assert_eq!(fakes[1].with(|s| s.saves.len()), 0);
+
+    // Destroy: each worker deletes only its own runs.
+    for id in ids.iter().chain([&clone, &from_saved]) {
+        let (s, v) = h.admin("DELETE", &format!("/api/v1/runs/{id}"), None).await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{id}: {v}");
+        assert_eq!(h.settle(&admin, id).await["state"], "destroyed");
+    }
+    let deletes: Vec<Vec<String>> = fakes
+        .iter()
+        .map(|f| f.with(|s| s.deletes.clone()))
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        let w = i % 2;
+        assert!(deletes[w].contains(id), "{id} deleted on its worker");
+        assert!(
+            !deletes[1 - w].contains(id),
+            "{id} not deleted on the other"
+        );
+    }
+
+    // A run pinned to a worker this control plane no longer has: a 503 naming it.
+    let (s, v) = h
+        .admin(
+            "POST",
+            "/api/v1/runs",
+            Some(json!({"playground": "debian"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let lost = v["id"].as_str().expect("id").to_string();
+    h.settle(&admin, &lost).await;
+    sqlx::query("UPDATE runs SET worker = 'retired' WHERE id = $1")
+        .bind(&lost)
+        .execute(&h.control.ctx().db)
+        .await
+        .expect("update");
+    let (s, v) = h
+        .admin("POST", &format!("/api/v1/runs/{lost}/connect"), None)
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    let detail = v["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("worker retired") && detail.contains("--worker-url"),
+        "{v}"
+    );
+    for t in tasks {
+        t.abort();
+    }
+}

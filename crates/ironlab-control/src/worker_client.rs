@@ -75,6 +75,10 @@ impl WorkerClient {
     }
 
     fn unreachable(&self, source: reqwest::Error) -> WorkerError {
+        // A worker that stopped answering is not offered new runs on an old status.
+        if let Ok(mut cache) = self.status_cache.try_lock() {
+            *cache = None;
+        }
         WorkerError::Unreachable {
             url: self.base.clone(),
             source,
@@ -117,7 +121,8 @@ impl WorkerClient {
         Ok(status)
     }
 
-    /// `GET /v1/status`, re-using an answer younger than 10 s.
+    /// `GET /v1/status`, re-using an answer younger than 10 s (dropped as soon as any call
+    /// finds the worker unreachable).
     pub async fn cached_status(&self) -> Result<WorkerStatus, WorkerError> {
         if let Some((at, s)) = self.status_cache.lock().await.as_ref()
             && at.elapsed() < STATUS_TTL
@@ -320,5 +325,189 @@ impl WorkerClient {
         } else {
             Err(self.error_of(resp).await)
         }
+    }
+}
+
+/// A worker as the control plane is configured with it: a name (stored with each run it
+/// holds) and its API URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerSpec {
+    /// `[a-z0-9-]`, 1–40 characters; stable across restarts (runs are pinned by it).
+    pub name: String,
+    /// Base URL of its REST API.
+    pub url: String,
+}
+
+impl WorkerSpec {
+    /// The one worker of `ironlab up` (and of an unnamed `--worker-url URL`).
+    pub const LOCAL: &'static str = "local";
+
+    /// Parses the `--worker-url` values: `NAME=URL` or, when there is only one, `URL` (named
+    /// [`WorkerSpec::LOCAL`]). Names must be unique.
+    pub fn parse_all<S: AsRef<str>>(values: &[S]) -> anyhow::Result<Vec<WorkerSpec>> {
+        if values.is_empty() {
+            anyhow::bail!("--worker-url: at least one worker is needed");
+        }
+        let mut out: Vec<WorkerSpec> = Vec::new();
+        for v in values {
+            let v = v.as_ref().trim();
+            let (name, url) = match v.split_once('=') {
+                Some((n, u)) if !n.contains("://") => (n.trim().to_string(), u.trim()),
+                _ if values.len() == 1 => (Self::LOCAL.to_string(), v),
+                _ => anyhow::bail!(
+                    "--worker-url {v}: with several workers, name each one (NAME=URL, e.g. \
+                     w1=http://10.0.0.2:7070): runs are pinned to a worker by its name"
+                ),
+            };
+            let valid = !name.is_empty()
+                && name.len() <= 40
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !valid {
+                anyhow::bail!(
+                    "--worker-url {v}: worker name {name:?} must be 1–40 characters of a-z, 0-9 and -"
+                );
+            }
+            let parsed = url::Url::parse(url)
+                .map_err(|e| anyhow::anyhow!("--worker-url {v}: {url:?} is not a URL: {e}"))?;
+            if !matches!(parsed.scheme(), "http" | "https") {
+                anyhow::bail!("--worker-url {v}: the URL must be http:// or https://");
+            }
+            if out.iter().any(|w| w.name == name) {
+                anyhow::bail!("--worker-url {v}: the name {name} is given twice");
+            }
+            out.push(WorkerSpec {
+                name,
+                url: url.to_string(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// The workers of this control plane, in configuration order. Every run is pinned to one (the
+/// `runs.worker` column); a run recorded before workers had names (`NULL`) belongs to the
+/// first.
+#[derive(Debug)]
+pub struct Workers {
+    list: Vec<(String, std::sync::Arc<WorkerClient>)>,
+}
+
+impl Workers {
+    /// Clients for `specs` (not empty), all presenting `token`.
+    pub fn new(specs: &[WorkerSpec], token: &str) -> anyhow::Result<Workers> {
+        if specs.is_empty() {
+            anyhow::bail!("the control plane needs at least one worker");
+        }
+        let list = specs
+            .iter()
+            .map(|s| {
+                Ok((
+                    s.name.clone(),
+                    std::sync::Arc::new(WorkerClient::new(&s.url, token)?),
+                ))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Workers { list })
+    }
+
+    /// The worker named `name` (`None`: the first). `None` when no such worker is configured.
+    pub fn get(&self, name: Option<&str>) -> Option<&std::sync::Arc<WorkerClient>> {
+        match name {
+            None => self.list.first().map(|(_, c)| c),
+            Some(n) => self.list.iter().find(|(k, _)| k == n).map(|(_, c)| c),
+        }
+    }
+
+    /// The name a run with `name` (possibly `NULL`) is on.
+    pub fn name_of<'a>(&'a self, name: Option<&'a str>) -> &'a str {
+        name.unwrap_or_else(|| self.list.first().map(|(k, _)| k.as_str()).unwrap_or(""))
+    }
+
+    /// Every worker, in configuration order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &std::sync::Arc<WorkerClient>)> {
+        self.list.iter().map(|(k, c)| (k.as_str(), c))
+    }
+
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// Never true (kept for clippy's `len_without_is_empty`).
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+}
+
+/// Which worker a new run goes to: among `candidates` (names, in configuration order) whose
+/// status answered (`reachable`), the one with the fewest active runs (`active`); ties go to
+/// the earlier one. When none answered, the least loaded candidate all the same (the
+/// reconciler retries until it answers).
+pub fn pick_worker<'a>(
+    candidates: &[&'a str],
+    reachable: &[&str],
+    active: &std::collections::HashMap<String, i64>,
+) -> Option<&'a str> {
+    let load = |n: &str| active.get(n).copied().unwrap_or(0);
+    let best = |it: &mut dyn Iterator<Item = &'a str>| {
+        let mut best: Option<&'a str> = None;
+        for n in it {
+            if best.is_none_or(|b| load(n) < load(b)) {
+                best = Some(n);
+            }
+        }
+        best
+    };
+    best(&mut candidates.iter().copied().filter(|n| reachable.contains(n)))
+        .or_else(|| best(&mut candidates.iter().copied()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_urls_parse_and_bad_ones_say_why() {
+        let one = WorkerSpec::parse_all(&["http://127.0.0.1:7070"]).expect("one");
+        assert_eq!(one[0].name, "local");
+        let two = WorkerSpec::parse_all(&["w1=http://10.0.0.2:7070", "w2=http://10.0.0.3:7070"])
+            .expect("two");
+        assert_eq!(
+            two.iter().map(|w| w.name.as_str()).collect::<Vec<_>>(),
+            ["w1", "w2"]
+        );
+        for (bad, why) in [
+            (vec!["http://a:1", "http://b:1"], "name each one"),
+            (vec!["W1=http://a:1"], "must be 1–40"),
+            (vec!["w1=http://a:1", "w1=http://b:1"], "given twice"),
+            (vec!["w1=ftp://a"], "http:// or https://"),
+            (vec!["w1=not a url"], "is not a URL"),
+        ] {
+            let e = WorkerSpec::parse_all(&bad)
+                .expect_err("refused")
+                .to_string();
+            assert!(
+                e.contains("--worker-url") && e.contains(why),
+                "{bad:?}: {e}"
+            );
+        }
+        assert!(WorkerSpec::parse_all::<&str>(&[]).is_err());
+    }
+
+    #[test]
+    fn new_runs_go_to_the_least_loaded_reachable_worker() {
+        let active: std::collections::HashMap<String, i64> =
+            [("a".to_string(), 2), ("b".to_string(), 1)].into();
+        let all = ["a", "b", "c"];
+        assert_eq!(pick_worker(&all, &["a", "b", "c"], &active), Some("c"));
+        assert_eq!(pick_worker(&all, &["a", "b"], &active), Some("b"));
+        assert_eq!(pick_worker(&all, &["a"], &active), Some("a"));
+        // None answers: still the least loaded, the reconciler waits for it.
+        assert_eq!(pick_worker(&all, &[], &active), Some("c"));
+        // Ties go to the first configured.
+        assert_eq!(pick_worker(&["b", "c"], &["b", "c"], &[].into()), Some("b"));
+        assert_eq!(pick_worker(&[], &["a"], &active), None);
     }
 }

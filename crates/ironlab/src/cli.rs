@@ -148,10 +148,15 @@ pub struct ControlArgs {
         value_name = "URL|FILE"
     )]
     pub database: Option<String>,
-    /// Base URL of the worker API.
-    #[arg(long, default_value = "http://127.0.0.1:7070")]
-    pub worker_url: String,
-    /// File holding the worker's bearer token.
+    /// A worker's API: `URL`, or `NAME=URL` once per worker when there are several (runs are
+    /// pinned to a worker by its name; new runs go to the least loaded one that answers).
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:7070",
+        value_name = "[NAME=]URL"
+    )]
+    pub worker_url: Vec<String>,
+    /// File holding the workers' bearer token (the same for all).
     #[arg(long, value_name = "FILE")]
     pub worker_token_file: PathBuf,
 }

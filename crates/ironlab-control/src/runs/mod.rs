@@ -6,6 +6,7 @@ pub mod persist;
 pub mod plan;
 pub mod state;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use crate::auth::User;
 use crate::db::{self, Db};
 use crate::error::{ApiError, ApiResult};
 use crate::playgrounds;
-use crate::worker_client::WorkerError;
+use crate::worker_client::{WorkerError, pick_worker};
 pub use state::{InvalidTransition, RunEvent, transition};
 
 /// Most runs a user may have pending, starting or running at once.
@@ -114,6 +115,8 @@ pub struct Run {
     pub cloned_from: Option<String>,
     /// Off-host snapshot state as the worker last reported it (`uploading|uploaded|failed`).
     pub snapshot: Option<String>,
+    /// The worker it is pinned to (`None`: recorded before workers had names, the first).
+    pub worker: Option<String>,
 }
 
 impl Run {
@@ -153,9 +156,10 @@ type Row = (
     Option<i64>,
     Option<String>,
     Option<String>,
+    Option<String>,
 );
 
-const COLUMNS: &str = "id, owner, playground, title, state, reason, plan, worker_attempts, created_at, updated_at, storage_bytes, cloned_from, snapshot";
+const COLUMNS: &str = "id, owner, playground, title, state, reason, plan, worker_attempts, created_at, updated_at, storage_bytes, cloned_from, snapshot, worker";
 
 fn from_row(row: Row) -> ApiResult<Run> {
     let (
@@ -172,6 +176,7 @@ fn from_row(row: Row) -> ApiResult<Run> {
         storage_bytes,
         cloned_from,
         snapshot,
+        worker,
     ) = row;
     let state = RunState::parse(&state)
         .ok_or_else(|| anyhow::anyhow!("run {id} has an unknown state {state:?}"))?;
@@ -191,6 +196,7 @@ fn from_row(row: Row) -> ApiResult<Run> {
         storage_bytes,
         cloned_from,
         snapshot,
+        worker,
     })
 }
 
@@ -357,13 +363,7 @@ pub(crate) async fn create_from(
     content: Option<(&str, i64, Option<&str>)>,
 ) -> ApiResult<RunView> {
     check_active_limit(ctx, user).await?;
-    let (runtimes, accel) = match ctx.worker.cached_status().await {
-        Ok(s) => (s.runtimes, s.accel),
-        Err(e) => {
-            tracing::warn!(error = %e, "worker status unavailable; assuming the container runtime only");
-            (vec!["container".to_string()], "none".to_string())
-        }
-    };
+    let (worker, runtimes, accel) = place(ctx, manifest).await?;
     let id = db::random_id(12);
     let plan = plan::resolve_with_accel(&id, manifest, &runtimes, &accel)?;
     let plan_text = serde_json::to_string(&plan)
@@ -372,8 +372,8 @@ pub(crate) async fn create_from(
     let mut tx = ctx.db.begin().await?;
     sqlx::query(
         "INSERT INTO runs (id, owner, playground, title, state, reason, plan, worker_attempts, created_at, updated_at, expires_at, \
-         content, content_version, content_lesson) \
-         VALUES ($1, $2, $3, $4, 'pending', NULL, $5, 0, $6, $6, $7, $8, $9, $10)",
+         content, content_version, content_lesson, worker) \
+         VALUES ($1, $2, $3, $4, 'pending', NULL, $5, 0, $6, $6, $7, $8, $9, $10, $11)",
     )
     .bind(&id)
     .bind(&user.id)
@@ -385,6 +385,7 @@ pub(crate) async fn create_from(
     .bind(content.map(|c| c.0))
     .bind(content.map(|c| c.1))
     .bind(content.and_then(|c| c.2))
+    .bind(&worker)
     .execute(&mut *tx)
     .await?;
     sqlx::query(
@@ -395,18 +396,97 @@ pub(crate) async fn create_from(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    tracing::info!(run = %id, playground, content = content.map(|c| c.0), user = %user.name, "run created");
+    tracing::info!(run = %id, playground, content = content.map(|c| c.0), user = %user.name, worker = %worker, "run created");
     ctx.signals.notify_changed();
     ctx.signals.wake.notify_one();
     Ok(get_for(&ctx.db, user, &id).await?.view())
 }
 
+/// The states in which a run holds machines (or is about to) on its worker.
+const ACTIVE_STATES: &str = "'pending', 'starting', 'running', 'stopping', 'restarting'";
+
+/// Which worker a new run of `manifest` goes to, with that worker's runtimes and accelerator
+/// (what the plan is resolved against). Drives saved from a run (`saved://ID`) live on the
+/// worker that saved them, so such a run goes there; any other run goes to the reachable
+/// worker with the fewest active runs ([`pick_worker`]).
+async fn place(
+    ctx: &Ctx,
+    manifest: &ironlab_spec::Manifest,
+) -> ApiResult<(String, Vec<String>, String)> {
+    let saved: Option<String> = manifest
+        .playground
+        .machines
+        .iter()
+        .flat_map(|m| m.drives.iter())
+        .find_map(|d| {
+            d.source
+                .as_deref()?
+                .strip_prefix("saved://")
+                .map(str::to_string)
+        });
+    let candidates: Vec<&str> = match &saved {
+        Some(id) => {
+            let on: Option<Option<String>> =
+                sqlx::query_scalar("SELECT saved_worker FROM playgrounds WHERE saved_id = $1")
+                    .bind(id)
+                    .fetch_optional(&ctx.db)
+                    .await?;
+            let name = ctx.workers.name_of(on.flatten().as_deref()).to_string();
+            let Some((name, _)) = ctx.workers.iter().find(|(n, _)| *n == name) else {
+                return Err(ApiError::Unavailable(format!(
+                    "the saved drives {id} are on worker {name}, which this control plane is \
+                     not configured with (--worker-url NAME=URL)"
+                )));
+            };
+            vec![name]
+        }
+        None => ctx.workers.iter().map(|(n, _)| n).collect(),
+    };
+    let mut statuses = HashMap::new();
+    if candidates.len() == 1 {
+        if let Some(w) = ctx.workers.get(Some(candidates[0]))
+            && let Ok(s) = w.cached_status().await
+        {
+            statuses.insert(candidates[0], s);
+        }
+    } else {
+        let asked = futures::future::join_all(candidates.iter().map(|n| async move {
+            let w = ctx.workers.get(Some(n))?;
+            w.cached_status().await.ok().map(|s| (*n, s))
+        }))
+        .await;
+        statuses.extend(asked.into_iter().flatten());
+    }
+    let rows: Vec<(Option<String>, i64)> = sqlx::query_as(&format!(
+        "SELECT worker, COUNT(*) FROM runs WHERE state IN ({ACTIVE_STATES}) GROUP BY worker"
+    ))
+    .fetch_all(&ctx.db)
+    .await?;
+    let mut active: HashMap<String, i64> = HashMap::new();
+    for (w, n) in rows {
+        *active
+            .entry(ctx.workers.name_of(w.as_deref()).to_string())
+            .or_default() += n;
+    }
+    let reachable: Vec<&str> = statuses.keys().copied().collect();
+    let name = pick_worker(&candidates, &reachable, &active)
+        .ok_or_else(|| anyhow::anyhow!("no worker to place the run on"))?
+        .to_string();
+    let (runtimes, accel) = match statuses.remove(name.as_str()) {
+        Some(s) => (s.runtimes, s.accel),
+        None => {
+            tracing::warn!(worker = %name, "worker status unavailable; assuming the container runtime only");
+            (vec!["container".to_string()], "none".to_string())
+        }
+    };
+    Ok((name, runtimes, accel))
+}
+
 /// Refuses a new active run when the user already has [`MAX_ACTIVE_RUNS_PER_USER`].
 pub(crate) async fn check_active_limit(ctx: &Ctx, user: &User) -> ApiResult<()> {
-    let active: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM runs WHERE owner = $1 \
-         AND state IN ('pending', 'starting', 'running', 'stopping', 'restarting')",
-    )
+    let active: i64 = sqlx::query_scalar(&format!(
+        "SELECT COUNT(*) FROM runs WHERE owner = $1 AND state IN ({ACTIVE_STATES})"
+    ))
     .bind(&user.id)
     .fetch_one(&ctx.db)
     .await?;
@@ -527,15 +607,12 @@ pub async fn connect(
     port: Option<u16>,
 ) -> ApiResult<ConnectResponse> {
     let (run, machine) = running_machine(ctx, user, id, machine).await?;
-    let status = ctx
-        .worker
-        .cached_status()
-        .await
-        .map_err(worker_unavailable)?;
+    let worker = ctx.worker_of(&run)?;
+    let status = worker.cached_status().await.map_err(worker_unavailable)?;
     let token = db::random_secret(32);
     let expires_at = Utc::now()
         + chrono::Duration::from_std(CONNECT_TOKEN_TTL).unwrap_or(chrono::Duration::seconds(30));
-    ctx.worker
+    worker
         .grant_token(&TokenGrant {
             token: token.clone(),
             user: user.id.clone(),
@@ -579,7 +656,7 @@ pub async fn machine_logs(ctx: &Ctx, user: &User, id: &str, machine: &str) -> Ap
             names.join(", ")
         )));
     }
-    match ctx.worker.console(&run.id, machine).await {
+    match ctx.worker_of(&run)?.console(&run.id, machine).await {
         Ok(Some(bytes)) => Ok(bytes),
         Ok(None) => Err(ApiError::NotFound(format!(
             "machine {machine} of run {id} has no console log (it never started, or the log \

@@ -224,8 +224,8 @@ pub async fn clone(ctx: &Ctx, user: &User, id: &str, req: CloneRequest) -> ApiRe
     let mut tx = ctx.db.begin().await?;
     sqlx::query(
         "INSERT INTO runs (id, owner, playground, title, state, reason, plan, worker_attempts, \
-         created_at, updated_at, expires_at, storage_bytes, cloned_from) \
-         VALUES ($1, $2, $3, $4, 'stopped', NULL, $5, 0, $6, $6, NULL, 0, $7)",
+         created_at, updated_at, expires_at, storage_bytes, cloned_from, worker) \
+         VALUES ($1, $2, $3, $4, 'stopped', NULL, $5, 0, $6, $6, NULL, 0, $7, $8)",
     )
     .bind(&new_id)
     .bind(&src.owner)
@@ -234,6 +234,8 @@ pub async fn clone(ctx: &Ctx, user: &User, id: &str, req: CloneRequest) -> ApiRe
     .bind(&plan_text)
     .bind(now)
     .bind(&src.id)
+    // A clone is a reflink of the source's drives: on the same worker.
+    .bind(ctx.workers.name_of(src.worker.as_deref()))
     .execute(&mut *tx)
     .await?;
     sqlx::query(
@@ -245,7 +247,8 @@ pub async fn clone(ctx: &Ctx, user: &User, id: &str, req: CloneRequest) -> ApiRe
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    match retry_unreachable(|| ctx.worker.clone_run(&src.id, &new_id)).await {
+    let worker = ctx.worker_of(&src)?;
+    match retry_unreachable(|| worker.clone_run(&src.id, &new_id)).await {
         Ok(st) => {
             if let Some(b) = st.storage_bytes {
                 record_storage(&ctx.db, &new_id, b).await?;
@@ -369,8 +372,10 @@ pub async fn save(ctx: &Ctx, user: &User, id: &str, req: SaveRequest) -> ApiResu
             }
         }
     }
-    let view = playgrounds::create_saved(&ctx.db, user, manifest, &saved_id, &run.id).await?;
-    match retry_unreachable(|| ctx.worker.save_run(&run.id, &saved_id)).await {
+    let worker = ctx.worker_of(&run)?;
+    let on = ctx.workers.name_of(run.worker.as_deref());
+    let view = playgrounds::create_saved(&ctx.db, user, manifest, &saved_id, &run.id, on).await?;
+    match retry_unreachable(|| worker.save_run(&run.id, &saved_id)).await {
         Ok(saved) => {
             sqlx::query("UPDATE playgrounds SET storage_bytes = $1 WHERE name = $2")
                 .bind(i64::try_from(saved.allocated_bytes).unwrap_or(i64::MAX))
@@ -393,30 +398,46 @@ pub async fn save(ctx: &Ctx, user: &User, id: &str, req: SaveRequest) -> ApiResu
 /// How often saved drives no playground names are looked for.
 pub const SAVED_GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// Removes saved drives on the worker that no playground names (a save whose playground row
-/// was dropped after the worker call was lost, or whose removal did not reach the worker).
+/// Removes saved drives on each worker that no playground names (a save whose playground
+/// row was dropped after the worker call was lost, or whose removal did not reach the worker).
 /// Safe against saves in flight: the playground row is written before the worker is asked.
+/// A worker that does not answer is skipped (and named in the error when none answered).
 /// Returns the ids removed.
 pub async fn gc_saved(ctx: &Ctx) -> ApiResult<Vec<String>> {
-    let on_worker = ctx.worker.list_saved().await.map_err(worker_unavailable)?;
     let known: Vec<String> =
         sqlx::query_scalar("SELECT saved_id FROM playgrounds WHERE saved_id IS NOT NULL")
             .fetch_all(&ctx.db)
             .await?;
     let mut removed = Vec::new();
-    for s in on_worker {
-        if known.contains(&s.id) {
-            continue;
-        }
-        match ctx.worker.delete_saved(&s.id).await {
-            Ok(()) => {
-                tracing::info!(saved = %s.id, run = %s.run_id, "removed saved drives no playground names");
-                removed.push(s.id);
-            }
+    let mut unreachable = Vec::new();
+    for (name, worker) in ctx.workers.iter() {
+        let on_worker = match worker.list_saved().await {
+            Ok(l) => l,
             Err(e) => {
-                tracing::warn!(saved = %s.id, error = %e, "cannot remove orphaned saved drives")
+                tracing::warn!(worker = name, error = %e, "cannot list saved drives");
+                unreachable.push((name, e));
+                continue;
+            }
+        };
+        for s in on_worker {
+            if known.contains(&s.id) {
+                continue;
+            }
+            match worker.delete_saved(&s.id).await {
+                Ok(()) => {
+                    tracing::info!(worker = name, saved = %s.id, run = %s.run_id, "removed saved drives no playground names");
+                    removed.push(s.id);
+                }
+                Err(e) => {
+                    tracing::warn!(worker = name, saved = %s.id, error = %e, "cannot remove orphaned saved drives")
+                }
             }
         }
+    }
+    if unreachable.len() == ctx.workers.len()
+        && let Some((_, e)) = unreachable.pop()
+    {
+        return Err(worker_unavailable(e));
     }
     Ok(removed)
 }
@@ -433,10 +454,16 @@ pub async fn gc_loop(ctx: Ctx) {
 
 /// Removes a playground; a saved one's drives are removed from the worker too.
 pub async fn remove_playground(ctx: &Ctx, user: &User, name: &str) -> ApiResult<()> {
-    let saved_id = playgrounds::saved_id_of(&ctx.db, name).await?;
+    let saved = playgrounds::saved_id_of(&ctx.db, name).await?;
     playgrounds::remove(&ctx.db, user, name).await?;
-    if let Some(id) = saved_id
-        && let Err(e) = ctx.worker.delete_saved(&id).await
+    if let Some((id, on)) = saved
+        && let Err(e) = match ctx.workers.get(Some(ctx.workers.name_of(on.as_deref()))) {
+            Some(w) => w.delete_saved(&id).await.map_err(|e| e.to_string()),
+            None => Err(format!(
+                "worker {} is not configured",
+                on.unwrap_or_default()
+            )),
+        }
     {
         // The files stay on the worker until an operator removes `pool/saved/ID`.
         tracing::warn!(playground = %name, saved = %id, error = %e, "could not remove saved drives");

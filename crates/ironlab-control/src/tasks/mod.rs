@@ -244,7 +244,7 @@ pub async fn input(
             run.state.as_str()
         )));
     }
-    ctx.worker
+    ctx.worker_of(&run)?
         .task_input(id, name, value)
         .await
         .map_err(|e| match e {
@@ -322,7 +322,7 @@ async fn follow(ctx: Ctx, run: Run) {
 }
 
 async fn follow_once(ctx: &Ctx, run: &Run) -> anyhow::Result<()> {
-    let mut resp = ctx.worker.watch_tasks(&run.id).await?;
+    let mut resp = ctx.worker_of(run)?.watch_tasks(&run.id).await?;
     tracing::debug!(run = %run.id, "following tasks");
     let mut buf: Vec<u8> = Vec::new();
     loop {

@@ -203,7 +203,10 @@ async fn open_control(
 ) -> Control {
     Control::open(ControlConfig {
         data_dir: dir.to_path_buf(),
-        worker_url: format!("http://{worker}"),
+        workers: vec![crate::worker_client::WorkerSpec {
+            name: "local".into(),
+            url: format!("http://{worker}"),
+        }],
         worker_token: WORKER_TOKEN.into(),
         database: Some(database.database.clone()),
     })

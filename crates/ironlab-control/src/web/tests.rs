@@ -23,7 +23,10 @@ impl H {
         let db = crate::db::testing::TestDatabase::new(dir.path()).await;
         let control = Control::open(ControlConfig {
             data_dir: dir.path().to_path_buf(),
-            worker_url: "http://127.0.0.1:9".into(),
+            workers: vec![crate::worker_client::WorkerSpec {
+                name: "local".into(),
+                url: "http://127.0.0.1:9".into(),
+            }],
             worker_token: "unused".into(),
             database: Some(db.database.clone()),
         })

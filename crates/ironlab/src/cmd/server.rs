@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ironlab_control::auth::{read_secret_file, write_secret_file};
+use ironlab_control::worker_client::WorkerSpec as WorkerEndpoint;
 use ironlab_control::{Control, ControlConfig};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -115,10 +116,11 @@ fn parse_database(arg: Option<&str>) -> anyhow::Result<Option<ironlab_control::d
 /// `ironlab control`.
 pub async fn control(args: ControlArgs) -> anyhow::Result<i32> {
     let database = parse_database(args.database.as_deref())?;
+    let workers = WorkerEndpoint::parse_all(&args.worker_url)?;
     let worker_token = read_token(&args.worker_token_file)?;
     let control = Control::open(ControlConfig {
         data_dir: args.data_dir.clone(),
-        worker_url: args.worker_url,
+        workers,
         worker_token,
         database,
     })
@@ -330,7 +332,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<i32> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let control = Control::open(ControlConfig {
         data_dir: data_dir.clone(),
-        worker_url: worker_url.clone(),
+        workers: vec![WorkerEndpoint {
+            name: WorkerEndpoint::LOCAL.into(),
+            url: worker_url.clone(),
+        }],
         worker_token: worker_token.clone(),
         database,
     })

@@ -923,6 +923,8 @@ pub struct Platform {
     pub worker_env: Vec<(String, String)>,
     /// Extra arguments of `ironlab up` or `ironlab control` (e.g. `--content DIR`).
     pub up_args: Vec<String>,
+    /// More workers of the control plane ([`Platform::add_worker`]): name, port, process.
+    extra_workers: Vec<(String, u16, Option<Child>)>,
 }
 
 impl Platform {
@@ -951,6 +953,7 @@ impl Platform {
             up: false,
             worker_env: Vec::new(),
             up_args: control_args.iter().map(|a| a.to_string()).collect(),
+            extra_workers: Vec::new(),
         };
         p.start_worker();
         p.start_control();
@@ -985,6 +988,7 @@ impl Platform {
             up: true,
             worker_env: Vec::new(),
             up_args: up_args.iter().map(|a| a.to_string()).collect(),
+            extra_workers: Vec::new(),
         };
         p.start_control();
         p
@@ -1095,9 +1099,22 @@ impl Platform {
         ];
         args.extend(self.up_args.iter().cloned());
         if !self.up {
+            // The first worker first: ties in placement go to it.
             args.extend([
                 "--worker-url".into(),
-                self.worker_url(),
+                if self.extra_workers.is_empty() {
+                    self.worker_url()
+                } else {
+                    format!("local={}", self.worker_url())
+                },
+            ]);
+            for (name, port, _) in &self.extra_workers {
+                args.extend([
+                    "--worker-url".into(),
+                    format!("{name}=http://127.0.0.1:{port}"),
+                ]);
+            }
+            args.extend([
                 "--worker-token-file".into(),
                 self.worker_token_file().to_string_lossy().into_owned(),
             ]);
@@ -1379,6 +1396,92 @@ impl Platform {
         self.data.join("worker/pool/runs").join(run)
     }
 
+    /// The worker data dir of worker `name` (`local`: the first one).
+    pub fn worker_dir(&self, name: &str) -> PathBuf {
+        match name {
+            "local" => self.data.join("worker"),
+            other => self.data.join(format!("worker-{other}")),
+        }
+    }
+
+    /// Starts one more worker (`ironlab worker`, same token, data dir `DATA/worker-NAME`) and
+    /// restarts the control plane with it in its `--worker-url` list (`NAME=URL`; the first
+    /// worker is then `local`). Not for `up` platforms.
+    pub fn add_worker(&mut self, name: &str) {
+        assert!(!self.up, "`ironlab up` has one worker");
+        let port = free_port();
+        let log = self.dir.path().join(format!("worker-{name}.log"));
+        let args = vec![
+            "worker".to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--data-dir".into(),
+            self.worker_dir(name).to_string_lossy().into_owned(),
+            "--token-file".into(),
+            self.worker_token_file().to_string_lossy().into_owned(),
+        ];
+        let child = self.spawn(&args, &log);
+        self.extra_workers
+            .push((name.to_string(), port, Some(child)));
+        let url = format!("http://127.0.0.1:{port}/v1/status");
+        let ok = wait_for(Duration::from_secs(60), Duration::from_millis(50), || {
+            try_http("GET", &url, None, None).ok()
+        });
+        assert!(
+            ok.is_some(),
+            "worker {name} did not answer {url} within 60 s:\n{}",
+            tail(&log, 40)
+        );
+        if self.control.is_some() {
+            let status = self.stop_control().expect("control plane was running");
+            assert!(
+                status.success(),
+                "control plane exit: {status}\n{}",
+                self.logs()
+            );
+        }
+        self.start_control();
+    }
+
+    /// SIGTERM the extra worker `name`; returns its status.
+    pub fn stop_extra_worker(&mut self, name: &str) -> Option<ExitStatus> {
+        let w = self.extra_workers.iter_mut().find(|w| w.0 == name)?;
+        let mut c = w.2.take()?;
+        stop_child(&mut c, Duration::from_secs(20))
+    }
+
+    /// Starts the extra worker `name` again (same port and data dir).
+    pub fn restart_extra_worker(&mut self, name: &str) {
+        let (port, idx) = self
+            .extra_workers
+            .iter()
+            .enumerate()
+            .find(|(_, w)| w.0 == name)
+            .map(|(i, w)| (w.1, i))
+            .expect("a worker added with add_worker");
+        let log = self.dir.path().join(format!("worker-{name}-again.log"));
+        let args = vec![
+            "worker".to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--data-dir".into(),
+            self.worker_dir(name).to_string_lossy().into_owned(),
+            "--token-file".into(),
+            self.worker_token_file().to_string_lossy().into_owned(),
+        ];
+        let child = self.spawn(&args, &log);
+        self.extra_workers[idx].2 = Some(child);
+        let url = format!("http://127.0.0.1:{port}/v1/status");
+        let ok = wait_for(Duration::from_secs(60), Duration::from_millis(50), || {
+            try_http("GET", &url, None, None).ok()
+        });
+        assert!(
+            ok.is_some(),
+            "worker {name} did not come back:\n{}",
+            tail(&log, 40)
+        );
+    }
+
     /// Everything a run could leave on the host; empty = nothing.
     pub fn leftovers(&self, run: &str) -> Vec<String> {
         leftovers(run, &self.run_dir(run))
@@ -1386,9 +1489,15 @@ impl Platform {
 
     /// Asserts the host holds nothing of `run` (waits up to 10 s for asynchronous teardown).
     pub fn assert_clean(&self, run: &str) {
+        self.assert_clean_on(run, "local");
+    }
+
+    /// [`Platform::assert_clean`] for a run of worker `worker` ([`Platform::add_worker`]).
+    pub fn assert_clean_on(&self, run: &str, worker: &str) {
+        let run_dir = self.worker_dir(worker).join("pool/runs").join(run);
         let mut left = Vec::new();
         let clean = wait_for(Duration::from_secs(10), Duration::from_millis(200), || {
-            left = self.leftovers(run);
+            left = leftovers(run, &run_dir);
             left.is_empty().then_some(())
         });
         assert!(
@@ -1677,10 +1786,16 @@ impl Drop for Platform {
         if panicking {
             eprintln!("{}", self.logs());
         }
-        // 2. Stop both processes.
+        // 2. Stop the processes.
+        let extra: Vec<Child> = self
+            .extra_workers
+            .iter_mut()
+            .filter_map(|w| w.2.take())
+            .collect();
         for c in [self.control.take(), self.worker.take()]
             .into_iter()
             .flatten()
+            .chain(extra)
         {
             let mut c = c;
             stop_child(&mut c, Duration::from_secs(10));
