@@ -211,6 +211,43 @@ pub struct RunView {
     /// snapshot store: the run survives the loss of its worker's pool) or `failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
+    /// The worker (by its configured name) the run is pinned to; absent for runs recorded
+    /// before workers had names (they are on the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+}
+
+/// A worker of the control plane, as it answers now (admins only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WorkerView {
+    /// Configured name (`--worker-url NAME=URL`).
+    pub name: String,
+    /// Its API URL.
+    pub url: String,
+    /// Whether `/v1/status` answered just now.
+    pub reachable: bool,
+    /// Why not, when it did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Its version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Runtimes it offers (`container`, `microvm`).
+    #[serde(default)]
+    pub runtimes: Vec<String>,
+    /// `kvm`, `tcg` or `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<String>,
+    /// CPUs of its host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// Memory of its host, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// Runs pinned to it that hold (or are about to hold) machines, from the database.
+    pub active_runs: u64,
+    /// All runs pinned to it that are not destroyed (stopped ones keep drives there).
+    pub runs: u64,
 }
 
 /// Clone a stopped run.

@@ -112,6 +112,7 @@ fn api_router() -> OpenApiRouter<Ctx> {
         .routes(routes!(health))
         .routes(routes!(me))
         .routes(routes!(create_user))
+        .routes(routes!(list_workers))
         .routes(routes!(list_playgrounds, create_playground))
         .routes(routes!(get_playground, remove_playground))
         .routes(routes!(list_runs, start_run))
@@ -214,6 +215,20 @@ async fn health() -> Json<serde_json::Value> {
     responses((status = 200, body = UserView), (status = 401, body = ErrorBody)))]
 async fn me(Auth(user): Auth) -> Json<UserView> {
     Json(user.view())
+}
+
+/// The control plane's workers as they answer now, with the runs pinned to each (admins only).
+#[utoipa::path(get, path = "/api/v1/workers",
+    responses((status = 200, body = Vec<ironlab_api::v1::WorkerView>), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)))]
+async fn list_workers(
+    State(ctx): State<Ctx>,
+    Auth(user): Auth,
+) -> ApiResult<Json<Vec<ironlab_api::v1::WorkerView>>> {
+    if !user.is_admin() {
+        return Err(ApiError::Forbidden("only admins may list workers".into()));
+    }
+    Ok(Json(runs::workers(&ctx).await?))
 }
 
 /// Creates a user with a first API token (admins only).

@@ -1119,6 +1119,7 @@ async fn openapi_documents_every_route() {
         ("get", "/api/v1/health"),
         ("get", "/api/v1/me"),
         ("post", "/api/v1/users"),
+        ("get", "/api/v1/workers"),
         ("get", "/api/v1/playgrounds"),
         ("post", "/api/v1/playgrounds"),
         ("get", "/api/v1/playgrounds/{name}"),
@@ -1796,6 +1797,46 @@ async fn runs_are_spread_over_workers_and_pinned_to_theirs() {
     let (s, v) = h.admin("DELETE", "/api/v1/playgrounds/on-b", None).await;
     assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
     assert_eq!(fakes[1].with(|s| s.saves.len()), 0);
+
+    // The admin's view of the workers: a has 2 active runs; b has 2 (one from the saved
+    // playground) plus 2 stopped (the source and its clone); c does not answer.
+    let (s, v) = h.admin("GET", "/api/v1/workers", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let seen: Vec<(String, bool, u64, u64)> = v
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|w| {
+            (
+                w["name"].as_str().unwrap_or_default().to_string(),
+                w["reachable"].as_bool().unwrap_or_default(),
+                w["active_runs"].as_u64().unwrap_or(99),
+                w["runs"].as_u64().unwrap_or(99),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("a".to_string(), true, 2, 2),
+            ("b".to_string(), true, 2, 4),
+            ("c".to_string(), false, 0, 0)
+        ],
+        "{v}"
+    );
+    assert!(
+        v[2]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("unreachable"),
+        "{v}"
+    );
+    assert_eq!(v[0]["runtimes"], json!(["container"]));
+    let (_, run) = h.admin("GET", &format!("/api/v1/runs/{clone}"), None).await;
+    assert_eq!(run["worker"], "b", "{run}");
+    let bob = h.new_user("bob").await;
+    let (s, _) = h.call("GET", "/api/v1/workers", Some(&bob), None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
 
     // Destroy: each worker deletes only its own runs.
     for id in ids.iter().chain([&clone, &from_saved]) {

@@ -50,6 +50,13 @@ pub enum Command {
     /// Manage users (admins only).
     #[command(subcommand)]
     User(UserCommand),
+    /// The control plane's workers: whether each answers, its runtimes and runs (admins only;
+    /// exits 1 when one does not answer).
+    Workers {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
+    },
     /// Tutorials, challenges, courses and skill paths: write, publish, test.
     #[command(subcommand)]
     Content(ContentCommand),

@@ -50,6 +50,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             cmd::portfwd::http_port(args, &Api::from_flags(server, token)?).await
         }
         Command::User(c) => cmd::user::run(c, &Api::from_flags(server, token)?).await,
+        Command::Workers { output } => {
+            cmd::workers::run(&Api::from_flags(server, token)?, output).await
+        }
         Command::Content(c) => cmd::content::run(c, server, token).await,
     }
 }

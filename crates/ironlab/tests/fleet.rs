@@ -94,6 +94,15 @@ playground:
     assert!(on_disk(&p, "local", &r3), "{r3}: a tie goes to local");
     let status = p.stop_extra_worker("w2").expect("w2 was running");
     assert!(status.success(), "w2 exit: {status}");
+    // The admin sees it: `ironlab workers` names it and exits 1.
+    let out = p.cli(&["workers"]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("worker w2 does not answer") && text.contains("unreachable"),
+        "{text}"
+    );
     // The control plane re-uses a worker's status for up to 10 s unless a call failed.
     std::thread::sleep(Duration::from_secs(11));
     let r4 = p.start_run("fleet-box")["id"]

@@ -138,6 +138,7 @@ impl Run {
                 .snapshot
                 .clone()
                 .filter(|_| self.state == RunState::Stopped),
+            worker: self.worker.clone(),
         }
     }
 }
@@ -480,6 +481,61 @@ async fn place(
         }
     };
     Ok((name, runtimes, accel))
+}
+
+/// Every worker as it answers now (a fresh `/v1/status` each, in parallel), with the runs
+/// pinned to it.
+pub async fn workers(ctx: &Ctx) -> ApiResult<Vec<ironlab_api::v1::WorkerView>> {
+    let rows: Vec<(Option<String>, i64, i64)> = sqlx::query_as(&format!(
+        "SELECT worker, SUM(CASE WHEN state IN ({ACTIVE_STATES}) THEN 1 ELSE 0 END), COUNT(*) \
+         FROM runs WHERE state NOT IN ('destroyed', 'failed') GROUP BY worker"
+    ))
+    .fetch_all(&ctx.db)
+    .await?;
+    let mut counts: HashMap<String, (i64, i64)> = HashMap::new();
+    for (w, active, all) in rows {
+        let c = counts
+            .entry(ctx.workers.name_of(w.as_deref()).to_string())
+            .or_default();
+        c.0 += active;
+        c.1 += all;
+    }
+    let answers = futures::future::join_all(
+        ctx.workers
+            .iter()
+            .map(|(name, w)| async move { (name, w.base_url().to_string(), w.status().await) }),
+    )
+    .await;
+    Ok(answers
+        .into_iter()
+        .map(|(name, url, status)| {
+            let (active, all) = counts.get(name).copied().unwrap_or_default();
+            let mut v = ironlab_api::v1::WorkerView {
+                name: name.to_string(),
+                url,
+                reachable: status.is_ok(),
+                error: None,
+                version: None,
+                runtimes: Vec::new(),
+                accel: None,
+                cpus: None,
+                memory_bytes: None,
+                active_runs: active.max(0) as u64,
+                runs: all.max(0) as u64,
+            };
+            match status {
+                Ok(s) => {
+                    v.version = Some(s.version);
+                    v.runtimes = s.runtimes;
+                    v.accel = Some(s.accel);
+                    v.cpus = Some(s.cpus);
+                    v.memory_bytes = Some(s.memory_bytes);
+                }
+                Err(e) => v.error = Some(e.to_string()),
+            }
+            v
+        })
+        .collect())
 }
 
 /// Refuses a new active run when the user already has [`MAX_ACTIVE_RUNS_PER_USER`].

@@ -9,3 +9,4 @@ pub mod solution;
 pub mod ssh;
 pub mod tasks;
 pub mod user;
+pub mod workers;
