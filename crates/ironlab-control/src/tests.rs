@@ -1065,9 +1065,14 @@ async fn restart_keeps_users_playgrounds_and_runs() {
         )
         .await;
     let id = v["id"].as_str().expect("id").to_string();
-    // Wait until the worker has it (starting), then "crash" the control plane.
-    for _ in 0..50 {
-        if h.fake.with(|s| s.runs.contains_key(&id)) {
+    // Wait until the worker has it and the control plane recorded that (starting), then
+    // "crash" the control plane. (The worker having it is not enough: a control plane killed
+    // between the worker's answer and its own update dispatches again after the restart.)
+    for _ in 0..100 {
+        let (_, v) = h
+            .call("GET", &format!("/api/v1/runs/{id}"), Some(&alice), None)
+            .await;
+        if h.fake.with(|s| s.runs.contains_key(&id)) && v["state"] == "starting" {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
