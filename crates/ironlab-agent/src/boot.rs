@@ -505,10 +505,10 @@ pub fn valid_hostname(name: &str) -> bool {
 /// `ironlab.template=1`, its cards unconfigured. Returns the steps with their times.
 pub fn configure(req: &ironlab_api::agent::ConfigureRequest) -> anyhow::Result<String> {
     let cmd = parse_cmdline(&fs::read_to_string("/proc/cmdline").unwrap_or_default());
-    if !cmd.template {
+    if !cmd.template && !req.resume {
         bail!("this machine was not restored from a boot template");
     }
-    if !valid_hostname(&req.hostname) {
+    if !req.resume && !valid_hostname(&req.hostname) {
         bail!("hostname {:?} is not a valid hostname", req.hostname);
     }
     if req.seed.len() < 32 {
@@ -529,6 +529,10 @@ pub fn configure(req: &ironlab_api::agent::ConfigureRequest) -> anyhow::Result<S
     nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, now)
         .context("cannot set the clock")?;
     step("seed and clock", &mut t);
+    if req.resume {
+        // Its own snapshot: name and network are already this machine's.
+        return Ok(steps.join(", "));
+    }
     nix::unistd::sethostname(&req.hostname).context("cannot set the hostname")?;
     fs::write("/etc/hostname", format!("{}\n", req.hostname))
         .context("cannot write /etc/hostname")?;

@@ -213,6 +213,11 @@ impl Agent for AgentService {
         request: Request<ConfigureRequest>,
     ) -> Result<Response<ConfigureResponse>, Status> {
         let req = request.into_inner();
+        let what = if req.resume {
+            "resumed from its RAM snapshot"
+        } else {
+            "configured from the boot template"
+        };
         let steps = tokio::task::spawn_blocking(move || crate::boot::configure(&req))
             .await
             .map_err(|e| Status::internal(format!("configure: {e}")))?
@@ -226,7 +231,7 @@ impl Agent for AgentService {
                     Status::internal(msg)
                 }
             })?;
-        eprintln!("ironlab-agent: configured from the boot template: {steps}");
+        eprintln!("ironlab-agent: {what}: {steps}");
         Ok(Response::new(ConfigureResponse { steps }))
     }
 

@@ -749,7 +749,9 @@ fn assert_neighbours(p: &Platform, run: &str) {
 /// Issue 7 for microVMs, through the whole platform: a debian microVM (systemd) beside a
 /// container on one network. A file and a program installed in `/usr/local/bin` survive stop and
 /// restart, and so does the network (names, addresses, ping both ways); a clone sees the state,
-/// and what changes in the clone does not show in the origin.
+/// and what changes in the clone does not show in the origin. The stop keeps the microVM's RAM:
+/// the restart resumes it (same boot id, a process started before still runs, a tmpfs file is
+/// there, the clock is set), once; a clone boots from the synced drive.
 #[test]
 fn a_microvm_keeps_its_state_and_network_across_stop_restart_and_clone() {
     let _serial = serial();
@@ -788,12 +790,54 @@ fn a_microvm_keeps_its_state_and_network_across_stop_restart_and_clone() {
     );
     assert_eq!(on(&p, &id, "vm", "vm-hello"), "hello from the vm\n");
 
+    // What lives only in RAM: a running process, a file on a tmpfs, the boot id.
+    let sleeper = on(
+        &p,
+        &id,
+        "vm",
+        "setsid sleep 100000 </dev/null >/dev/null 2>&1 & echo $! | tee /dev/shm/sleeper",
+    );
+    let boot_id = on(&p, &id, "vm", "cat /proc/sys/kernel/random/boot_id");
+
     stop(&p, &id);
     assert!(
         common::qemus_matching(&id).is_empty(),
         "a stopped run has no QEMU"
     );
+    let ram = p.run_dir(&id).join("vm/state.ram");
+    assert!(
+        ram.is_file() && std::fs::metadata(&ram).map(|m| m.len()).unwrap_or(0) > 1 << 20,
+        "a stopped microVM keeps its RAM in {}",
+        ram.display()
+    );
+    // Stopped long enough for a clock that was not set to show it.
+    std::thread::sleep(Duration::from_secs(5));
     restart(&p, &id);
+    assert!(!ram.exists(), "the RAM snapshot is used once");
+    assert_eq!(
+        on(&p, &id, "vm", "cat /proc/sys/kernel/random/boot_id"),
+        boot_id,
+        "resumed, not booted"
+    );
+    assert_eq!(
+        on(
+            &p,
+            &id,
+            "vm",
+            "cat /dev/shm/sleeper; kill -0 $(cat /dev/shm/sleeper) && echo alive"
+        ),
+        format!("{}alive\n", sleeper),
+        "the process started before the stop still runs"
+    );
+    let guest_now: i64 = on(&p, &id, "vm", "date +%s").trim().parse().expect("date");
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    assert!(
+        (guest_now - host_now).abs() < 30,
+        "the resumed guest's clock is set: guest {guest_now}, host {host_now}"
+    );
     assert_eq!(on(&p, &id, "vm", "cat ~/notes.txt"), "my notes\n");
     assert_eq!(on(&p, &id, "vm", "vm-hello"), "hello from the vm\n");
     assert_neighbours(&p, &id);
@@ -802,6 +846,11 @@ fn a_microvm_keeps_its_state_and_network_across_stop_restart_and_clone() {
     stop(&p, &id);
     let copy = clone(&mut p, &id, "vm clone");
     restart(&p, &copy);
+    // A clone boots from the copied drive (synced at the stop): its own boot, not the RAM.
+    assert_ne!(
+        on(&p, &copy, "vm", "cat /proc/sys/kernel/random/boot_id"),
+        boot_id
+    );
     assert_eq!(on(&p, &copy, "vm", "cat ~/notes.txt"), "my notes\n");
     assert_eq!(on(&p, &copy, "vm", "vm-hello"), "hello from the vm\n");
     on(

@@ -218,6 +218,21 @@ impl RunManager {
             .collect()
     }
 
+    /// What a stopped run holds: its drives, and the RAM snapshots of microVMs stopped with
+    /// their RAM kept.
+    fn storage_files(&self, run_id: &str, plan: &RunPlan) -> Vec<PathBuf> {
+        let mut files = self.drives_of(run_id, plan);
+        for m in &plan.machines {
+            let ram = MachineHandle::new(&self.runs_dir, run_id, &m.name)
+                .dir
+                .join(crate::runtime::vm::SUSPEND_FILE);
+            if ram.exists() {
+                files.push(ram);
+            }
+        }
+        files
+    }
+
     fn held(&self, run_id: &str) -> Result<Arc<Run>, RunError> {
         if !valid_run_id(run_id) {
             return Err(RunError::BadRequest(format!(
@@ -288,7 +303,7 @@ impl RunManager {
     /// Marks a run stopped (with the reason of a failed restart, if any) and measures its
     /// storage.
     async fn set_stopped(&self, run: &Run, error: Option<String>) {
-        let storage = unshared_bytes(&self.drives_of(&run.plan.run_id, &run.plan))
+        let storage = unshared_bytes(&self.storage_files(&run.plan.run_id, &run.plan))
             .await
             .map_err(|e| tracing::warn!(run = %run.plan.run_id, "cannot measure storage: {e:#}"))
             .ok();
@@ -317,7 +332,7 @@ impl RunManager {
         if fresh {
             return;
         }
-        if let Ok(b) = unshared_bytes(&self.drives_of(&run.plan.run_id, &run.plan)).await {
+        if let Ok(b) = unshared_bytes(&self.storage_files(&run.plan.run_id, &run.plan)).await {
             *run.storage_at.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some(std::time::Instant::now());
             run.status.send_modify(|s| s.storage_bytes = Some(b));

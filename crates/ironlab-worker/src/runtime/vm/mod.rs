@@ -79,6 +79,20 @@ pub const AGENT_TIMEOUT: Duration = Duration::from_secs(90);
 const UID_BASE: u32 = 3_000_000;
 /// The empty directory QEMU `chroot`s into once set up (in the machine directory).
 pub const JAIL: &str = "jail";
+/// A stopped machine's RAM snapshot (in the machine directory; written in the jail).
+pub const SUSPEND_FILE: &str = "state.ram";
+/// The [`VmRuntime::resume_key`] the RAM snapshot was taken with.
+const SUSPEND_KEY: &str = "state.key";
+/// The resume key of the QEMU running now (copied to [`SUSPEND_KEY`] by a suspend).
+const RUNNING_KEY: &str = "qemu.key";
+/// How long the guest's agent gets to notice its host left before the snapshot.
+const AGENT_LEAVE: Duration = Duration::from_millis(300);
+
+/// Whether stopping a microVM keeps its RAM (`IRONLAB_VM_SUSPEND`, default on; `0` turns it
+/// off: stops power the guest off, restarts boot).
+pub fn suspend_enabled() -> bool {
+    std::env::var("IRONLAB_VM_SUSPEND").map_or(true, |v| v != "0")
+}
 /// The marker file's name and content.
 const MARKER: &str = "runtime";
 
@@ -338,7 +352,10 @@ impl VmRuntime {
             kernel: self.kit.kernel.clone(),
             initrd: self.initrd.clone(),
             firmware: self.firmware.clone(),
-            root_drive: Some(spec.root_drive.clone()),
+            // A hard link in the jail, named relative to QEMU's working directory (the jail):
+            // a migration out (`stop` keeping the RAM) re-opens the drive by this name when it
+            // hands the drive over, by then chrooted.
+            root_drive: Some(PathBuf::from(template::ROOT_FILE)),
             modules_drive: self.kit.modules.clone(),
             agent_socket: Some(spec.dir.join("agent.serial")),
             qmp_socket: Some(spec.dir.join("qmp.sock")),
@@ -423,16 +440,18 @@ impl VmRuntime {
             write_file_atomic(path, &image)?;
         }
         if let Some(jail) = &config.chroot {
-            // What a restore linked into the jail before.
-            for f in [template::RAM_FILE, template::ROOT_FILE] {
+            // What an earlier start linked into the jail.
+            for f in [template::RAM_FILE, template::ROOT_FILE, SUSPEND_FILE] {
                 let _ = std::fs::remove_file(jail.join(f));
             }
             make_jail(jail)?;
             if let Some(ram) = ram {
-                // QEMU re-opens the drive by its name when the migration hands the drive over,
-                // by then inside the jail: the drive is there too, under the relative name the
-                // command line uses (QEMU starts in the jail directory).
                 fs_err::hard_link(ram, jail.join(template::RAM_FILE))?;
+            }
+            // QEMU re-opens the drive by its name when a migration hands the drive over, by
+            // then inside the jail: the drive is there too, under the relative name the
+            // command line uses (QEMU starts in the jail directory).
+            if config.root_drive.as_deref().is_some_and(Path::is_relative) {
                 fs_err::hard_link(&spec.root_drive, jail.join(template::ROOT_FILE))?;
             }
         }
@@ -474,7 +493,38 @@ impl VmRuntime {
         ];
         args.extend(cmdline::qemu_args(config));
         setsid(&args, config.chroot.as_deref(), &qemu_log).await?;
+        // What a RAM snapshot of this QEMU will need to be resumed (see `suspend`).
+        fs_err::write(m.dir.join(RUNNING_KEY), self.resume_key(config))?;
         Ok(qemu_log)
+    }
+
+    /// What a machine's RAM snapshot depends on: QEMU (binary), the kernel and modules the RAM
+    /// holds, the accelerator and the devices. A snapshot whose key differs is not resumed.
+    fn resume_key(&self, config: &VmConfig) -> String {
+        let stamp = |p: &Path| {
+            std::fs::metadata(p)
+                .map(|md| {
+                    let t = md
+                        .modified()
+                        .ok()
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map(|d| d.as_nanos())
+                        .unwrap_or_default();
+                    format!("{}:{}/{t}", p.display(), md.len())
+                })
+                .unwrap_or_else(|_| format!("{}:missing", p.display()))
+        };
+        template::key(&[
+            &stamp(&self.qemu),
+            &stamp(&self.kit.kernel),
+            &format!("{:?}", self.kit.modules.as_deref().map(stamp)),
+            &self.kit.release,
+            self.accel.as_str(),
+            &config.memory_mib.to_string(),
+            &config.cpus.to_string(),
+            &config.nics.len().to_string(),
+            &config.config_drive.is_some().to_string(),
+        ])
     }
 
     /// Waits until QMP answers and the kernel printed its banner.
@@ -543,6 +593,27 @@ impl VmRuntime {
         fs_err::create_dir_all(&m.dir)?;
         fs_err::write(m.dir.join(MARKER), "microvm\n")?;
         fs_err::create_dir_all(m.dir.join("agent"))?;
+        if spec.fresh_from.is_none() && m.dir.join(SUSPEND_FILE).exists() {
+            let t0 = std::time::Instant::now();
+            match self.resume(spec, &m).await {
+                Ok(steps) => {
+                    tracing::info!(
+                        machine = %m.machine,
+                        ms = t0.elapsed().as_millis() as u64,
+                        %steps,
+                        "resumed from its RAM snapshot"
+                    );
+                    return Ok(m);
+                }
+                Err(e) => {
+                    // The drive was synced before the snapshot: boot from it.
+                    tracing::warn!(machine = %m.machine, "cannot resume from the RAM snapshot, booting instead: {e:#}");
+                    self.proxies().remove(&m.dir);
+                    self.kill(&m).await;
+                    let _ = std::fs::remove_file(m.dir.join(SUSPEND_FILE));
+                }
+            }
+        }
         if let Some(key) = self.template_key(spec) {
             if let Some(dir) = self.templates.ready(&key) {
                 let t0 = std::time::Instant::now();
@@ -677,8 +748,34 @@ impl VmRuntime {
         config.root_drive = Some(PathBuf::from(template::ROOT_FILE));
         let ram = dir.join(template::RAM_FILE);
         let qemu_log = self.spawn_qemu(spec, m, &config, Some(&ram)).await?;
+        self.incoming(m, &config, &qemu_log).await?;
+        step("QEMU and RAM", &mut t);
+        self.ensure_proxy(m)?;
+        let guest = self
+            .configure_guest(
+                m,
+                ironlab_api::agent::ConfigureRequest {
+                    hostname: spec.plan.name.clone(),
+                    config: guestnet::config_drive(spec).unwrap_or_default(),
+                    macs: config.nics.iter().map(|n| n.mac.clone()).collect(),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        step("agent and configure", &mut t);
+        Ok(format!("{} (guest: {guest})", steps.join(", ")))
+    }
+
+    /// Loads the RAM linked into the jail as `ram.bin` into the QEMU started with
+    /// `-incoming defer`, removes the link and lets the guest run.
+    async fn incoming(
+        &self,
+        m: &MachineHandle,
+        config: &VmConfig,
+        qemu_log: &Path,
+    ) -> anyhow::Result<()> {
         let jail_ram = config.chroot.as_ref().map(|j| j.join(template::RAM_FILE));
-        let restored = async {
+        let loaded = async {
             let qmp_path = m.dir.join("qmp.sock");
             let deadline = tokio::time::Instant::now() + PIDFILE_TIMEOUT;
             let mut q = loop {
@@ -690,9 +787,7 @@ impl VmRuntime {
                 if tokio::time::Instant::now() >= deadline {
                     anyhow::bail!(
                         "QEMU did not open its QMP socket: {}",
-                        std::fs::read_to_string(&qemu_log)
-                            .unwrap_or_default()
-                            .trim()
+                        std::fs::read_to_string(qemu_log).unwrap_or_default().trim()
                     );
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -712,37 +807,132 @@ impl VmRuntime {
         if let Some(p) = &jail_ram {
             let _ = std::fs::remove_file(p);
         }
-        restored?;
-        step("QEMU and RAM", &mut t);
-        self.ensure_proxy(m)?;
+        loaded
+    }
+
+    /// Waits until the agent of a guest loaded from RAM answers; then asks it to configure
+    /// itself with `req` (its clock and seed always; name and network unless resuming).
+    async fn configure_guest(
+        &self,
+        m: &MachineHandle,
+        mut req: ironlab_api::agent::ConfigureRequest,
+    ) -> anyhow::Result<String> {
         let socket = m.agent_socket();
         let deadline = tokio::time::Instant::now() + template::AGENT_TIMEOUT;
         let mut client = loop {
             match crate::agent_client::health(&socket, Duration::from_secs(2)).await {
                 Ok((client, _)) => break client,
                 Err(e) if tokio::time::Instant::now() >= deadline => {
-                    return Err(e.context("the restored guest's agent did not answer"));
+                    return Err(e.context("the guest's agent did not answer after the restore"));
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
             }
         };
-        step("agent", &mut t);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
+        req.time_unix_ns = i64::try_from(now.as_nanos()).unwrap_or(i64::MAX);
+        req.seed = (0..64).map(|_| rand::random::<u8>()).collect();
         let reply = client
-            .configure(ironlab_api::agent::ConfigureRequest {
-                hostname: spec.plan.name.clone(),
-                config: guestnet::config_drive(spec).unwrap_or_default(),
-                macs: config.nics.iter().map(|n| n.mac.clone()).collect(),
-                time_unix_ns: i64::try_from(now.as_nanos()).unwrap_or(i64::MAX),
-                seed: (0..64).map(|_| rand::random::<u8>()).collect(),
-            })
+            .configure(req)
             .await
             .map_err(|s| anyhow::anyhow!("the guest could not configure itself: {}", s.message()))?
             .into_inner();
-        step("configure", &mut t);
-        Ok(format!("{} (guest: {})", steps.join(", "), reply.steps))
+        Ok(reply.steps)
+    }
+
+    /// Stops a running machine keeping its RAM: the agent's port is left (the guest's agent
+    /// waits for a host again), QEMU is paused and its state migrated to `state.ram` in the
+    /// jail, QEMU quits; the snapshot moves to the machine directory with its resume key.
+    /// Returns the snapshot's size. On error nothing is kept and QEMU runs on (not paused).
+    async fn suspend(&self, m: &MachineHandle) -> anyhow::Result<u64> {
+        let jail = m.dir.join(JAIL);
+        let in_jail = jail.join(SUSPEND_FILE);
+        let key = fs_err::read_to_string(m.dir.join(RUNNING_KEY))
+            .context("the running QEMU's resume key is missing")?;
+        let uid = vm_uid(&vm_name(&m.run_id, &m.machine));
+        let saved = async {
+            fs_err::write(&in_jail, b"")?;
+            std::os::unix::fs::chown(&in_jail, Some(uid), Some(uid))?;
+            self.proxies().remove(&m.dir);
+            tokio::time::sleep(AGENT_LEAVE).await;
+            let mut q = qmp::Qmp::connect(&m.dir.join("qmp.sock"), Duration::from_secs(5)).await?;
+            q.execute("stop", None).await?;
+            let migrated = async {
+                q.execute(
+                    "migrate",
+                    Some(serde_json::json!({ "uri": format!("file:/{SUSPEND_FILE}") })),
+                )
+                .await?;
+                q.wait_migration(template::MIGRATE_TIMEOUT).await
+            }
+            .await;
+            if let Err(e) = migrated {
+                let _ = q.execute("cont", None).await;
+                return Err(e);
+            }
+            q.quit().await?;
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(e) = saved {
+            let _ = std::fs::remove_file(&in_jail);
+            let _ = self.ensure_proxy(m);
+            return Err(e);
+        }
+        for _ in 0..250 {
+            if Self::pid(m).is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if Self::pid(m).is_some() {
+            self.kill(m).await;
+        }
+        let kept = m.dir.join(SUSPEND_FILE);
+        fs_err::rename(&in_jail, &kept)?;
+        // The machine's own uid reads it back at the restart; nobody else.
+        fs_err::set_permissions(&kept, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        fs_err::write(m.dir.join(SUSPEND_KEY), key)?;
+        Ok(fs_err::metadata(&kept)?.len())
+    }
+
+    /// Restarts a stopped machine from its RAM snapshot: QEMU starts with `-incoming defer` on
+    /// the machine's own drive, loads the RAM and runs on where it stopped; the agent sets the
+    /// guest's clock and seed. The snapshot is gone once QEMU holds it (the drive moves on from
+    /// here, so it can never be resumed twice). Returns the steps with their times.
+    async fn resume(&self, spec: &MachineSpec, m: &MachineHandle) -> anyhow::Result<String> {
+        let ram = m.dir.join(SUSPEND_FILE);
+        let want = fs_err::read_to_string(m.dir.join(SUSPEND_KEY)).unwrap_or_default();
+        let mut config = self.config(spec, BootMode::Auto);
+        let now = self.resume_key(&config);
+        let _ = std::fs::remove_file(m.dir.join(SUSPEND_KEY));
+        if want != now {
+            let _ = std::fs::remove_file(&ram);
+            anyhow::bail!("the RAM snapshot was taken with another QEMU, kernel or machine shape");
+        }
+        let t = std::time::Instant::now();
+        config.incoming = true;
+        let spawned = self.spawn_qemu(spec, m, &config, Some(&ram)).await;
+        // The jail's link holds it now; from here on a failure boots from the drive.
+        let _ = std::fs::remove_file(&ram);
+        let qemu_log = spawned?;
+        self.incoming(m, &config, &qemu_log).await?;
+        let loaded = t.elapsed().as_millis();
+        self.ensure_proxy(m)?;
+        let guest = self
+            .configure_guest(
+                m,
+                ironlab_api::agent::ConfigureRequest {
+                    resume: true,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        Ok(format!(
+            "QEMU and RAM {loaded} ms, agent and clock {} ms (guest: {guest})",
+            t.elapsed().as_millis() - loaded
+        ))
     }
 
     /// SIGKILLs QEMU (by its pidfile, and every process in the machine's cgroup: a QEMU that
@@ -1166,6 +1356,23 @@ impl MachineRuntime for VmRuntime {
             Ok(0) => {}
             Ok(code) => tracing::warn!(machine = %m.machine, code, "sync in the guest failed"),
             Err(e) => tracing::warn!(machine = %m.machine, "cannot sync the guest: {e:#}"),
+        }
+        if suspend_enabled() {
+            let t0 = std::time::Instant::now();
+            match self.suspend(m).await {
+                Ok(bytes) => {
+                    tracing::info!(
+                        machine = %m.machine,
+                        ms = t0.elapsed().as_millis() as u64,
+                        mib = bytes >> 20,
+                        "stopped keeping its RAM"
+                    );
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(machine = %m.machine, "cannot keep the RAM, powering off: {e:#}")
+                }
+            }
         }
         let qmp_path = m.dir.join("qmp.sock");
         if let Ok(mut q) = qmp::Qmp::connect(&qmp_path, Duration::from_secs(2)).await {
