@@ -530,7 +530,12 @@ pub fn configure(req: &ironlab_api::agent::ConfigureRequest) -> anyhow::Result<S
         .context("cannot set the clock")?;
     step("seed and clock", &mut t);
     if req.resume {
-        // Its own snapshot: name and network are already this machine's.
+        // Its own snapshot: name and addresses are already this machine's; its neighbours
+        // may have new cards.
+        if !req.config.is_empty() {
+            net::bounce(&req.config, "the configuration")?;
+            step("cards down and up", &mut t);
+        }
         return Ok(steps.join(", "));
     }
     nix::unistd::sethostname(&req.hostname).context("cannot set the hostname")?;
@@ -792,6 +797,52 @@ mod net {
             &mut r,
             &format!("cannot give {name} the MAC {mac}"),
         )
+    }
+
+    fn down(fd: &OwnedFd, name: &str) -> anyhow::Result<()> {
+        let mut r = ifreq(name)?;
+        ioctl(
+            fd,
+            SIOCGIFFLAGS,
+            &mut r,
+            &format!("cannot read {name}'s flags"),
+        )?;
+        let flags = i16::from_ne_bytes([r.data[0], r.data[1]]) & !(libc::IFF_UP as i16);
+        r.data[..2].copy_from_slice(&flags.to_ne_bytes());
+        ioctl(
+            fd,
+            SIOCSIFFLAGS,
+            &mut r,
+            &format!("cannot take {name} down"),
+        )
+    }
+
+    /// A machine resumed from its RAM: its cards are configured, but the neighbours it knew
+    /// (their MACs) may be gone, restarted with new cards. Each card goes down and up (the
+    /// kernel forgets its neighbours and routes), then the default route is added again.
+    pub(super) fn bounce(data: &[u8], what: &str) -> anyhow::Result<()> {
+        let files = super::cpio_files(data).with_context(|| what.to_string())?;
+        let conf = files
+            .iter()
+            .find(|(n, _)| n == "net.conf")
+            .map(|(_, d)| String::from_utf8_lossy(d).into_owned())
+            .with_context(|| format!("{what} has no net.conf"))?;
+        let conf = super::parse_net_conf(&conf)?;
+        // SAFETY: a plain socket(2) call; the fd is owned from here.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("cannot open a socket");
+        }
+        // SAFETY: fd is a fresh, valid descriptor nobody else owns.
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        for f in &conf.ifaces {
+            down(&fd, &f.name)?;
+            up(&fd, &f.name)?;
+        }
+        if let Some(gw) = conf.gateway {
+            default_route(&fd, gw)?;
+        }
+        Ok(())
     }
 
     fn up(fd: &OwnedFd, name: &str) -> anyhow::Result<()> {

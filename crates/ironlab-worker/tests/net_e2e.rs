@@ -1175,15 +1175,26 @@ async fn a_microvm_joins_the_run_network_beside_a_container() {
     assert!(hosts.contains("172.16.0.2\tvm vm.local"), "{hosts}");
     let resolv = f.ok(&run, "vm", "cat /etc/resolv.conf").await;
     assert!(resolv.contains("nameserver 172.16.0.1"), "{resolv}");
-    // QEMU sees none of the host's files: its root is the empty jail of its machine directory.
+    // QEMU sees none of the host's files: its root is the jail of its machine directory,
+    // which holds nothing but its own drive (a hard link, re-opened by name when a stop
+    // migrates the RAM out).
     let pids = qemus_of(&run);
     assert_eq!(pids.len(), 1, "one QEMU: {pids:?}");
     let root = std::fs::read_link(format!("/proc/{}/root", pids[0])).expect("QEMU's root");
     assert_eq!(root, f.runs_dir.join(&run).join("vm/jail"));
-    let seen = std::fs::read_dir(format!("/proc/{}/root", pids[0]))
+    let seen: Vec<String> = std::fs::read_dir(format!("/proc/{}/root", pids[0]))
         .expect("read QEMU's root")
-        .count();
-    assert_eq!(seen, 0, "QEMU's root is empty");
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(seen, ["root.ext4"], "QEMU's root holds only its drive");
+    use std::os::unix::fs::MetadataExt as _;
+    let ino = |p: std::path::PathBuf| std::fs::metadata(&p).map(|m| m.ino()).ok();
+    assert_eq!(
+        ino(root.join("root.ext4")),
+        ino(f.runs_dir.join(&run).join("vm/root.ext4")),
+        "the jail's drive is the machine's drive"
+    );
     // The machine's namespace holds the tap, tied to eth0 by tc, and no address.
     let links = sh("ip", &["-n", &format!("ilm-{run}-vm"), "-o", "link"]);
     assert!(links.contains("tap0"), "{links}");

@@ -925,6 +925,7 @@ impl VmRuntime {
                 m,
                 ironlab_api::agent::ConfigureRequest {
                     resume: true,
+                    config: guestnet::config_drive(spec).unwrap_or_default(),
                     ..Default::default()
                 },
             )
