@@ -85,8 +85,9 @@ pub const SUSPEND_FILE: &str = "state.ram";
 const SUSPEND_KEY: &str = "state.key";
 /// The resume key of the QEMU running now (copied to [`SUSPEND_KEY`] by a suspend).
 const RUNNING_KEY: &str = "qemu.key";
-/// How long the guest's agent gets to notice its host left before the snapshot.
-const AGENT_LEAVE: Duration = Duration::from_millis(300);
+/// How long the guest's agent gets to leave its session once its host left (a busy TCG guest
+/// can take seconds).
+const AGENT_LEAVE: Duration = Duration::from_secs(5);
 
 /// Whether stopping a microVM keeps its RAM (`IRONLAB_VM_SUSPEND`, default on; `0` turns it
 /// off: stops power the guest off, restarts boot).
@@ -855,8 +856,21 @@ impl VmRuntime {
             fs_err::write(&in_jail, b"")?;
             std::os::unix::fs::chown(&in_jail, Some(uid), Some(uid))?;
             self.proxies().remove(&m.dir);
-            tokio::time::sleep(AGENT_LEAVE).await;
             let mut q = qmp::Qmp::connect(&m.dir.join("qmp.sock"), Duration::from_secs(5)).await?;
+            // The agent ends its session when the host leaves and then only opens its port
+            // for a moment every 20 ms to look for a new host: seeing the port closed means
+            // the snapshot holds an agent waiting for a host (a resumed guest whose agent
+            // still sat in the old session would swallow the new host's SYNC).
+            let deadline = tokio::time::Instant::now() + AGENT_LEAVE;
+            while q.frontend_open("agent").await? {
+                if tokio::time::Instant::now() >= deadline {
+                    anyhow::bail!(
+                        "the guest's agent did not leave its session within {} s",
+                        AGENT_LEAVE.as_secs()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
             q.execute("stop", None).await?;
             let migrated = async {
                 q.execute(

@@ -152,6 +152,19 @@ impl Qmp {
             .ok_or_else(|| QmpError::Protocol(r.to_string()))
     }
 
+    /// Whether the guest has the port behind chardev `label` open (`query-chardev`'s
+    /// `frontend-open`; for a virtio-serial port: a guest process holds it open).
+    pub async fn frontend_open(&mut self, label: &str) -> Result<bool, QmpError> {
+        let r = self.execute("query-chardev", None).await?;
+        r.as_array()
+            .and_then(|list| {
+                list.iter()
+                    .find(|c| c.get("label").and_then(Value::as_str) == Some(label))
+            })
+            .and_then(|c| c.get("frontend-open").and_then(Value::as_bool))
+            .ok_or_else(|| QmpError::Protocol(format!("no chardev {label} in {r}")))
+    }
+
     /// Waits until the migration in either direction ended (`query-migrate` polled every 10 ms);
     /// an error names QEMU's reason when it failed.
     pub async fn wait_migration(&mut self, timeout: Duration) -> anyhow::Result<()> {
