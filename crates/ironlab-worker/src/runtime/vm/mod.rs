@@ -89,6 +89,9 @@ const RUNNING_KEY: &str = "qemu.key";
 /// can take seconds).
 const AGENT_LEAVE: Duration = Duration::from_secs(5);
 
+/// A restored guest's agent that has not answered by then gets a new SYNC (a new proxy).
+const RESYNC_AFTER: Duration = Duration::from_millis(700);
+
 /// Whether stopping a microVM keeps its RAM (`IRONLAB_VM_SUSPEND`, default on; `0` turns it
 /// off: stops power the guest off, restarts boot).
 pub fn suspend_enabled() -> bool {
@@ -820,11 +823,21 @@ impl VmRuntime {
     ) -> anyhow::Result<String> {
         let socket = m.agent_socket();
         let deadline = tokio::time::Instant::now() + template::AGENT_TIMEOUT;
+        let mut proxy_made = tokio::time::Instant::now();
         let mut client = loop {
-            match crate::agent_client::health(&socket, Duration::from_secs(2)).await {
+            match crate::agent_client::health(&socket, Duration::from_secs(1)).await {
                 Ok((client, _)) => break client,
                 Err(e) if tokio::time::Instant::now() >= deadline => {
                     return Err(e.context("the guest's agent did not answer after the restore"));
+                }
+                Err(_) if proxy_made.elapsed() >= RESYNC_AFTER => {
+                    // The snapshot may hold an agent still in a session with the host that
+                    // left (it noticed too late): the first SYNC only ends that session. A
+                    // new proxy sends a new one rather than waiting out its ACK timeout.
+                    tracing::debug!(machine = %m.machine, "no answer from the restored agent yet; a new SYNC");
+                    self.proxies().remove(&m.dir);
+                    self.ensure_proxy(m)?;
+                    proxy_made = tokio::time::Instant::now();
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
             }
