@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Needs, Platform, Postgres, Registry, preflight, serial, wait_for};
+use common::{Needs, Platform, Postgres, Registry, box_manifest, preflight, serial, wait_for};
 
 #[test]
 fn runs_spread_over_two_workers() {
@@ -33,19 +33,7 @@ fn runs_spread_over_two_workers() {
     let image = registry.push(&layout, "test/busybox", "1");
     let mut p = Platform::start_with(&env, &["--database", &url]);
     p.add_worker("w2");
-    let manifest = format!(
-        r#"kind: playground
-name: fleet-box
-title: One box
-playground:
-  machines:
-    - name: box
-      runtime: container
-      resources: {{memory: 64MiB}}
-      drives: [{{source: "{image}", mount: /, size: 128MiB}}]
-      users: [{{name: laborant, default: true}}]
-"#
-    );
+    let manifest = box_manifest("fleet-box", "One box", &image);
     assert!(
         p.create_playground(&manifest).status.success(),
         "create fleet-box\n{}",

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    Needs, Platform, Postgres, Registry, TempDir, bin, free_port, http, preflight,
+    Needs, Platform, Postgres, Registry, TempDir, bin, box_manifest, free_port, http, preflight,
     run_with_timeout, serial,
 };
 
@@ -93,19 +93,7 @@ fn control_plane_on_postgresql() {
         !p.data.join("control/ironlab.db").exists(),
         "with --database postgres://… no SQLite file is made"
     );
-    let manifest = format!(
-        r#"kind: playground
-name: pg-keeper
-title: Kept in PostgreSQL
-playground:
-  machines:
-    - name: box
-      runtime: container
-      resources: {{memory: 64MiB}}
-      drives: [{{source: "{image}", mount: /, size: 128MiB}}]
-      users: [{{name: laborant, default: true}}]
-"#
-    );
+    let manifest = box_manifest("pg-keeper", "Kept in PostgreSQL", &image);
     assert!(
         p.create_playground(&manifest).status.success(),
         "create pg-keeper\n{}",

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Needs, Platform, Registry, http, preflight, serial};
+use common::{Needs, Platform, Registry, box_manifest, http, preflight, serial};
 
 #[test]
 fn control_plane_restart_keeps_everything() {
@@ -24,19 +24,7 @@ fn control_plane_restart_keeps_everything() {
     let registry = Registry::start();
     let image = registry.push(&layout, "test/busybox", "1");
     let mut p = Platform::start(&env);
-    let manifest = format!(
-        r#"kind: playground
-name: keeper
-title: Kept across restarts
-playground:
-  machines:
-    - name: box
-      runtime: container
-      resources: {{memory: 64MiB}}
-      drives: [{{source: "{image}", mount: /, size: 128MiB}}]
-      users: [{{name: laborant, default: true}}]
-"#
-    );
+    let manifest = box_manifest("keeper", "Kept across restarts", &image);
     assert!(
         p.create_playground(&manifest).status.success(),
         "create keeper\n{}",

@@ -257,6 +257,23 @@ pub fn free_port_pair() -> u16 {
     panic!("no two adjacent free ports on 127.0.0.1 after 100 tries");
 }
 
+/// A playground of one container `box` (64 MiB, a 128 MiB drive of `image`, user `laborant`).
+pub fn box_manifest(name: &str, title: &str, image: &str) -> String {
+    format!(
+        r#"kind: playground
+name: {name}
+title: {title}
+playground:
+  machines:
+    - name: box
+      runtime: container
+      resources: {{memory: 64MiB}}
+      drives: [{{source: "{image}", mount: /, size: 128MiB}}]
+      users: [{{name: laborant, default: true}}]
+"#
+    )
+}
+
 /// A private PostgreSQL server (`scripts/pg.sh`): its own data dir, 127.0.0.1 on a free port,
 /// trust authentication; stopped and removed in `Drop`.
 pub struct Postgres {
@@ -1410,28 +1427,9 @@ impl Platform {
     pub fn add_worker(&mut self, name: &str) {
         assert!(!self.up, "`ironlab up` has one worker");
         let port = free_port();
-        let log = self.dir.path().join(format!("worker-{name}.log"));
-        let args = vec![
-            "worker".to_string(),
-            "--listen".into(),
-            format!("127.0.0.1:{port}"),
-            "--data-dir".into(),
-            self.worker_dir(name).to_string_lossy().into_owned(),
-            "--token-file".into(),
-            self.worker_token_file().to_string_lossy().into_owned(),
-        ];
-        let child = self.spawn(&args, &log);
+        let child = self.spawn_worker_at(name, port, "");
         self.extra_workers
             .push((name.to_string(), port, Some(child)));
-        let url = format!("http://127.0.0.1:{port}/v1/status");
-        let ok = wait_for(Duration::from_secs(60), Duration::from_millis(50), || {
-            try_http("GET", &url, None, None).ok()
-        });
-        assert!(
-            ok.is_some(),
-            "worker {name} did not answer {url} within 60 s:\n{}",
-            tail(&log, 40)
-        );
         if self.control.is_some() {
             let status = self.stop_control().expect("control plane was running");
             assert!(
@@ -1443,23 +1441,10 @@ impl Platform {
         self.start_control();
     }
 
-    /// SIGTERM the extra worker `name`; returns its status.
-    pub fn stop_extra_worker(&mut self, name: &str) -> Option<ExitStatus> {
-        let w = self.extra_workers.iter_mut().find(|w| w.0 == name)?;
-        let mut c = w.2.take()?;
-        stop_child(&mut c, Duration::from_secs(20))
-    }
-
-    /// Starts the extra worker `name` again (same port and data dir).
-    pub fn restart_extra_worker(&mut self, name: &str) {
-        let (port, idx) = self
-            .extra_workers
-            .iter()
-            .enumerate()
-            .find(|(_, w)| w.0 == name)
-            .map(|(i, w)| (w.1, i))
-            .expect("a worker added with add_worker");
-        let log = self.dir.path().join(format!("worker-{name}-again.log"));
+    /// Starts `ironlab worker` NAME on `port` (data dir `DATA/worker-NAME`, the platform's
+    /// token) and waits until it answers; `tag` tells its logs apart.
+    fn spawn_worker_at(&self, name: &str, port: u16, tag: &str) -> Child {
+        let log = self.dir.path().join(format!("worker-{name}{tag}.log"));
         let args = vec![
             "worker".to_string(),
             "--listen".into(),
@@ -1470,16 +1455,34 @@ impl Platform {
             self.worker_token_file().to_string_lossy().into_owned(),
         ];
         let child = self.spawn(&args, &log);
-        self.extra_workers[idx].2 = Some(child);
         let url = format!("http://127.0.0.1:{port}/v1/status");
         let ok = wait_for(Duration::from_secs(60), Duration::from_millis(50), || {
             try_http("GET", &url, None, None).ok()
         });
         assert!(
             ok.is_some(),
-            "worker {name} did not come back:\n{}",
+            "worker {name} did not answer {url} within 60 s:\n{}",
             tail(&log, 40)
         );
+        child
+    }
+
+    /// SIGTERM the extra worker `name`; returns its status.
+    pub fn stop_extra_worker(&mut self, name: &str) -> Option<ExitStatus> {
+        let w = self.extra_workers.iter_mut().find(|w| w.0 == name)?;
+        let mut c = w.2.take()?;
+        stop_child(&mut c, Duration::from_secs(20))
+    }
+
+    /// Starts the extra worker `name` again (same port and data dir).
+    pub fn restart_extra_worker(&mut self, name: &str) {
+        let idx = self
+            .extra_workers
+            .iter()
+            .position(|w| w.0 == name)
+            .expect("a worker added with add_worker");
+        let child = self.spawn_worker_at(name, self.extra_workers[idx].1, "-again");
+        self.extra_workers[idx].2 = Some(child);
     }
 
     /// Everything a run could leave on the host; empty = nothing.
