@@ -383,6 +383,22 @@ impl Harness {
         v["token"].as_str().expect("token").to_string()
     }
 
+    /// Starts `playground` as the admin and waits until the run is running; returns its id.
+    async fn start_running(&self, playground: &str) -> String {
+        let (s, v) = self
+            .admin(
+                "POST",
+                "/api/v1/runs",
+                Some(json!({"playground": playground})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        let id = v["id"].as_str().expect("id").to_string();
+        let admin = self.admin.clone();
+        assert_eq!(self.settle(&admin, &id).await["state"], "running", "{id}");
+        id
+    }
+
     /// Waits (long-poll) until the run is settled; returns its view.
     async fn settle(&self, token: &str, id: &str) -> Value {
         let mut last = Value::Null;
@@ -1739,18 +1755,7 @@ async fn runs_are_spread_over_workers_and_pinned_to_theirs() {
     // Four runs: a, b, a, b (the least loaded; ties go to the first configured).
     let mut ids = Vec::new();
     for _ in 0..4 {
-        let (s, v) = h
-            .admin(
-                "POST",
-                "/api/v1/runs",
-                Some(json!({"playground": "debian"})),
-            )
-            .await;
-        assert_eq!(s, StatusCode::CREATED, "{v}");
-        let id = v["id"].as_str().expect("id").to_string();
-        let admin = h.admin.clone();
-        assert_eq!(h.settle(&admin, &id).await["state"], "running");
-        ids.push(id);
+        ids.push(h.start_running("debian").await);
     }
     let placed: Vec<Vec<usize>> = ids.iter().map(|id| on(id)).collect();
     assert_eq!(placed, [vec![0], vec![1], vec![0], vec![1]]);
@@ -1791,12 +1796,7 @@ async fn runs_are_spread_over_workers_and_pinned_to_theirs() {
     assert_eq!(fakes[1].with(|s| s.saves.len()), 1);
     assert_eq!(fakes[0].with(|s| s.saves.len()), 0);
     // a has 2 active runs, b has 1: a run of the saved playground still goes to b.
-    let (s, v) = h
-        .admin("POST", "/api/v1/runs", Some(json!({"playground": "on-b"})))
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
-    let from_saved = v["id"].as_str().expect("id").to_string();
-    assert_eq!(h.settle(&admin, &from_saved).await["state"], "running");
+    let from_saved = h.start_running("on-b").await;
     assert_eq!(on(&from_saved), [1]);
     // Removing the playground removes its drives from b.
     let (s, v) = h.admin("DELETE", "/api/v1/playgrounds/on-b", None).await;
@@ -1863,16 +1863,7 @@ async fn runs_are_spread_over_workers_and_pinned_to_theirs() {
     }
 
     // A run pinned to a worker this control plane no longer has: a 503 naming it.
-    let (s, v) = h
-        .admin(
-            "POST",
-            "/api/v1/runs",
-            Some(json!({"playground": "debian"})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
-    let lost = v["id"].as_str().expect("id").to_string();
-    h.settle(&admin, &lost).await;
+    let lost = h.start_running("debian").await;
     sqlx::query("UPDATE runs SET worker = 'retired' WHERE id = $1")
         .bind(&lost)
         .execute(&h.control.ctx().db)
