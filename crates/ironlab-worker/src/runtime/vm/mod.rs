@@ -505,23 +505,10 @@ impl VmRuntime {
     /// What a machine's RAM snapshot depends on: QEMU (binary), the kernel and modules the RAM
     /// holds, the accelerator and the devices. A snapshot whose key differs is not resumed.
     fn resume_key(&self, config: &VmConfig) -> String {
-        let stamp = |p: &Path| {
-            std::fs::metadata(p)
-                .map(|md| {
-                    let t = md
-                        .modified()
-                        .ok()
-                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                        .map(|d| d.as_nanos())
-                        .unwrap_or_default();
-                    format!("{}:{}/{t}", p.display(), md.len())
-                })
-                .unwrap_or_else(|_| format!("{}:missing", p.display()))
-        };
         template::key(&[
-            &stamp(&self.qemu),
-            &stamp(&self.kit.kernel),
-            &format!("{:?}", self.kit.modules.as_deref().map(stamp)),
+            &file_stamp(&self.qemu),
+            &file_stamp(&self.kit.kernel),
+            &format!("{:?}", self.kit.modules.as_deref().map(file_stamp)),
             &self.kit.release,
             self.accel.as_str(),
             &config.memory_mib.to_string(),
@@ -694,17 +681,11 @@ impl VmRuntime {
         }
         let config = self.config(spec, BootMode::Auto);
         let size = std::fs::metadata(&spec.root_drive).ok()?.len();
-        let kernel = std::fs::metadata(&self.kit.kernel).ok()?;
-        let modified = kernel
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_nanos())
-            .unwrap_or_default();
+        std::fs::metadata(&self.kit.kernel).ok()?;
         Some(template::key(&[
             &self.qemu.to_string_lossy(),
-            &self.kit.kernel.to_string_lossy(),
-            &format!("{}/{modified}/{}", kernel.len(), self.kit.release),
+            &file_stamp(&self.kit.kernel),
+            &self.kit.release,
             &self.initrd.to_string_lossy(),
             &format!("{:?}", self.kit.modules),
             self.accel.as_str(),
@@ -748,8 +729,6 @@ impl VmRuntime {
         let mut config = self.config(spec, BootMode::Auto);
         config.incoming = true;
         config.tcg_tb_mib = restored_tb_mib(config.tcg_tb_mib);
-        // The drive's link in the jail (see `spawn_qemu`).
-        config.root_drive = Some(PathBuf::from(template::ROOT_FILE));
         let ram = dir.join(template::RAM_FILE);
         let qemu_log = self.spawn_qemu(spec, m, &config, Some(&ram)).await?;
         self.incoming(m, &config, &qemu_log).await?;
@@ -1108,6 +1087,21 @@ impl VmRuntime {
         }
         out
     }
+}
+
+/// A file's identity for a cache key: path, size and modification time (`missing` when gone).
+fn file_stamp(p: &Path) -> String {
+    std::fs::metadata(p)
+        .map(|md| {
+            let t = md
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos())
+                .unwrap_or_default();
+            format!("{}:{}/{t}", p.display(), md.len())
+        })
+        .unwrap_or_else(|_| format!("{}:missing", p.display()))
 }
 
 /// Makes `dir` an empty directory owned by root, mode 0555 (QEMU's root after start-up: it
